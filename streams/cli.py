@@ -1,0 +1,115 @@
+"""The ``leadstream`` command line: one subcommand per job, each a thin call into a module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from streams.settings import Settings, SettingsError, describe
+
+
+def _up(args: argparse.Namespace, settings: Settings) -> int:
+    from streams import stack
+
+    stack.up(settings)
+    return 0
+
+
+def _down(args: argparse.Namespace, settings: Settings) -> int:
+    from streams import stack
+
+    stack.down(settings)
+    return 0
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.worker import run_worker
+
+    return run_worker(settings, loglevel=args.loglevel)
+
+
+def _lead(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.inspect import print_lead
+
+    return print_lead(settings, args.lead_id)
+
+
+def _simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.publish import run_simulation
+
+    return run_simulation(settings, leads=args.leads, rate=args.rate, seed=args.seed, speedup=args.speedup)
+
+
+def _import(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.publish import run_import
+
+    return run_import(settings, args.file, args.mapping)
+
+
+def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from models.evaluate import run_evaluate
+
+    return run_evaluate(args.file, args.mapping, settings.scoring_config, as_json=args.json,
+                        min_outcomes=settings.model_min_outcomes)
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.demo import run_demo
+
+    return run_demo(settings, leads=args.leads, rate=args.rate, seed=args.seed)
+
+
+def _settings(args: argparse.Namespace, settings: Settings) -> int:
+    print(describe())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leadstream", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace, Settings], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    add("up", _up, "Start the local Kafka (KRaft) and Redis unless LEADSTREAM_KAFKA / LEADSTREAM_REDIS point elsewhere.")
+    add("down", _down, "Stop what `leadstream up` started (by its pid files).")
+    w = add("worker", _worker, "Run the scoring and training agents.")
+    w.add_argument("--loglevel", default="info")
+    lead = add("lead", _lead, "Print a lead's state, score, grade and reasons from Redis.")
+    lead.add_argument("lead_id")
+    sim = add("simulate", _simulate, "Publish a realistic simulated event stream (deterministic for a seed).")
+    sim.add_argument("--leads", type=int, default=200)
+    sim.add_argument("--rate", type=float, default=200.0, help="events per second (0 = as fast as possible)")
+    sim.add_argument("--seed", type=int, default=7)
+    sim.add_argument("--speedup", type=float, default=0.0,
+                     help="simulated seconds per real second (0 = use --rate only)")
+    imp = add("import", _import, "Publish a historical export (CSV or JSON Lines) as contract events.")
+    imp.add_argument("file")
+    imp.add_argument("--mapping", required=True)
+    ev = add("evaluate", _evaluate, "Replay a history offline through the stream's code, test-then-train.")
+    ev.add_argument("file")
+    ev.add_argument("--mapping", required=True)
+    ev.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+    demo = add("demo", _demo, "Start the stack and a worker, stream simulated traffic, and show scores.")
+    demo.add_argument("--leads", type=int, default=150)
+    demo.add_argument("--rate", type=float, default=300.0)
+    demo.add_argument("--seed", type=int, default=7)
+    add("settings", _settings, "List every LEADSTREAM_* setting with its default.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"leadstream: bad setting: {exc}", file=sys.stderr)
+        return 2
+    return int(args.func(args, settings) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
