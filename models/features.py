@@ -1,0 +1,185 @@
+"""Fold events into a lead's state, and read features off that state. Pure functions, no I/O.
+
+The state is a JSON-able dict (it lives in Redis between events). :func:`fold` is the
+``(state, event) -> state`` step; it never mutates its input. Out-of-order events are safe:
+counts include them, but recency, decay reference time, stage and explicit fields only move
+forward in event time (per-field timestamps guard the explicit fields).
+
+>>> from models.events import Event
+>>> s = fold(new_state("l1"), Event("e1", "l1", "download", 1_000_000, {"asset": "a.pdf"}), half_life_s=3600)
+>>> s = fold(s, Event("e2", "l1", "download", 1_000_000 + 3_600_000, {}), half_life_s=3600)
+>>> s["counts"]["download"], round(s["decayed"]["download"], 3)
+(2, 1.5)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import zlib
+from datetime import datetime, timezone
+from typing import Any
+
+from models.events import STAGES, WEB_TYPES, Event
+
+State = dict[str, Any]
+Features = dict[str, float | str]
+
+# Events the lead itself starts: they define "last touch" (recency); CRM bookkeeping does not.
+TOUCH_TYPES = frozenset(WEB_TYPES) | {"email_replied"}
+MAX_PAGES = 500  # distinct pages are tracked as a bounded set of url hashes
+MAX_ACTIVITIES = 200
+
+
+def new_state(lead_id: str) -> State:
+    return {
+        "lead_id": lead_id, "created_ts": None, "first_ts": None, "last_ts": None, "last_touch_ts": None,
+        "counts": {}, "decayed": {}, "decay_ref_ts": None,
+        "sessions": [], "pages": [], "visit_duration_s": 0.0,
+        "fields": {}, "fields_ts": {},
+        "stage": None, "stage_ts": None, "stages_visited": [],
+        "activities": {}, "outcome": None, "closed_ts": None,
+    }
+
+
+def fold(state: State, event: Event, *, half_life_s: float) -> State:
+    """Return the state after ``event``; ``state`` is left unchanged."""
+    s = copy.deepcopy(state)
+    ts = event.ts_ms
+    s["first_ts"] = ts if s["first_ts"] is None else min(s["first_ts"], ts)
+    s["last_ts"] = ts if s["last_ts"] is None else max(s["last_ts"], ts)
+    s["counts"][event.type] = s["counts"].get(event.type, 0) + 1
+    _fold_decay(s, event.type, ts, half_life_s)
+    if event.type in TOUCH_TYPES:
+        s["last_touch_ts"] = ts if s["last_touch_ts"] is None else max(s["last_touch_ts"], ts)
+    handler = _HANDLERS.get(event.type)
+    if handler is not None:
+        handler(s, event)
+    return s
+
+
+def _fold_decay(s: State, event_type: str, ts: int, half_life_s: float) -> None:
+    """Exponentially decayed counts, kept as of ``decay_ref_ts`` (the newest event time seen)."""
+    ref = s["decay_ref_ts"]
+    decayed = s["decayed"]
+    if ref is None or ts >= ref:
+        if ref is not None and ts > ref:
+            factor = 0.5 ** ((ts - ref) / 1000 / half_life_s)
+            for k in decayed:
+                decayed[k] *= factor
+        s["decay_ref_ts"] = ts
+        decayed[event_type] = decayed.get(event_type, 0.0) + 1.0
+    else:  # a late event: add it with the weight it has at the reference time
+        decayed[event_type] = decayed.get(event_type, 0.0) + 0.5 ** ((ref - ts) / 1000 / half_life_s)
+
+
+def _on_visit(s: State, e: Event) -> None:
+    sid = e.props.get("session_id")
+    if sid and sid not in s["sessions"] and len(s["sessions"]) < MAX_PAGES:
+        s["sessions"].append(sid)
+    s["visit_duration_s"] += float(e.props.get("duration_s", 0.0))
+
+
+def _on_page_view(s: State, e: Event) -> None:
+    page = format(zlib.crc32(e.props["url"].encode()), "08x")
+    if page not in s["pages"] and len(s["pages"]) < MAX_PAGES:
+        s["pages"].append(page)
+
+
+def _on_fields(s: State, e: Event) -> None:
+    if e.type == "lead_created":
+        s["created_ts"] = e.ts_ms if s["created_ts"] is None else min(s["created_ts"], e.ts_ms)
+    for name, value in e.props["fields"].items():
+        if e.ts_ms < s["fields_ts"].get(name, -1):
+            continue  # an older update must not overwrite a newer value
+        s["fields_ts"][name] = e.ts_ms
+        if value is None:
+            s["fields"].pop(name, None)
+        else:
+            s["fields"][name] = value
+
+
+def _on_stage(s: State, e: Event) -> None:
+    stage = e.props["stage"]
+    if stage not in s["stages_visited"]:
+        s["stages_visited"].append(stage)
+    if s["stage_ts"] is None or e.ts_ms >= s["stage_ts"]:
+        s["stage"], s["stage_ts"] = stage, e.ts_ms
+
+
+def _on_activity(s: State, e: Event) -> None:
+    status = e.type.removeprefix("activity_")
+    if status == "created":
+        status = "open"
+    acts = s["activities"]
+    current = acts.get(e.props["activity_id"])
+    if current is not None and e.ts_ms < current[1]:
+        return
+    acts[e.props["activity_id"]] = [status, e.ts_ms, e.props["kind"]]
+    if len(acts) > MAX_ACTIVITIES:  # forget the oldest
+        del acts[min(acts, key=lambda k: acts[k][1])]
+
+
+def _on_outcome(s: State, e: Event) -> None:
+    s["outcome"] = "won" if e.type == "deal_won" else "lost"
+    s["closed_ts"] = e.ts_ms
+
+
+_HANDLERS = {
+    "visit": _on_visit, "page_view": _on_page_view,
+    "lead_created": _on_fields, "lead_updated": _on_fields,
+    "stage_changed": _on_stage,
+    "activity_created": _on_activity, "activity_completed": _on_activity, "activity_overdue": _on_activity,
+    "deal_won": _on_outcome, "deal_lost": _on_outcome,
+}
+
+
+def features(state: State, now_ms: int, *, half_life_s: float) -> Features:
+    """Static and dynamic features of a lead as of ``now_ms`` (the scored event's time).
+
+    Static: creation month and weekday, and the explicit fields (country, source, industry...).
+    Dynamic: stage, time in stage, stages visited, activities, counts, decayed counts, recency.
+    Absent information is an absent key: models must cope with features that come and go.
+
+    >>> f = features(new_state("l1"), 0, half_life_s=60)
+    >>> f["events_total"], "stage" in f
+    (0.0, False)
+    """
+    f: Features = {}
+    created = state["created_ts"] if state["created_ts"] is not None else state["first_ts"]
+    if created is not None:
+        dt = datetime.fromtimestamp(created / 1000, tz=timezone.utc)
+        f["created_month"] = str(dt.month)
+        f["created_weekday"] = str(dt.isoweekday())
+        f["age_days"] = max(0.0, (now_ms - created) / 86_400_000)
+    for name, value in state["fields"].items():
+        if isinstance(value, bool):
+            f[f"f_{name}"] = str(value).lower()
+        elif isinstance(value, (int, float)):
+            f[f"f_{name}"] = float(value)
+        else:
+            f[f"f_{name}"] = str(value).strip().lower()
+    counts, decayed = state["counts"], state["decayed"]
+    f["events_total"] = float(sum(counts.values()))
+    factor = 1.0
+    if state["decay_ref_ts"] is not None and now_ms > state["decay_ref_ts"]:
+        factor = 0.5 ** ((now_ms - state["decay_ref_ts"]) / 1000 / half_life_s)
+    for event_type, n in counts.items():
+        f[f"n_{event_type}"] = float(n)
+        f[f"d_{event_type}"] = decayed.get(event_type, 0.0) * factor
+    f["distinct_pages"] = float(len(state["pages"]))
+    f["sessions"] = float(max(len(state["sessions"]), counts.get("visit", 0)))
+    f["visit_duration_s"] = float(state["visit_duration_s"])
+    opens = counts.get("email_open", 0)
+    if opens or counts.get("email_replied", 0):
+        f["email_reply_rate"] = counts.get("email_replied", 0) / max(opens, counts.get("email_replied", 0))
+    if state["last_touch_ts"] is not None:
+        f["recency_s"] = max(0.0, (now_ms - state["last_touch_ts"]) / 1000)
+    if state["stage"] is not None:
+        f["stage"] = state["stage"]
+        f["stage_index"] = float(STAGES.index(state["stage"]))
+        f["time_in_stage_s"] = max(0.0, (now_ms - state["stage_ts"]) / 1000)
+    f["stages_visited"] = float(len(state["stages_visited"]))
+    for status in ("open", "completed", "overdue"):
+        f[f"activities_{status}"] = float(sum(1 for a in state["activities"].values() if a[0] == status))
+    return f

@@ -1,0 +1,214 @@
+"""The online model: learns from every closed deal, scores every event. River objects, no I/O.
+
+- :func:`vectorize` turns features into numbers (one-hot categories, log-scaled counts), so
+  features may come and go between events.
+- :class:`StageRates` is the per-stage success probability: for each of the 7 stages, the
+  smoothed win rate of the closed leads that passed through it.
+- :class:`Trainer` is the single learner: test-then-train on each labelled snapshot, running
+  metrics for the rules, the serving model (champion) and the learning one (challenger), drift
+  detection, and champion/challenger promotion.
+- :class:`ServingModel` is the checkpoint the scorers load: it predicts and explains.
+
+>>> t = Trainer(min_outcomes=2)
+>>> for i in range(40):
+...     won = i % 2
+...     snap = {"features": {"n_download": float(3 * won), "stage": "proposal" if won else "new"},
+...             "rules_score": 0.5, "stage": "proposal" if won else "new"}
+...     _ = t.learn([snap], won)
+>>> serving = t.serving()
+>>> serving.version > 0, serving.ready()
+(True, True)
+>>> p, reasons = serving.predict({"n_download": 3.0, "stage": "proposal"})
+>>> p > 0.5, reasons[0]["feature"] in {"n_download", "stage=proposal", "stage_win_rate"}
+(True, True)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from river import base, drift, forest, linear_model, naive_bayes, optim, preprocessing, tree
+
+from models.events import STAGES
+from models.features import Features
+from models.metrics import Prequential
+
+MODEL_KINDS = ("logreg", "hoeffding", "forest", "naive_bayes")
+# Numeric features spanning orders of magnitude: log-scaled so SGD sees comparable ranges.
+_LOG_PREFIXES = ("n_", "d_", "age_days", "recency_s", "time_in_stage_s", "visit_duration_s", "distinct_pages",
+                 "sessions", "events_total")
+
+
+def vectorize(f: Features, stage_rates: StageRates | None = None) -> dict[str, float]:
+    """Numbers for the model: categories one-hot (``"stage=proposal": 1``), counts log-scaled.
+
+    >>> vectorize({"stage": "new", "n_click": 3.0, "f_age": 30.0})
+    {'stage=new': 1.0, 'n_click': 1.3863, 'f_age': 30.0}
+    """
+    x: dict[str, float] = {}
+    for k, v in f.items():
+        if isinstance(v, str):
+            x[f"{k}={v}"] = 1.0
+        elif k.startswith(_LOG_PREFIXES):
+            x[k] = round(math.log1p(max(v, 0.0)), 4)
+        else:
+            x[k] = float(v)
+    if stage_rates is not None and isinstance(f.get("stage"), str):
+        x["stage_win_rate"] = stage_rates.rate(f["stage"])
+    return x
+
+
+def make_model(kind: str = "logreg") -> base.Classifier:
+    """A fresh online classifier of one of :data:`MODEL_KINDS`."""
+    if kind == "logreg":
+        return preprocessing.StandardScaler() | linear_model.LogisticRegression(
+            optimizer=optim.SGD(0.02), l2=1e-4, intercept_lr=0.02)
+    if kind == "hoeffding":
+        return tree.HoeffdingAdaptiveTreeClassifier(grace_period=50, seed=1)
+    if kind == "forest":
+        return forest.ARFClassifier(n_models=10, seed=1)
+    if kind == "naive_bayes":
+        return preprocessing.StandardScaler() | naive_bayes.GaussianNB()
+    raise ValueError(f"model kind {kind!r}: expected one of {', '.join(MODEL_KINDS)}")
+
+
+def explain(model: base.Classifier, x: dict[str, float], top: int = 5) -> list[dict[str, Any]]:
+    """Largest signed contributions (weight x scaled value, in log-odds) of a linear model."""
+    if not isinstance(model, base.Estimator) or not hasattr(model, "steps"):
+        return []
+    steps = list(model.steps.values())
+    if not isinstance(steps[-1], linear_model.LogisticRegression):
+        return []
+    scaled = steps[0].transform_one(x) if len(steps) > 1 else x
+    weights = steps[-1].weights
+    contrib = {k: weights.get(k, 0.0) * v for k, v in scaled.items()}
+    ranked = sorted((kv for kv in contrib.items() if kv[1]), key=lambda kv: (-abs(kv[1]), kv[0]))[:top]
+    return [{"feature": k, "contribution": round(v, 4)} for k, v in ranked]
+
+
+@dataclass
+class StageRates:
+    """Per-stage success probability, Beta(1, 1)-smoothed, from leads that passed through each stage."""
+
+    won: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
+    lost: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
+
+    def update(self, stages: list[str], won: bool) -> None:
+        for s in set(stages) & set(STAGES):
+            (self.won if won else self.lost)[s] += 1
+
+    def rate(self, stage: str) -> float:
+        return (self.won.get(stage, 0) + 1) / (self.won.get(stage, 0) + self.lost.get(stage, 0) + 2)
+
+    def report(self) -> dict[str, dict[str, float | int]]:
+        return {s: {"win_rate": round(self.rate(s), 4), "won": self.won[s], "lost": self.lost[s]} for s in STAGES}
+
+
+@dataclass
+class ServingModel:
+    """What scorers load: the champion, the stage rates and how much it has learned."""
+
+    version: int
+    model: base.Classifier
+    stage_rates: StageRates
+    n_won: int
+    n_lost: int
+    min_outcomes: int
+
+    def ready(self) -> bool:
+        return min(self.n_won, self.n_lost) >= self.min_outcomes
+
+    def model_weight(self) -> float:
+        """0 before ``min_outcomes`` of each class, then rising to 1 at twice that."""
+        n = min(self.n_won, self.n_lost)
+        return 0.0 if n < self.min_outcomes else min(1.0, n / (2 * self.min_outcomes))
+
+    def predict(self, f: Features) -> tuple[float, list[dict[str, Any]]]:
+        x = vectorize(f, self.stage_rates)
+        p = self.model.predict_proba_one(x).get(True, 0.0)
+        return p, explain(self.model, x)
+
+
+@dataclass
+class Trainer:
+    """The single learner. ``learn`` is test-then-train on one closed deal's snapshots."""
+
+    min_outcomes: int = 50
+    kind: str = "logreg"
+    promote_ratio: float = 0.95
+    challenger: base.Classifier = None  # type: ignore[assignment]
+    champion: base.Classifier = None  # type: ignore[assignment]
+    version: int = 0
+    n_won: int = 0
+    n_lost: int = 0
+    stage_rates: StageRates = field(default_factory=StageRates)
+    rules_metrics: Prequential = field(default_factory=Prequential)
+    champion_metrics: Prequential = field(default_factory=Prequential)
+    challenger_metrics: Prequential = field(default_factory=Prequential)
+    per_stage: dict[str, dict[str, Prequential]] = field(default_factory=dict)
+    drift_detector: drift.ADWIN = field(default_factory=lambda: drift.ADWIN(delta=0.002))
+    drifts: int = 0
+    rejected_promotions: int = 0
+    last_offset: int = -1  # offset of the last training message applied (guards redelivery)
+
+    def __post_init__(self) -> None:
+        if self.challenger is None:
+            self.challenger = make_model(self.kind)
+            self.champion = copy.deepcopy(self.challenger)
+
+    def learn(self, snapshots: list[dict[str, Any]], won: bool) -> bool:
+        """Evaluate each snapshot with the current models, then learn; returns True on promotion."""
+        y = int(won)
+        drifted = False
+        for snap in snapshots:
+            x = vectorize(snap["features"], self.stage_rates)
+            p_champion = self.champion.predict_proba_one(x).get(True, 0.5)
+            p_challenger = self.challenger.predict_proba_one(x).get(True, 0.5)
+            self.rules_metrics.update(snap["rules_score"], y)
+            self.champion_metrics.update(p_champion, y)
+            self.challenger_metrics.update(p_challenger, y)
+            stage = snap.get("stage") or "none"
+            per = self.per_stage.setdefault(stage, {"rules": Prequential(), "model": Prequential()})
+            per["rules"].update(snap["rules_score"], y)
+            per["model"].update(p_champion, y)
+            self.drift_detector.update(abs(y - p_champion))
+            drifted = drifted or self.drift_detector.drift_detected
+            self.challenger.learn_one(x, bool(y))
+        stages = [s["stage"] for s in snapshots if s.get("stage")]
+        self.stage_rates.update(stages, won)
+        self.n_won += y
+        self.n_lost += 1 - y
+        if drifted:
+            self.drifts += 1
+        return self._maybe_promote(force=drifted)
+
+    def _maybe_promote(self, force: bool) -> bool:
+        """Champion/challenger: promote when the challenger's AUC is >= 95% of the champion's."""
+        champion_auc = self.champion_metrics.auc()
+        challenger_auc = self.challenger_metrics.auc()
+        ok = champion_auc is None or (challenger_auc is not None and challenger_auc >= self.promote_ratio * champion_auc)
+        if not (ok or force):
+            self.rejected_promotions += 1
+            return False
+        self.champion = copy.deepcopy(self.challenger)
+        self.champion_metrics = copy.deepcopy(self.challenger_metrics)
+        self.version += 1
+        return True
+
+    def serving(self) -> ServingModel:
+        return ServingModel(self.version, copy.deepcopy(self.champion), copy.deepcopy(self.stage_rates),
+                            self.n_won, self.n_lost, self.min_outcomes)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "version": self.version, "kind": self.kind, "outcomes": {"won": self.n_won, "lost": self.n_lost},
+            "rules": self.rules_metrics.report(), "champion": self.champion_metrics.report(),
+            "challenger": self.challenger_metrics.report(),
+            "per_stage": {s: {k: m.report() for k, m in v.items()} for s, v in sorted(self.per_stage.items())},
+            "reliability": self.champion_metrics.reliability(),
+            "stage_rates": self.stage_rates.report(),
+            "drifts": self.drifts, "rejected_promotions": self.rejected_promotions,
+        }

@@ -1,0 +1,94 @@
+"""Prequential (test-then-train) accuracy: running ROC AUC, log loss, Brier score, reliability.
+
+Every prediction is recorded *before* the model learns from its label.
+
+>>> m = Prequential()
+>>> for p, y in [(0.9, 1), (0.8, 1), (0.3, 0), (0.6, 0), (0.2, 0)]:
+...     m.update(p, y)
+>>> r = m.report()
+>>> r["n"], r["roc_auc"], r["brier"]
+(5, 1.0, 0.108)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+
+def roc_auc(scores: Iterable[float], labels: Iterable[int]) -> float | None:
+    """Exact ROC AUC (ties count one half); ``None`` without both classes.
+
+    >>> roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
+    0.75
+    """
+    pairs = sorted(zip(scores, labels))
+    n_pos = sum(y for _, y in pairs)
+    n_neg = len(pairs) - n_pos
+    if not n_pos or not n_neg:
+        return None
+    rank_sum, i = 0.0, 0
+    while i < len(pairs):  # average ranks over tied scores
+        j = i
+        while j < len(pairs) and pairs[j][0] == pairs[i][0]:
+            j += 1
+        rank_sum += (i + j + 1) / 2 * sum(y for _, y in pairs[i:j])
+        i = j
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def log_loss(p: float, y: int) -> float:
+    p = min(max(p, 1e-15), 1 - 1e-15)
+    return -math.log(p if y else 1 - p)
+
+
+@dataclass
+class Prequential:
+    """Running metrics in constant memory: AUC from 1000-bin score histograms per class."""
+
+    bins: int = 1000
+    n: int = 0
+    log_loss_sum: float = 0.0
+    brier_sum: float = 0.0
+    pos: list[int] = field(default_factory=list)
+    neg: list[int] = field(default_factory=list)
+
+    def update(self, p: float, y: int) -> None:
+        if not self.pos:
+            self.pos, self.neg = [0] * self.bins, [0] * self.bins
+        self.n += 1
+        self.log_loss_sum += log_loss(p, y)
+        self.brier_sum += (p - y) ** 2
+        b = min(int(p * self.bins), self.bins - 1)
+        (self.pos if y else self.neg)[b] += 1
+
+    def auc(self) -> float | None:
+        n_pos, n_neg = sum(self.pos), sum(self.neg)
+        if not n_pos or not n_neg:
+            return None
+        below, total = 0, 0.0
+        for p, q in zip(self.pos, self.neg):
+            total += p * (below + q / 2)
+            below += q
+        return total / (n_pos * n_neg)
+
+    def reliability(self, groups: int = 10) -> list[dict[str, float]]:
+        """Observed win rate per band of predicted probability (a calibration check)."""
+        out = []
+        step = self.bins // groups
+        for g in range(groups):
+            pos, neg = sum(self.pos[g * step:(g + 1) * step]), sum(self.neg[g * step:(g + 1) * step])
+            if pos + neg:
+                out.append({"predicted": f"{g / groups:.1f}-{(g + 1) / groups:.1f}", "n": pos + neg,
+                            "observed": round(pos / (pos + neg), 4)})
+        return out
+
+    def report(self) -> dict[str, float | int | None]:
+        auc = self.auc()
+        return {
+            "n": self.n,
+            "roc_auc": None if auc is None else round(auc, 4),
+            "log_loss": round(self.log_loss_sum / self.n, 4) if self.n else None,
+            "brier": round(self.brier_sum / self.n, 4) if self.n else None,
+        }

@@ -1,0 +1,191 @@
+"""Point rules: the transparent score (cold start and baseline for the learning model).
+
+The config is TOML (see ``models/scoring.toml``). :func:`load_rules` validates it and fails with
+a message naming the key and the expected form. Scores are ``sigmoid((points - midpoint) / width)``;
+a reason's ``contribution`` is its points divided by ``width``, i.e. its share of the log-odds,
+the same unit the model's reasons use.
+
+>>> rules = load_rules(DEFAULT_CONFIG.read_text())
+>>> result = rules.score({"d_download": 2.0, "stage": "proposal", "f_industry": "software"})
+>>> result.points, round(result.score, 3), result.grade
+(155.0, 0.897, 'A')
+>>> [r["feature"] for r in result.reasons]
+['download', 'stage=proposal', 'industry=software']
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.events import STAGES
+from models.features import Features
+from models.grading import Grades
+
+DEFAULT_CONFIG = Path(__file__).with_name("scoring.toml")
+
+
+class ConfigError(ValueError):
+    """The scoring config has a key of the wrong form."""
+
+
+@dataclass(frozen=True)
+class RuleScore:
+    points: float
+    score: float
+    grade: str
+    reasons: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Capped:
+    points: float
+    cap: float
+
+    def apply(self, count: float) -> float:
+        raw = self.points * count
+        return min(raw, self.cap) if self.points >= 0 else max(raw, self.cap)
+
+
+@dataclass(frozen=True)
+class ValueRule:
+    """One explicit-field rule: an exact (lowercased) string, a numeric range, or ``*``."""
+
+    key: str
+    points: float
+    low: float | None = None
+    high: float | None = None
+
+    def matches(self, value: float | str) -> bool:
+        if self.key == "*":
+            return True
+        if self.low is not None or self.high is not None:
+            if not isinstance(value, float):
+                return False
+            return (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+        return isinstance(value, str) and value == self.key
+
+
+@dataclass(frozen=True)
+class Rules:
+    half_life_s: float
+    midpoint: float
+    width: float
+    grades: Grades
+    hot_threshold: float
+    behaviour: dict[str, Capped]
+    recency: list[tuple[float, float]]  # (seconds, points)
+    stage: dict[str, float]
+    activities: dict[str, Capped]
+    explicit: dict[str, list[ValueRule]] = field(default_factory=dict)
+
+    def points(self, f: Features) -> dict[str, float]:
+        """Every non-zero contribution in points, keyed by a readable reason name."""
+        out: dict[str, float] = {}
+        for event_type, rule in self.behaviour.items():
+            count = f.get(f"d_{event_type}")
+            if isinstance(count, float) and count > 0:
+                out[event_type] = rule.apply(count)
+        recency = f.get("recency_s")
+        if isinstance(recency, float):
+            matching = [p for seconds, p in self.recency if recency > seconds]
+            if matching:
+                out["recency"] = min(matching)
+        stage = f.get("stage")
+        if isinstance(stage, str) and self.stage.get(stage):
+            out[f"stage={stage}"] = self.stage[stage]
+        for status, rule in self.activities.items():
+            n = f.get(f"activities_{status}")
+            if isinstance(n, float) and n > 0:
+                out[f"activities_{status}"] = rule.apply(n)
+        for name, value_rules in self.explicit.items():
+            value = f.get(f"f_{name}")
+            if value is None:
+                continue
+            hit = next((r for r in value_rules if r.matches(value)), None)
+            if hit is not None and hit.points:
+                out[f"{name}={value if hit.key != '*' else '*'}"] = hit.points
+        return {k: v for k, v in out.items() if v}
+
+    def score(self, f: Features, max_reasons: int = 5) -> RuleScore:
+        contributions = self.points(f)
+        total = float(sum(contributions.values()))
+        score = 1.0 / (1.0 + math.exp(-(total - self.midpoint) / self.width))
+        ranked = sorted(contributions.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:max_reasons]
+        reasons = [{"feature": k, "contribution": round(v / self.width, 4), "points": v} for k, v in ranked]
+        return RuleScore(total, score, self.grades.grade(score), reasons)
+
+
+def _number(cfg: dict[str, Any], path: str, *, positive: bool = False) -> float:
+    node: Any = cfg
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"scoring config [{path}]: missing; expected a number")
+        node = node[part]
+    if isinstance(node, bool) or not isinstance(node, (int, float)) or (positive and node <= 0):
+        raise ConfigError(f"scoring config [{path}] = {node!r}: expected a number{' > 0' if positive else ''}")
+    return float(node)
+
+
+def _capped(section: str, name: str, raw: Any) -> Capped:
+    if not isinstance(raw, dict) or set(raw) != {"points", "cap"}:
+        raise ConfigError(f"scoring config [{section}].{name} = {raw!r}: expected {{ points = N, cap = N }}")
+    points = _number(raw, "points")
+    cap = _number(raw, "cap")
+    if points * cap < 0:
+        raise ConfigError(f"scoring config [{section}].{name}: cap {cap} must have the sign of points {points}")
+    return Capped(points, cap)
+
+
+def _value_rule(field_name: str, key: str, points: Any) -> ValueRule:
+    if isinstance(points, bool) or not isinstance(points, (int, float)):
+        raise ConfigError(f"scoring config [explicit.{field_name}].{key!r} = {points!r}: expected a number of points")
+    if ".." in key:
+        low, _, high = key.partition("..")
+        try:
+            return ValueRule(key, float(points), float(low) if low else None, float(high) if high else None)
+        except ValueError:
+            raise ConfigError(f"scoring config [explicit.{field_name}].{key!r}: expected a range 'min..max'") from None
+    return ValueRule(key.strip().lower(), float(points))
+
+
+def load_rules(text: str) -> Rules:
+    """Parse and validate a scoring config (TOML text)."""
+    try:
+        cfg = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"scoring config is not valid TOML: {exc}") from None
+    behaviour = {k: _capped("behaviour", k, v) for k, v in cfg.get("behaviour", {}).items()}
+    activities = {k: _capped("activities", k, v) for k, v in cfg.get("activities", {}).items()}
+    for status in activities:
+        if status not in ("open", "completed", "overdue"):
+            raise ConfigError(f"scoring config [activities].{status}: expected one of open, completed, overdue")
+    stage = {}
+    for name in cfg.get("stage", {}):
+        if name not in STAGES:
+            raise ConfigError(f"scoring config [stage].{name}: expected one of {', '.join(STAGES)}")
+        stage[name] = _number(cfg, f"stage.{name}")
+    recency = []
+    for i, rule in enumerate(cfg.get("recency", {}).get("rules", [])):
+        recency.append((_number(rule, "days", positive=True) * 86400, _number(rule, "points")))
+    explicit = {
+        name: [_value_rule(name, key, pts) for key, pts in values.items()]
+        for name, values in cfg.get("explicit", {}).items()
+    }
+    grades_cfg = cfg.get("grades")
+    if not isinstance(grades_cfg, dict):
+        raise ConfigError("scoring config [grades]: missing; expected a table like \"A+\" = 0.9, A = 0.8, ...")
+    hot = _number(cfg, "hot.threshold")
+    if not 0 < hot <= 1:
+        raise ConfigError(f"scoring config [hot].threshold = {hot}: expected a number in (0, 1]")
+    return Rules(
+        half_life_s=_number(cfg, "decay.half_life_days", positive=True) * 86400,
+        midpoint=_number(cfg, "squash.midpoint"),
+        width=_number(cfg, "squash.width", positive=True),
+        grades=Grades.from_config(grades_cfg),
+        hot_threshold=hot,
+        behaviour=behaviour, recency=recency, stage=stage, activities=activities, explicit=explicit,
+    )

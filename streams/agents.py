@@ -1,0 +1,88 @@
+"""The agents: scoring (every partition, every event) and training (one partition, one learner).
+
+Scorers run with concurrency 1 so a lead's events are applied in partition order; producers key
+events by lead_id, so no repartitioning (group_by) is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import faust
+import orjson
+import redis.asyncio as aioredis
+
+from models.learner import Trainer
+from models.rules import load_rules
+from models.scoring import Scorer
+from streams.pipeline import EventPipeline, Message
+from streams.settings import Settings
+from streams.state import LeadStore, ModelStore
+from streams.topics import Topics, declare_topics
+
+log = logging.getLogger(__name__)
+
+
+def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
+    """Declare topics, agents, the checkpoint poller and the web views on ``app``."""
+    topics = declare_topics(app, settings)
+    client = aioredis.Redis.from_url(settings.redis_url)
+    models = ModelStore(client)
+    scorer = Scorer(load_rules(settings.scoring_config.read_text()))
+    pipeline = EventPipeline(LeadStore(client, settings.dedupe_ttl_s), scorer,
+                             topic_kinds={settings.topic_web: "web", settings.topic_crm: "crm"},
+                             max_event_bytes=settings.max_event_bytes)
+
+    @app.agent(topics.inputs, concurrency=1)
+    async def score_events(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            m = event.message
+            outs = await pipeline.handle(Message(m.topic, m.partition, m.offset, m.key, m.value))
+            for out in outs:
+                await topics.by_kind(out.kind).send(key=out.key, value=out.value)
+
+    @app.agent(topics.training, concurrency=1)
+    async def train(stream: faust.StreamT) -> None:
+        trainer = await models.load_trainer() or Trainer(min_outcomes=settings.model_min_outcomes)
+        log.info("trainer: resuming at model version %d (offset %d)", trainer.version, trainer.last_offset)
+        async for event in stream.events():
+            await learn_one(trainer, models, event.message.offset, event.message.value)
+
+    @app.timer(interval=settings.model_poll_s)
+    async def refresh_model() -> None:
+        version = await models.version()
+        if scorer.model is None or version != scorer.model.version:
+            serving = await models.load_serving()
+            if serving is not None:
+                scorer.model = serving
+                log.info("scorer: now serving model version %d", serving.version)
+
+    @app.page("/model")
+    async def model_report(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
+        return web.json(await models.report() or {"version": 0})
+
+    @app.page("/health")
+    async def health(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
+        return web.json({"ok": True, "counts": dict(pipeline.counts)})
+
+    return pipeline
+
+
+async def learn_one(trainer: Trainer, models: ModelStore, offset: int, value: bytes) -> bool:
+    """Learn from one closed deal unless this offset or this deal was already learned.
+
+    The trainer's state, including ``last_offset``, and the deal's id are saved in one
+    transaction, so a restart resumes exactly after the last deal learned.
+    """
+    if offset <= trainer.last_offset:
+        return False
+    example = orjson.loads(value)
+    trainer.last_offset = offset
+    if await models.client.sismember("model:learned", example["event_id"]):
+        await models.save(trainer)
+        return False
+    promoted = trainer.learn(example["snapshots"], example["won"])
+    await models.save(trainer, learned_event_id=example["event_id"])
+    if promoted:
+        log.info("trainer: model version %d promoted", trainer.version)
+    return True

@@ -1,0 +1,25 @@
+"""The Faust application: one per worker process, configured only from :class:`Settings`."""
+
+from __future__ import annotations
+
+import faust
+
+from streams.settings import Settings
+
+
+def create_app(settings: Settings) -> faust.App:
+    return faust.App(
+        settings.app_id,
+        broker=[f"kafka://{hp}" for hp in settings.kafka_bootstrap.split(",")],
+        value_serializer="raw",
+        key_serializer="raw",
+        topic_partitions=settings.partitions,
+        # Lead state lives in Redis, not in Faust tables: no changelog topics, no local RocksDB.
+        store="memory://",
+        web_port=settings.web_port,
+        web_host="127.0.0.1",
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        stream_wait_empty=True,
+        broker_commit_every=100,
+    )

@@ -1,0 +1,142 @@
+"""Lead state and model checkpoints in Redis.
+
+Key layout (every key of a lead shares the hash tag ``{<lead_id>}``, so it is Redis-Cluster safe):
+
+``lead:{ID}``  hash
+    ``state`` the folded state (JSON), ``v`` a version for compare-and-set, ``score``, ``grade``,
+    ``stage``, ``source``, ``updated_at`` (epoch ms) for humans and dashboards, ``snap_last`` the
+    latest feature snapshot (JSON).
+``lead:{ID}:seen``  hash, expires ``LEADSTREAM_DEDUPE_TTL_SECONDS`` after the lead's last event
+    event_id -> ``topic/partition/offset`` of the message that applied it, a newline, the score
+    message sent for it. A known event_id changes nothing; if it comes back from the very same
+    offset (Kafka redelivery after a crash) its score is sent again, so no score is lost.
+``lead:{ID}:snaps``  list, the feature snapshots at each stage entry (bounded; deleted at close).
+``model:serving`` / ``model:version`` / ``model:trainer`` / ``model:report``
+    the serving checkpoint (pickle), its version, the trainer's full state (pickle, with the
+    offset of the last training message it applied) and its metrics (JSON).
+
+Every event is one read round trip and one atomic write (a Lua script): the write only applies if
+``v`` is still the version that was read and the event_id is not yet in ``seen``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from models.learner import ServingModel, Trainer
+
+_WRITE = """
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return -1 end
+local v = redis.call('HGET', KEYS[1], 'v') or '0'
+if v ~= ARGV[1] then return 0 end
+if ARGV[5] == 'delete' then
+  redis.call('DEL', KEYS[1], KEYS[3])
+else
+  redis.call('HSET', KEYS[1], 'v', tonumber(v) + 1, unpack(ARGV, 8))
+  if ARGV[5] == 'close' then redis.call('DEL', KEYS[3]) end
+  if ARGV[6] ~= '' then
+    redis.call('RPUSH', KEYS[3], ARGV[6])
+    redis.call('LTRIM', KEYS[3], -tonumber(ARGV[7]), -1)
+  end
+end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+APPLIED, CONFLICT, DUPLICATE = 1, 0, -1
+
+
+def lead_key(lead_id: str) -> str:
+    return f"lead:{{{lead_id}}}"
+
+
+@dataclass
+class Loaded:
+    version: str
+    state: dict[str, Any] | None
+    last_snapshot: dict[str, Any] | None
+    seen: bytes | None  # the ``seen`` entry when the event_id was already applied
+    stage_snapshots: list[dict[str, Any]]
+
+
+class LeadStore:
+    def __init__(self, client: aioredis.Redis, dedupe_ttl_s: int, max_snapshots: int = 12) -> None:
+        self.client = client
+        self.dedupe_ttl_s = dedupe_ttl_s
+        self.max_snapshots = max_snapshots
+        self._write = client.register_script(_WRITE)
+
+    async def load(self, lead_id: str, event_id: str, with_snapshots: bool = False) -> Loaded:
+        key = lead_key(lead_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(key, "v", "state", "snap_last")
+        pipe.hget(f"{key}:seen", event_id)
+        if with_snapshots:
+            pipe.lrange(f"{key}:snaps", 0, -1)
+        results = await pipe.execute()
+        (v, state, last), seen = results[0], results[1]
+        snaps = [orjson.loads(s) for s in results[2]] if with_snapshots else []
+        return Loaded((v or b"0").decode(), orjson.loads(state) if state else None,
+                      orjson.loads(last) if last else None, seen, snaps)
+
+    async def write(self, lead_id: str, event_id: str, *, expected_version: str, origin: str, sent: bytes,
+                    state: dict[str, Any] | None, fields: dict[str, Any] | None = None,
+                    stage_snapshot: bytes | None = None, close: bool = False) -> int:
+        """Apply one event atomically; returns APPLIED, CONFLICT (retry) or DUPLICATE."""
+        key = lead_key(lead_id)
+        mode = "delete" if state is None else ("close" if close else "upsert")
+        flat: list[Any] = []
+        if state is not None:
+            flat += ["state", orjson.dumps(state)]
+            for k, v in (fields or {}).items():
+                flat += [k, v if isinstance(v, (bytes, str, int, float)) else orjson.dumps(v)]
+        args = [expected_version, event_id, origin.encode() + b"\n" + sent, self.dedupe_ttl_s, mode,
+                stage_snapshot or b"", self.max_snapshots, *flat]
+        return int(await self._write(keys=[key, f"{key}:seen", f"{key}:snaps"], args=args))
+
+    async def get(self, lead_id: str) -> dict[str, Any] | None:
+        raw = await self.client.hgetall(lead_key(lead_id))
+        if not raw:
+            return None
+        out = {k.decode(): v.decode() for k, v in raw.items() if k not in (b"state", b"snap_last")}
+        out["state"] = orjson.loads(raw[b"state"])
+        out["stage_snapshots"] = await self.client.llen(f"{lead_key(lead_id)}:snaps")
+        return out
+
+
+class ModelStore:
+    """Versioned model checkpoints: one trainer writes, every scorer reads."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+
+    async def save(self, trainer: Trainer, learned_event_id: str | None = None) -> None:
+        pipe = self.client.pipeline(transaction=True)  # version, checkpoint and trainer move together
+        if learned_event_id is not None:
+            pipe.sadd("model:learned", learned_event_id)
+        pipe.set("model:trainer", pickle.dumps(trainer))
+        pipe.set("model:serving", pickle.dumps(trainer.serving()))
+        pipe.set("model:version", trainer.version)
+        pipe.set("model:report", orjson.dumps(trainer.report()))
+        await pipe.execute()
+
+    async def load_trainer(self) -> Trainer | None:
+        raw = await self.client.get("model:trainer")
+        return pickle.loads(raw) if raw else None
+
+    async def version(self) -> int:
+        return int(await self.client.get("model:version") or 0)
+
+    async def load_serving(self) -> ServingModel | None:
+        raw = await self.client.get("model:serving")
+        return pickle.loads(raw) if raw else None
+
+    async def report(self) -> dict[str, Any] | None:
+        raw = await self.client.get("model:report")
+        return orjson.loads(raw) if raw else None

@@ -1,0 +1,26 @@
+"""``leadstream worker``: create the topics, then run the Faust worker with the agents."""
+
+from __future__ import annotations
+
+import asyncio
+
+import faust
+
+from streams.agents import register_agents
+from streams.app import create_app
+from streams.settings import Settings
+from streams.topics import ensure_topics
+
+
+def build_app(settings: Settings) -> faust.App:
+    app = create_app(settings)
+    register_agents(app, settings)
+    return app
+
+
+def run_worker(settings: Settings, loglevel: str = "info") -> int:
+    asyncio.run(ensure_topics(settings))
+    app = build_app(settings)
+    worker = faust.Worker(app, loglevel=loglevel)
+    worker.execute_from_commandline()  # returns when the worker stops (SIGTERM / Ctrl-C)
+    return 0
