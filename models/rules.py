@@ -107,7 +107,7 @@ class Rules:
                 continue
             hit = next((r for r in value_rules if r.matches(value)), None)
             if hit is not None and hit.points:
-                out[f"{name}={value if hit.key != '*' else '*'}"] = hit.points
+                out[f"{name}={value}" if hit.key == value else f"{name} in {hit.key}"] = hit.points
         return {k: v for k, v in out.items() if v}
 
     def score(self, f: Features, max_reasons: int = 5) -> RuleScore:

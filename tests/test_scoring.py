@@ -1,0 +1,77 @@
+"""The pure step: one score per event, hot crossings, snapshots and leakage-free training examples."""
+
+from models.events import Event
+from models.learner import Trainer
+from models.rules import DEFAULT_CONFIG, load_rules
+from models.scoring import Scorer, step
+
+RULES = load_rules(DEFAULT_CONFIG.read_text())
+DAY = 86_400_000
+
+
+def play(events, scorer=None):
+    scorer = scorer or Scorer(RULES)
+    state, results, stage_snaps, last = None, [], [], None
+    for i, (kind, ts, props) in enumerate(events):
+        r = step(state, Event(f"e{i}", "l1", kind, ts, props), scorer, scored_at_ms=ts,
+                 stage_snapshots=stage_snaps, last_snapshot=last)
+        state = r.state
+        if r.snapshot is not None:
+            last = r.snapshot
+            if r.stage_snapshot:
+                stage_snaps.append(r.snapshot)
+        results.append(r)
+    return results
+
+
+def test_every_event_gets_a_score_message_of_the_contract():
+    results = play([("lead_created", 0, {"fields": {"age": 30}}), ("click", DAY, {})])
+    msg = results[-1].score
+    assert set(msg) >= {"lead_id", "event_id", "score", "grade", "stage", "source", "model_version", "reasons",
+                        "event_ts", "scored_at"}
+    assert msg["event_id"] == "e1" and msg["source"] == "rules" and msg["event_ts"] == "1970-01-02T00:00:00.000Z"
+    assert 0 <= msg["score"] <= 1 and msg["grade"] in {"A+", "A", "B+", "B", "C", "D"}
+
+
+def test_hot_is_emitted_once_per_upward_crossing():
+    hot_path = [("download", 0, {})] * 2 + [("stage_changed", 1, {"stage": "closing"})] + [("click", 2, {})] * 3
+    results = play(hot_path + [("stage_changed", 200 * DAY, {"stage": "new"}), ("stage_changed", 200 * DAY + 1, {"stage": "closing"}),
+                               ("download", 200 * DAY + 2, {}), ("download", 200 * DAY + 3, {})])
+    hot_flags = [r.hot is not None for r in results]
+    assert hot_flags.count(True) == 2, [(r.score["score"], r.hot is not None) for r in results]
+    assert results[hot_flags.index(True)].hot["threshold"] == RULES.hot_threshold
+
+
+def test_training_example_uses_only_snapshots_taken_before_the_outcome():
+    results = play([("lead_created", 0, {"fields": {}}), ("stage_changed", DAY, {"stage": "contacted"}),
+                    ("download", 2 * DAY, {}), ("stage_changed", 3 * DAY, {"stage": "proposal"}),
+                    ("click", 4 * DAY, {}), ("deal_won", 5 * DAY, {}), ("click", 6 * DAY, {})])
+    example = results[5].training
+    assert example["won"] is True and example["closed_ts"] == 5 * DAY
+    assert [s["stage"] for s in example["snapshots"]] == ["contacted", "proposal", "proposal"]
+    assert all(s["ts"] < 5 * DAY for s in example["snapshots"])
+    assert all("n_deal_won" not in s["features"] for s in example["snapshots"])
+    assert results[6].snapshot is None and results[6].training is None  # after close: nothing to learn from
+
+
+def test_second_outcome_is_not_a_second_label():
+    results = play([("click", 0, {}), ("deal_lost", DAY, {}), ("deal_won", 2 * DAY, {})])
+    assert results[1].training is not None and results[2].training is None
+
+
+def test_delete_gives_tombstone():
+    r = play([("click", 0, {}), ("lead_deleted", DAY, {})])[-1]
+    assert r.state is None and r.score is None
+
+
+def test_source_moves_from_rules_to_blend_to_model():
+    trainer = Trainer(min_outcomes=5)
+    scorer = Scorer(RULES, trainer.serving())
+    sources = []
+    for i in range(30):
+        won = i % 2 == 0
+        trainer.learn([{"features": {"n_download": 2.0 if won else 0.0}, "rules_score": 0.5, "stage": None}], won)
+        scorer.model = trainer.serving()
+        sources.append(play([("download", 0, {})], scorer)[-1].score["source"])
+    assert sources[0] == "rules" and "blend" in sources and sources[-1] == "model"
+    assert sources.index("blend") < sources.index("model")
