@@ -1,0 +1,202 @@
+"""Publish contract events to the input topics: simulated traffic (``leadstream simulate``) and
+historical exports (``leadstream import``).
+
+Each event goes to the web or CRM topic by its type, keyed by ``lead_id`` (UTF-8), as orjson
+bytes, in the given order (one lead's events share a partition, so they stay in order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+
+from models.events import parse_ts, topic_kind_of
+from models.history import BAD_LINE, MappingError, RowResult, load_mapping, read_rows, rows_to_events
+from models.simulate import simulate
+from streams.settings import Settings
+
+PROGRESS_EVERY_S = 2.0
+_BATCH = 2000  # sends in flight before waiting for their acks
+
+
+def topic_for(settings: Settings, event_type: str) -> str:
+    """The input topic an event type belongs on (see ``models.events.topic_kind_of``)."""
+    return settings.topic_web if topic_kind_of(event_type) == "web" else settings.topic_crm
+
+
+async def ensure_topics(settings: Settings, topics: Iterable[str]) -> list[str]:
+    """Create the missing ``topics`` with ``settings.partitions`` partitions; return those created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        missing = sorted(set(topics) - set(await admin.list_topics()))
+        if not missing:
+            return []
+        brokers = len((await admin.describe_cluster()).get("brokers", [])) or 1
+        replication = min(3, brokers)  # 1 on a developer's single broker
+        response = await admin.create_topics([NewTopic(t, settings.partitions, replication) for t in missing])
+        for topic_error in response.topic_errors:
+            topic, code = topic_error[0], topic_error[1]
+            if code not in (0, TopicAlreadyExistsError.errno):  # another process may have just created it
+                raise for_code(code)(f"creating topic {topic!r}: {topic_error[2] if len(topic_error) > 2 else ''}")
+        await _wait_for_leaders(admin, missing)
+        return missing
+    finally:
+        await admin.close()
+
+
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str], timeout_s: float = 30.0) -> None:
+    # create_topics answers before the partitions have leaders; producing then only logs
+    # NotLeaderForPartition retries, so wait until the metadata shows a leader everywhere.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        described = await admin.describe_topics(topics)
+        if all(t["error_code"] == 0 and t["partitions"] and all(p["leader"] >= 0 for p in t["partitions"])
+               for t in described):
+            return
+        if time.monotonic() > deadline:
+            raise KafkaError(f"topics {topics} have partitions without a leader after {timeout_s} s")
+        await asyncio.sleep(0.1)
+
+
+async def publish_events(settings: Settings, events: Iterable[dict[str, Any]], rate: float = 0.0,
+                         speedup: float = 0.0, *, progress: TextIO | None = sys.stderr) -> Counter[str]:
+    """Publish ``events`` in order; return how many of each type were acknowledged.
+
+    Parameters
+    ----------
+    settings : Settings
+        Bootstrap servers and the web/CRM topic names (created first if missing).
+    events : iterable of dict
+        Contract events (consumed lazily).
+    rate : float
+        At most this many events per second; 0 = unlimited.
+    speedup : float
+        Simulated seconds per real second, from the events' ``ts``; 0 = ignore event time.
+    progress : text stream or None
+        Where a progress line goes every few seconds.
+    """
+    await ensure_topics(settings, [settings.topic_web, settings.topic_crm])
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    counts: Counter[str] = Counter()
+    pending: list[tuple[str, asyncio.Future[Any]]] = []
+    start = last_report = time.monotonic()
+    first_ts: int | None = None
+    try:
+        for n, event in enumerate(events):
+            due = n / rate if rate > 0 else 0.0
+            if speedup > 0:
+                ts = parse_ts(event["ts"])
+                first_ts = ts if first_ts is None else first_ts
+                due = max(due, (ts - first_ts) / 1000 / speedup)
+            now = time.monotonic()
+            if due > now - start:
+                await asyncio.sleep(due - (now - start))
+            value = orjson.dumps(event)
+            future = await producer.send(topic_for(settings, event["type"]), value=value,
+                                         key=event["lead_id"].encode())
+            pending.append((event["type"], future))
+            if len(pending) >= _BATCH:
+                await _settle(pending, counts)
+            if progress is not None and time.monotonic() - last_report >= PROGRESS_EVERY_S:
+                last_report = time.monotonic()
+                sent = n + 1
+                print(f"published {sent} events ({sent / (last_report - start):.0f}/s)", file=progress, flush=True)
+        await producer.flush()
+        await _settle(pending, counts)
+    finally:
+        await producer.stop()
+    return counts
+
+
+async def _settle(pending: list[tuple[str, asyncio.Future[Any]]], counts: Counter[str]) -> None:
+    """Wait for the acks of ``pending`` (raising the first failure) and count them."""
+    await asyncio.gather(*(f for _, f in pending))
+    counts.update(t for t, _ in pending)
+    pending.clear()
+
+
+def _print_counts(counts: Counter[str], elapsed: float) -> None:
+    total = sum(counts.values())
+    print(f"published {total} events in {elapsed:.1f} s")
+    for event_type, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        print(f"  {event_type:20} {n}")
+
+
+def _publish(settings: Settings, events: Iterable[dict[str, Any]], rate: float, speedup: float) -> int:
+    start = time.monotonic()
+    try:
+        counts = asyncio.run(publish_events(settings, events, rate=rate, speedup=speedup))
+    except (KafkaError, OSError) as exc:
+        print(f"leadstream: publishing to Kafka at {settings.kafka_bootstrap} failed: {exc!r}", file=sys.stderr)
+        return 1
+    _print_counts(counts, time.monotonic() - start)
+    return 0
+
+
+def run_simulation(settings: Settings, leads: int, rate: float, seed: int, speedup: float) -> int:
+    """``leadstream simulate``: publish the simulated stream of ``leads`` leads (0 ok, 1 Kafka failed, 2 bad args)."""
+    if leads < 0 or rate < 0 or speedup < 0:
+        print("leadstream simulate: --leads, --rate and --speedup must be >= 0", file=sys.stderr)
+        return 2
+    events = simulate(leads, seed)
+    print(f"simulating {leads} leads (seed {seed}): {len(events)} events to {settings.topic_web} and "
+          f"{settings.topic_crm}", file=sys.stderr)
+    return _publish(settings, events, rate, speedup)
+
+
+def convert_file(file: str | Path, mapping_path: str | Path) -> tuple[list[RowResult], list[str]]:
+    """Read ``file`` with the mapping at ``mapping_path``: (row results, warnings).
+
+    Raises ``MappingError`` for a bad mapping or one naming columns the file lacks, ``OSError`` or
+    ``ValueError`` for an unreadable file.
+    """
+    try:
+        mapping = load_mapping(Path(mapping_path).read_text(encoding="utf-8"))
+    except MappingError as exc:
+        raise MappingError(f"{mapping_path}: {exc}") from None
+    rows = list(read_rows(file))
+    columns = {c for _, row in rows if BAD_LINE not in row for c in row}
+    absent = sorted(mapping.columns - columns)
+    if rows and absent:
+        raise MappingError(f"mapping {mapping_path}: columns not in {file}: {', '.join(map(repr, absent))}")
+    unmapped = sorted(columns - mapping.columns - set(mapping.drop))
+    warnings = [f"column {c!r} is neither mapped nor in [drop]: ignored" for c in unmapped]
+    return list(rows_to_events(rows, mapping)), warnings
+
+
+def run_import(settings: Settings, file: str, mapping: str) -> int:
+    """``leadstream import``: publish a history export as contract events.
+
+    Exit code 0 when every row was published, 1 when some rows were bad (the good ones are still
+    published; each bad row is listed on stderr with its line) or Kafka failed, 2 when the mapping
+    or the file cannot be used at all.
+    """
+    try:
+        results, warnings = convert_file(file, mapping)
+    except (MappingError, OSError, ValueError) as exc:
+        print(f"leadstream import: {exc}", file=sys.stderr)
+        return 2
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    bad = [r for r in results if r.error]
+    for r in bad:
+        print(f"{file}:{r.line}: bad row{f' (lead {r.lead_id})' if r.lead_id else ''}: {r.error}", file=sys.stderr)
+    print(f"read {len(results)} rows from {file}: {len(results) - len(bad)} converted, {len(bad)} bad",
+          file=sys.stderr)
+    code = _publish(settings, (e for r in results for e in r.events), rate=0.0, speedup=0.0)
+    if bad:
+        print(f"{len(bad)} bad rows were not imported (lines {', '.join(str(r.line) for r in bad[:20])}"
+              f"{', ...' if len(bad) > 20 else ''})", file=sys.stderr)
+    return code or (1 if bad else 0)
