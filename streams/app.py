@@ -22,4 +22,6 @@ def create_app(settings: Settings) -> faust.App:
         producer_acks=-1,
         stream_wait_empty=True,
         broker_commit_every=100,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=max(1, settings.session_timeout_s // 6),
     )

@@ -128,6 +128,8 @@ SETTINGS: dict[str, Setting] = {
                                   "Closed deals of EACH class the model needs before it takes part in scores."),
     "model_poll_s": Setting("LEADSTREAM_MODEL_POLL_SECONDS", "2.0", _positive_float,
                             "How often scorers check Redis for a newer model checkpoint."),
+    "session_timeout_s": Setting("LEADSTREAM_SESSION_TIMEOUT_SECONDS", "30", _int(6),
+                                 "Kafka consumer session timeout: how soon a crashed worker's partitions move."),
     "home": Setting("LEADSTREAM_HOME", str(Path("~/.cache/leadstream").expanduser()), _path,
                     "Where `leadstream up` keeps the Kafka jars, data, logs and pid files."),
 }
@@ -151,6 +153,7 @@ class Settings:
     dedupe_ttl_s: int
     model_min_outcomes: int
     model_poll_s: float
+    session_timeout_s: int
     home: Path
 
     @classmethod
