@@ -78,6 +78,7 @@ def _on_visit(s: State, e: Event) -> None:
     if sid and sid not in s["sessions"] and len(s["sessions"]) < MAX_PAGES:
         s["sessions"].append(sid)
     s["visit_duration_s"] += float(e.props.get("duration_s", 0.0))
+    s["visit_pages"] = s.get("visit_pages", 0) + float(e.props.get("pages", 0))
 
 
 def _on_page_view(s: State, e: Event) -> None:
@@ -170,6 +171,8 @@ def features(state: State, now_ms: int, *, half_life_s: float) -> Features:
     f["distinct_pages"] = float(len(state["pages"]))
     f["sessions"] = float(max(len(state["sessions"]), counts.get("visit", 0)))
     f["visit_duration_s"] = float(state["visit_duration_s"])
+    if state.get("visit_pages"):
+        f["pages_per_visit"] = state["visit_pages"] / max(1, counts.get("visit", 0))
     opens = counts.get("email_open", 0)
     if opens or counts.get("email_replied", 0):
         f["email_reply_rate"] = counts.get("email_replied", 0) / max(opens, counts.get("email_replied", 0))

@@ -17,13 +17,13 @@ from typing import Any, TextIO
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.errors import KafkaError
 
 from models.events import parse_ts, topic_kind_of
 from models.history import BAD_LINE, MappingError, RowResult, load_mapping, read_rows, rows_to_events
 from models.simulate import simulate
 from streams.settings import Settings
+from streams.topics import ensure_topics
 
 PROGRESS_EVERY_S = 2.0
 _BATCH = 2000  # sends in flight before waiting for their acks
@@ -32,41 +32,6 @@ _BATCH = 2000  # sends in flight before waiting for their acks
 def topic_for(settings: Settings, event_type: str) -> str:
     """The input topic an event type belongs on (see ``models.events.topic_kind_of``)."""
     return settings.topic_web if topic_kind_of(event_type) == "web" else settings.topic_crm
-
-
-async def ensure_topics(settings: Settings, topics: Iterable[str]) -> list[str]:
-    """Create the missing ``topics`` with ``settings.partitions`` partitions; return those created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        missing = sorted(set(topics) - set(await admin.list_topics()))
-        if not missing:
-            return []
-        brokers = len((await admin.describe_cluster()).get("brokers", [])) or 1
-        replication = min(3, brokers)  # 1 on a developer's single broker
-        response = await admin.create_topics([NewTopic(t, settings.partitions, replication) for t in missing])
-        for topic_error in response.topic_errors:
-            topic, code = topic_error[0], topic_error[1]
-            if code not in (0, TopicAlreadyExistsError.errno):  # another process may have just created it
-                raise for_code(code)(f"creating topic {topic!r}: {topic_error[2] if len(topic_error) > 2 else ''}")
-        await _wait_for_leaders(admin, missing)
-        return missing
-    finally:
-        await admin.close()
-
-
-async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str], timeout_s: float = 30.0) -> None:
-    # create_topics answers before the partitions have leaders; producing then only logs
-    # NotLeaderForPartition retries, so wait until the metadata shows a leader everywhere.
-    deadline = time.monotonic() + timeout_s
-    while True:
-        described = await admin.describe_topics(topics)
-        if all(t["error_code"] == 0 and t["partitions"] and all(p["leader"] >= 0 for p in t["partitions"])
-               for t in described):
-            return
-        if time.monotonic() > deadline:
-            raise KafkaError(f"topics {topics} have partitions without a leader after {timeout_s} s")
-        await asyncio.sleep(0.1)
 
 
 async def publish_events(settings: Settings, events: Iterable[dict[str, Any]], rate: float = 0.0,
@@ -86,7 +51,7 @@ async def publish_events(settings: Settings, events: Iterable[dict[str, Any]], r
     progress : text stream or None
         Where a progress line goes every few seconds.
     """
-    await ensure_topics(settings, [settings.topic_web, settings.topic_crm])
+    await ensure_topics(settings, {settings.topic_web: settings.partitions, settings.topic_crm: settings.partitions})
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5)
     await producer.start()
     counts: Counter[str] = Counter()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 import faust
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError, for_code
 
 from streams.settings import Settings
 
@@ -47,31 +48,53 @@ def topic_plan(settings: Settings) -> dict[str, int]:
     return plan
 
 
-async def ensure_topics(settings: Settings, timeout_s: float = 60.0) -> list[str]:
-    """Create the missing topics; returns the names created. Existing ones are left as they are."""
+async def ensure_topics(settings: Settings, plan: dict[str, int] | None = None, timeout_s: float = 60.0) -> list[str]:
+    """Create the missing topics of ``plan`` (name -> partitions; default: the worker's
+    :func:`topic_plan`) and wait until each partition has a leader; returns the names created.
+    Existing topics are left as they are."""
+    plan = topic_plan(settings) if plan is None else plan
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000)
-    deadline = asyncio.get_running_loop().time() + timeout_s
+    await _start(admin, settings, timeout_s)
+    try:
+        missing = sorted(set(plan) - set(await admin.list_topics()))
+        if not missing:
+            return []
+        brokers = len((await admin.describe_cluster()).get("brokers", [])) or 1
+        replication = min(3, brokers)  # 1 on a developer's single broker
+        response = await admin.create_topics([NewTopic(t, plan[t], replication) for t in missing])
+        for topic_error in response.topic_errors:  # aiokafka reports errors here instead of raising
+            topic, code = topic_error[0], topic_error[1]
+            if code not in (0, TopicAlreadyExistsError.errno):  # another process may have just created it
+                raise for_code(code)(f"creating topic {topic!r}: {topic_error[2] if len(topic_error) > 2 else ''}")
+        await _wait_for_leaders(admin, missing)
+        log.info("created topics: %s", ", ".join(missing))
+        return missing
+    finally:
+        await admin.close()
+
+
+async def _start(admin: AIOKafkaAdminClient, settings: Settings, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
             await admin.start()
-            break
+            return
         except KafkaConnectionError:
-            if asyncio.get_running_loop().time() > deadline:
+            if time.monotonic() > deadline:
                 raise RuntimeError(f"Kafka at {settings.kafka_bootstrap} (LEADSTREAM_KAFKA) does not answer; "
                                    "is it running? `leadstream up` starts a local one") from None
             await asyncio.sleep(1)
-    try:
-        existing = set(await admin.list_topics())
-        missing = [NewTopic(name, n, 1) for name, n in topic_plan(settings).items() if name not in existing]
-        created = []
-        for topic in missing:
-            try:
-                await admin.create_topics([topic])
-                created.append(topic.name)
-            except TopicAlreadyExistsError:
-                pass
-        if created:
-            log.info("created topics: %s", ", ".join(created))
-        return created
-    finally:
-        await admin.close()
+
+
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str], timeout_s: float = 30.0) -> None:
+    # create_topics answers before the partitions have leaders; producing then only logs
+    # NotLeaderForPartition retries, so wait until the metadata shows a leader everywhere.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        described = await admin.describe_topics(topics)
+        if all(t["error_code"] == 0 and t["partitions"] and all(p["leader"] >= 0 for p in t["partitions"])
+               for t in described):
+            return
+        if time.monotonic() > deadline:
+            raise KafkaError(f"topics {topics} have partitions without a leader after {timeout_s} s")
+        await asyncio.sleep(0.1)
