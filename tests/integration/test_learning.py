@@ -1,0 +1,115 @@
+"""Online learning through real Kafka and Redis: labels from closed deals, checkpoints, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from models.events import Event
+from models.metrics import roc_auc
+from models.rules import load_rules
+from models.scoring import Scorer, step
+from models.simulate import merge_events, simulate_population
+from streams.publish import publish_events
+from streams.state import lead_key
+from tests.integration.test_pipeline import read_all
+
+pytestmark = pytest.mark.integration
+DAY = 86_400_000
+
+
+async def wait_for_outcomes(redis_client, n, timeout=240.0):
+    """The trainer's report once it has learned ``n`` closed deals."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        raw = await redis_client.get("model:report")
+        report = orjson.loads(raw) if raw else None
+        if report and sum(report["outcomes"].values()) >= n:
+            return report
+        learned = report["outcomes"] if report else None
+        assert asyncio.get_running_loop().time() < deadline, f"trainer learned {learned} of {n} deals"
+        await asyncio.sleep(1)
+
+
+def rules_only_scores(settings, events):
+    """What the rules alone would have scored: the same pure step, no model."""
+    scorer, states, last = Scorer(load_rules(settings.scoring_config.read_text())), {}, {}
+    for d in events:
+        r = step(states.get(d["lead_id"]), Event(d["event_id"], d["lead_id"], d["type"], d["ts"], d["props"]),
+                 scorer, scored_at_ms=0)
+        states[d["lead_id"]] = r.state
+        last[d["lead_id"]] = r.score["score"]
+    return last
+
+
+async def test_model_learns_from_closed_deals_and_beats_the_rules(pipeline_settings, start_worker, redis_client):
+    s = pipeline_settings
+    worker = start_worker(LEADSTREAM_MODEL_MIN_OUTCOMES="30")
+    train = simulate_population(500, seed=11)
+    n_outcomes = sum(1 for lead in train if lead.outcome)
+    t0 = asyncio.get_running_loop().time()
+    train_events = merge_events(train)
+    await publish_events(s, train_events, progress=None)
+    report = await wait_for_outcomes(redis_client, n_outcomes)
+    took = asyncio.get_running_loop().time() - t0
+    print(f"\n{len(train_events)} events of {len(train)} leads scored, {n_outcomes} deals learned in {took:.1f} s")
+    assert report["version"] > 1 and report["challenger"]["roc_auc"] > 0.7
+    assert set(report["stage_rates"]) == {"new", "contacted", "engaged", "qualified", "proposal", "negotiation", "closing"}
+    assert report["stage_rates"]["closing"]["win_rate"] > report["stage_rates"]["new"]["win_rate"]
+
+    # Held-out leads arrive later; their outcomes are withheld. Rank them by their last score.
+    held_out = simulate_population(300, seed=12, start_ms=train[-1].arrival_ms + 40 * DAY)
+    events = [e for e in merge_events(held_out) if e["type"] not in ("deal_won", "deal_lost", "lead_deleted")]
+    await asyncio.sleep(2 * s.model_poll_s + 1)  # scorers pick up the latest checkpoint
+    await publish_events(s, events, progress=None)
+    await wait_until_scored(s, {e["event_id"] for e in events})
+    last = {lead.lead_id: orjson.loads(await redis_client.hget(lead_key(lead.lead_id), "state")) for lead in held_out}
+    closed = [lead for lead in held_out if lead.outcome]
+    labels = [int(lead.outcome == "won") for lead in closed]
+    model_auc = roc_auc([last[lead.lead_id]["score"] for lead in closed], labels)
+    rules = rules_only_scores(s, events)
+    rules_auc = roc_auc([rules[lead.lead_id] for lead in closed], labels)
+    print(f"held-out ROC AUC: served {model_auc:.3f}, rules {rules_auc:.3f} ({len(closed)} leads)")
+    assert model_auc > rules_auc + 0.03 and model_auc > 0.8
+    assert {state["source"] for state in last.values()} <= {"model", "blend"}
+
+    # The score messages show the switch: rules first, then blend/model with a rising version.
+    history = [orjson.loads(r.value) for r in await read_all(s.kafka_bootstrap, s.topic_scores) if r.value]
+    history.sort(key=lambda b: b["scored_at"])
+    sources = [b["source"] for b in history]
+    assert sources[0] == "rules" and "model" in sources
+    versions = [b["model_version"] for b in history if b["source"] != "rules"]
+    assert versions and versions[0] < versions[-1]
+
+    # A killed worker resumes from the latest checkpoint: version and learned state survive.
+    before = orjson.loads(await redis_client.get("model:report"))
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    start_worker(LEADSTREAM_MODEL_MIN_OUTCOMES="30")
+    late = simulate_population(20, seed=13, start_ms=held_out[-1].arrival_ms + 40 * DAY)
+    await publish_events(s, merge_events(late), progress=None)
+    after = await wait_for_outcomes(redis_client, n_outcomes + sum(1 for lead in late if lead.outcome))
+    assert after["version"] >= before["version"]
+    assert after["outcomes"]["won"] >= before["outcomes"]["won"] and after["outcomes"]["lost"] >= before["outcomes"]["lost"]
+    assert sum(after["outcomes"].values()) == n_outcomes + sum(1 for lead in late if lead.outcome)  # none twice
+
+
+async def wait_until_scored(settings, event_ids, timeout=240.0):
+    """Consume the score topic until every one of ``event_ids`` has a score."""
+    consumer = AIOKafkaConsumer(settings.topic_scores, bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    missing = set(event_ids)
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while missing:
+            assert asyncio.get_running_loop().time() < deadline, f"{len(missing)} events never scored"
+            for batch in (await consumer.getmany(timeout_ms=1000)).values():
+                missing -= {orjson.loads(r.value)["event_id"] for r in batch if r.value}
+    finally:
+        await consumer.stop()
