@@ -1,0 +1,1 @@
+"""Tests against the real Kafka broker and Redis server (see the ``stack`` fixture in tests/conftest.py)."""
