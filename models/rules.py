@@ -76,6 +76,7 @@ class Rules:
     width: float
     grades: Grades
     hot_threshold: float
+    hot_rearm_below: float
     behaviour: dict[str, Capped]
     recency: list[tuple[float, float]]  # (seconds, points)
     stage: dict[str, float]
@@ -181,11 +182,14 @@ def load_rules(text: str) -> Rules:
     hot = _number(cfg, "hot.threshold")
     if not 0 < hot <= 1:
         raise ConfigError(f"scoring config [hot].threshold = {hot}: expected a number in (0, 1]")
+    rearm = _number(cfg, "hot.rearm_below")
+    if not 0 <= rearm <= hot:
+        raise ConfigError(f"scoring config [hot].rearm_below = {rearm}: expected a number in [0, threshold]")
     return Rules(
         half_life_s=_number(cfg, "decay.half_life_days", positive=True) * 86400,
         midpoint=_number(cfg, "squash.midpoint"),
         width=_number(cfg, "squash.width", positive=True),
         grades=Grades.from_config(grades_cfg),
-        hot_threshold=hot,
+        hot_threshold=hot, hot_rearm_below=rearm,
         behaviour=behaviour, recency=recency, stage=stage, activities=activities, explicit=explicit,
     )

@@ -89,9 +89,12 @@ def step(state: State | None, event: Event, scorer: Scorer, *, scored_at_ms: int
     after = fold(before, event, half_life_s=scorer.rules.half_life_s)
     f = features(after, after["last_ts"], half_life_s=scorer.rules.half_life_s)
     scored = scorer.score(f)
-    hot_now = scored.score >= scorer.rules.hot_threshold
+    was_hot = before.get("hot", False)
+    # Hysteresis: a hot lead stays hot until it falls below the re-arm level, so a score wobbling
+    # around the threshold does not page the sales team again and again.
+    hot_now = scored.score >= (scorer.rules.hot_rearm_below if was_hot else scorer.rules.hot_threshold)
     result = StepResult(after, _score_message(event, after, scored, scored_at_ms))
-    if hot_now and not before.get("hot", False):
+    if hot_now and not was_hot:
         result.hot = {**result.score, "threshold": scorer.rules.hot_threshold}
     after["hot"] = hot_now
     after["score"], after["grade"], after["source"] = round(scored.score, 6), scored.grade, scored.source

@@ -18,6 +18,7 @@ def create_app(settings: Settings) -> faust.App:
         store="memory://",
         web_port=settings.web_port,
         web_host="127.0.0.1",
+        web_bind="127.0.0.1",
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         stream_wait_empty=True,

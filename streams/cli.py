@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add("demo", _demo, "Start the stack and a worker, stream simulated traffic, and show scores.")
     demo.add_argument("--leads", type=int, default=150)
     demo.add_argument("--rate", type=float, default=300.0)
-    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--seed", type=int, default=None, help="default: a fresh seed each run")
     add("settings", _settings, "List every LEADSTREAM_* setting with its default.")
     return parser
 

@@ -33,6 +33,15 @@ def test_every_event_gets_a_score_message_of_the_contract():
     assert 0 <= msg["score"] <= 1 and msg["grade"] in {"A+", "A", "B+", "B", "C", "D"}
 
 
+def test_hot_does_not_page_again_while_the_score_wobbles_above_the_rearm_level():
+    hot_path = [("download", 0, {})] * 2 + [("stage_changed", 1, {"stage": "closing"})] + [("click", 2, {})] * 3
+    wobble = [("stage_changed", 10, {"stage": "new"}), ("stage_changed", 11, {"stage": "closing"})] * 3
+    results = play(hot_path + wobble)
+    scores = [r.score["score"] for r in results[len(hot_path):]]
+    assert min(scores) < RULES.hot_threshold and min(scores) > RULES.hot_rearm_below  # a real wobble
+    assert sum(r.hot is not None for r in results) == 1
+
+
 def test_hot_is_emitted_once_per_upward_crossing():
     hot_path = [("download", 0, {})] * 2 + [("stage_changed", 1, {"stage": "closing"})] + [("click", 2, {})] * 3
     results = play(hot_path + [("stage_changed", 200 * DAY, {"stage": "new"}), ("stage_changed", 200 * DAY + 1, {"stage": "closing"}),

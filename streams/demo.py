@@ -1,0 +1,171 @@
+"""``leadstream demo``: the whole pipeline on one machine, watched live.
+
+Starts Kafka and Redis (``leadstream up``), a worker, streams simulated traffic into it, and
+prints what a sales manager would see appear: scores and grades per event, hot leads, and the
+model taking over from the rules as deals close. The stack stays up afterwards
+(``leadstream down`` stops it); the worker stops with the demo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import orjson
+from aiokafka import AIOKafkaConsumer
+
+from models.grading import GRADE_NAMES
+from models.simulate import simulate
+from streams import stack
+from streams.publish import publish_events
+from streams.settings import Settings
+from streams.topics import ensure_topics
+
+REPORT_EVERY_S = 3.0
+
+
+def start_worker(settings: Settings, log_path: Path, timeout_s: float = 120.0) -> subprocess.Popen:
+    """Run ``leadstream worker`` in the background; return once it reports Ready."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], stdout=log_path.open("ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while b"[^Worker]: Ready" not in log_path.read_bytes()[offset:]:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_worker(proc)
+            raise RuntimeError(f"the worker did not start; see {log_path}")
+        time.sleep(0.3)
+    return proc
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+class Board:
+    """What the demo prints: counts by grade and source, hot leads, the best leads now."""
+
+    def __init__(self) -> None:
+        self.scored = 0
+        self.grades: Counter[str] = Counter()
+        self.sources: Counter[str] = Counter()
+        self.latest: dict[str, dict] = {}
+        self.hot: list[dict] = []
+        self.model_version = 0
+
+    def add_score(self, body: dict) -> None:
+        self.scored += 1
+        self.sources[body["source"]] += 1
+        self.latest[body["lead_id"]] = body
+        self.model_version = max(self.model_version, body["model_version"])
+
+    def add_hot(self, body: dict) -> None:
+        self.hot.append(body)
+        print(f"  HOT  {body['lead_id']:<18} score {body['score']:.2f} grade {body['grade']:<2} "
+              f"stage {body['stage'] or '-':<12} because {_why(body)}")
+
+    def summary(self, published: int) -> str:
+        grades = Counter(b["grade"] for b in self.latest.values())
+        grade_line = "  ".join(f"{g}:{grades.get(g, 0)}" for g in GRADE_NAMES)
+        sources = ", ".join(f"{k} {v}" for k, v in sorted(self.sources.items()))
+        return (f"published {published} | scored {self.scored} ({sources}) | model v{self.model_version} | "
+                f"leads by grade  {grade_line} | hot {len(self.hot)}")
+
+    def top(self, n: int = 5) -> list[str]:
+        best = sorted(self.latest.values(), key=lambda b: -b["score"])[:n]
+        return [f"  {b['lead_id']:<18} {b['score']:.2f} {b['grade']:<2} {b['stage'] or '-':<12} {_why(b)}"
+                for b in best]
+
+
+def _why(body: dict) -> str:
+    return ", ".join(f"{r['feature']} {r['contribution']:+.2f}" for r in body["reasons"][:3])
+
+
+async def watch_and_publish(settings: Settings, events: list[dict], rate: float) -> Board:
+    board = Board()
+    consumer = AIOKafkaConsumer(settings.topic_scores, settings.topic_hot, bootstrap_servers=settings.kafka_bootstrap,
+                                group_id=None, auto_offset_reset="latest", enable_auto_commit=False)
+    await consumer.start()
+    await asyncio.sleep(1)  # let the consumer settle at the end of the topics before traffic starts
+    publisher = asyncio.create_task(publish_events(settings, events, rate=rate, progress=None))
+    expected = {e["event_id"] for e in events}
+    seen: set[str] = set()
+    deleted = {e["lead_id"] for e in events if e["type"] == "lead_deleted"}
+    tombstones: set[str] = set()
+    started = last = time.monotonic()
+    try:
+        while (not publisher.done() or len(seen) + len(tombstones) < len(expected)) and time.monotonic() - started < 900:
+            for batch in (await consumer.getmany(timeout_ms=500)).values():
+                for record in batch:
+                    if record.value is None:  # a tombstone: the lead was deleted
+                        if record.key is not None and record.key.decode() in deleted:
+                            tombstones.add(record.key.decode())
+                            board.latest.pop(record.key.decode(), None)
+                        continue
+                    body = orjson.loads(record.value)
+                    if record.topic == settings.topic_hot:
+                        board.add_hot(body)
+                    elif body["event_id"] in expected:
+                        seen.add(body["event_id"])
+                        board.add_score(body)
+            if time.monotonic() - last > REPORT_EVERY_S:
+                last = time.monotonic()
+                print(board.summary(len(seen)))
+            if publisher.done() and publisher.exception():
+                raise publisher.exception()  # type: ignore[misc]
+    finally:
+        await consumer.stop()
+    return board
+
+
+def run_demo(settings: Settings, leads: int, rate: float, seed: int | None) -> int:
+    stack.up(settings)
+    asyncio.run(ensure_topics(settings))
+    log_path = settings.home / "logs" / "worker.log"
+    print(f"worker: starting (log: {log_path})")
+    worker = start_worker(settings, log_path)
+    seed = seed if seed is not None else int(time.time())  # fresh ids each run, or repeatable with --seed
+    events = simulate(leads, seed)
+    print(f"demo: {leads} simulated leads, {len(events)} events at up to {rate:.0f}/s (seed {seed})")
+    try:
+        board = asyncio.run(watch_and_publish(settings, events, rate))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        stop_worker(worker)
+    print(board.summary(board.scored))
+    print("best leads now (score, grade, stage, top reasons):")
+    print("\n".join(board.top()))
+    with contextlib.suppress(Exception):
+        report = asyncio.run(_model_report(settings))
+        if report:
+            print(f"model v{report['version']}: learned from {report['outcomes']['won']} won and "
+                  f"{report['outcomes']['lost']} lost deals; prequential ROC AUC "
+                  f"rules {report['rules']['roc_auc']}, model {report['champion']['roc_auc']}")
+    print(f"inspect a lead: leadstream lead {next(iter(board.latest), 'LEAD_ID')}   |   stop the stack: leadstream down")
+    return 0
+
+
+async def _model_report(settings: Settings) -> dict | None:
+    import redis.asyncio as aioredis
+
+    from streams.state import ModelStore
+
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        return await ModelStore(client).report()
+    finally:
+        await client.aclose()
