@@ -17,8 +17,8 @@ def create_app(settings: Settings) -> faust.App:
         # Lead state lives in Redis, not in Faust tables: no changelog topics, no local RocksDB.
         store="memory://",
         web_port=settings.web_port,
-        web_host="127.0.0.1",
-        web_bind="127.0.0.1",
+        web_host=settings.web_bind,
+        web_bind=settings.web_bind,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         stream_wait_empty=True,

@@ -60,6 +60,12 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     return run_demo(settings, leads=args.leads, rate=args.rate, seed=args.seed)
 
 
+def _model(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.inspect import print_model
+
+    return print_model(settings)
+
+
 def _settings(args: argparse.Namespace, settings: Settings) -> int:
     print(describe())
     return 0
@@ -97,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--leads", type=int, default=150)
     demo.add_argument("--rate", type=float, default=300.0)
     demo.add_argument("--seed", type=int, default=None, help="default: a fresh seed each run")
+    add("model", _model, "Print the model's version, prequential accuracy (rules vs model, per stage), "
+                         "per-stage win rates, calibration table and drift count.")
     add("settings", _settings, "List every LEADSTREAM_* setting with its default.")
     return parser
 

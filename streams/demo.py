@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaConsumer
 from models.grading import GRADE_NAMES
 from models.simulate import simulate
 from streams import stack
+from streams.inspect import model_report
 from streams.publish import publish_events
 from streams.settings import Settings
 from streams.topics import ensure_topics
@@ -150,22 +151,10 @@ def run_demo(settings: Settings, leads: int, rate: float, seed: int | None) -> i
     print("best leads now (score, grade, stage, top reasons):")
     print("\n".join(board.top()))
     with contextlib.suppress(Exception):
-        report = asyncio.run(_model_report(settings))
+        report = asyncio.run(model_report(settings))
         if report:
             print(f"model v{report['version']}: learned from {report['outcomes']['won']} won and "
                   f"{report['outcomes']['lost']} lost deals; prequential ROC AUC "
                   f"rules {report['rules']['roc_auc']}, model {report['champion']['roc_auc']}")
     print(f"inspect a lead: leadstream lead {next(iter(board.latest), 'LEAD_ID')}   |   stop the stack: leadstream down")
     return 0
-
-
-async def _model_report(settings: Settings) -> dict | None:
-    import redis.asyncio as aioredis
-
-    from streams.state import ModelStore
-
-    client = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        return await ModelStore(client).report()
-    finally:
-        await client.aclose()

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from models.features import features
 from models.rules import load_rules
 from streams.settings import Settings
-from streams.state import LeadStore
+from streams.state import LeadStore, ModelStore
 
 
 async def lead_view(settings: Settings, lead_id: str) -> dict | None:
@@ -42,4 +42,21 @@ def print_lead(settings: Settings, lead_id: str) -> int:
         print(f"leadstream: no lead {lead_id!r} in {settings.redis_url}", file=sys.stderr)
         return 1
     sys.stdout.write(orjson.dumps(view, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+async def model_report(settings: Settings) -> dict | None:
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        return await ModelStore(client).report()
+    finally:
+        await client.aclose()
+
+
+def print_model(settings: Settings) -> int:
+    report = asyncio.run(model_report(settings))
+    if report is None:
+        print(f"leadstream: no model yet in {settings.redis_url}: it appears with the first closed deal", file=sys.stderr)
+        return 1
+    sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0

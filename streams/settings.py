@@ -118,6 +118,8 @@ SETTINGS: dict[str, Setting] = {
                               "Internal, one partition: labelled snapshots of closed deals for the single trainer."),
     "partitions": Setting("LEADSTREAM_PARTITIONS", "8", _int(1), "Partitions of the topics the worker creates."),
     "web_port": Setting("LEADSTREAM_WEB_PORT", "6066", _int(1), "Port of the worker's HTTP endpoint."),
+    "web_bind": Setting("LEADSTREAM_WEB_BIND", "127.0.0.1", _text,
+                        "Address the worker's HTTP endpoint listens on (0.0.0.0 inside a container)."),
     "scoring_config": Setting("LEADSTREAM_SCORING_CONFIG", str(DEFAULT_SCORING_CONFIG), _existing_file,
                               "Path of the points/grades/threshold config (TOML)."),
     "max_event_bytes": Setting("LEADSTREAM_MAX_EVENT_BYTES", "65536", _int(256),
@@ -148,6 +150,7 @@ class Settings:
     topic_training: str
     partitions: int
     web_port: int
+    web_bind: str
     scoring_config: Path
     max_event_bytes: int
     dedupe_ttl_s: int

@@ -53,7 +53,10 @@ def test_app_services_run_real_subcommands(services: dict[str, Any], name: str) 
     assert command[0] == "leadstream" and command[1] in subcommands()
     build_parser().parse_args(command[1:])  # the flags parse too (exits on an unknown one)
     env = services[name]["environment"]
-    assert env == {"LEADSTREAM_KAFKA": "kafka:9092", "LEADSTREAM_REDIS": "redis://redis:6379/0"}
+    assert {k: env[k] for k in ("LEADSTREAM_KAFKA", "LEADSTREAM_REDIS")} == {
+        "LEADSTREAM_KAFKA": "kafka:9092", "LEADSTREAM_REDIS": "redis://redis:6379/0"}
+    if "ports" in services[name]:  # a published HTTP port must listen on all container interfaces
+        assert env["LEADSTREAM_WEB_BIND"] == "0.0.0.0"
     settings = Settings.from_env(env)  # valid values for the settings parser
     assert (settings.kafka_bootstrap, settings.redis_url) == ("kafka:9092", "redis://redis:6379/0")
     assert set(services[name]["depends_on"]) == {"kafka", "redis"}
