@@ -22,8 +22,9 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+import fastjsonschema
 import orjson
-from jsonschema import Draft202012Validator
+from jsonschema import Draft7Validator
 
 STAGES: tuple[str, ...] = ("new", "contacted", "engaged", "qualified", "proposal", "negotiation", "closing")
 WEB_TYPES: tuple[str, ...] = ("visit", "page_view", "click", "email_open", "email_click", "download", "form_submit")
@@ -53,9 +54,21 @@ def topic_kind_of(event_type: str) -> str:
 
 
 @cache
-def validators() -> dict[str, Draft202012Validator]:
+def schemas() -> dict[str, dict[str, Any]]:
     base = resources.files("models") / "schemas"
-    return {t: Draft202012Validator(json.loads((base / f"{t}.json").read_text())) for t in EVENT_TYPES}
+    return {t: json.loads((base / f"{t}.json").read_text()) for t in EVENT_TYPES}
+
+
+@cache
+def validators() -> dict[str, Draft7Validator]:
+    """Readable validators: used to explain a rejection (slow, so only once a message failed)."""
+    return {t: Draft7Validator(schema) for t, schema in schemas().items()}
+
+
+@cache
+def _fast_checks() -> dict[str, Any]:
+    """Compiled validators for the hot path (about 20x faster than the readable ones)."""
+    return {t: fastjsonschema.compile(schema) for t, schema in schemas().items()}
 
 
 def parse_ts(ts: Any) -> int:
@@ -90,10 +103,12 @@ def parse_event(key: bytes | None, value: bytes | None, *, topic_kind: str, max_
     event_type = doc.get("type")
     if event_type not in EVENT_TYPES:
         raise RejectedEvent(f"unknown event type {event_type!r}")
-    error = next(iter(sorted(validators()[event_type].iter_errors(doc), key=lambda e: e.path)), None)
-    if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-        raise RejectedEvent(f"schema violation at {where}: {error.message}")
+    try:
+        _fast_checks()[event_type](doc)
+    except fastjsonschema.JsonSchemaException:
+        error = next(iter(sorted(validators()[event_type].iter_errors(doc), key=lambda e: e.path)), None)
+        where = "/".join(str(p) for p in error.absolute_path) or "(root)" if error else "(root)"
+        raise RejectedEvent(f"schema violation at {where}: {error.message if error else 'invalid'}") from None
     if topic_kind_of(event_type) != topic_kind:
         raise RejectedEvent(f"event type {event_type!r} does not belong on the {topic_kind} topic")
     if key is None:

@@ -32,12 +32,13 @@ from streams.topics import ensure_topics
 REPORT_EVERY_S = 3.0
 
 
-def start_worker(settings: Settings, log_path: Path, timeout_s: float = 120.0) -> subprocess.Popen:
-    """Run ``leadstream worker`` in the background; return once it reports Ready."""
+def start_worker(settings: Settings, log_path: Path, timeout_s: float = 120.0,
+                 env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Run ``leadstream worker`` in the background (``env``: extra variables); return once it reports Ready."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     offset = log_path.stat().st_size if log_path.exists() else 0
     proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], stdout=log_path.open("ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + timeout_s
     while b"[^Worker]: Ready" not in log_path.read_bytes()[offset:]:
         if proc.poll() is not None or time.monotonic() > deadline:

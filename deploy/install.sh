@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what leadstream needs on a fresh Debian machine: redis-server (and kcat, to look at topics)
+# from Debian, a Python 3.11 virtualenv in .venv with leadstream and its pinned dependencies.
+# The Kafka jars come from Maven Central on the first `leadstream up` (cached in ~/.cache/leadstream).
+# Java 17 and Maven must be on the machine. Idempotent: a second run takes seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v redis-server >/dev/null || ! command -v kcat >/dev/null; then
+  if [ "$(id -u)" != 0 ] && ! command -v sudo >/dev/null; then
+    echo "install.sh: redis-server and kcat are missing; run as root: apt-get install redis-server kcat" >&2
+    exit 1
+  fi
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq redis-server kcat >/dev/null
+fi
+for tool in java mvn python3.11; do
+  command -v "$tool" >/dev/null || { echo "install.sh: $tool is required (Java 17 + Maven for Kafka, Python 3.11)" >&2; exit 1; }
+done
+
+if [ ! -x .venv/bin/python ]; then
+  python3.11 -m venv .venv
+fi
+# Reinstall only when pyproject.toml changed since the last install.
+stamp=.venv/.leadstream-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+  touch "$stamp"
+fi
