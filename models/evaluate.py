@@ -1,0 +1,379 @@
+"""Offline evaluation: replay a history through the stream's own code, test-then-train.
+
+:func:`evaluate_events` is pure. It keeps per-lead state, stage-entry snapshots and the last
+snapshot exactly as the stream keeps them in Redis, runs :func:`models.scoring.step` on every
+event in arrival order with a :class:`~models.scoring.Scorer`, and hands every training example
+to one :class:`~models.learner.Trainer`, whose serving model the scorer picks up right after each
+learned deal (the stream's scorers pick up checkpoints the same way, a poll interval later).
+
+For every closed deal it records, *before* the trainer learns from that deal, three
+probabilities for the deal's last snapshot (the features as of the last event before the
+outcome): ``rules`` (the point rules), ``model`` (the online model being served, whatever it has
+learned so far: 0.5 before the first deal) and ``served`` (what the stream would send: the rules
+until ``min_outcomes`` deals of each class, then the blend, then the model). Metrics are computed
+over the whole history and over its last 20% of closed deals (by arrival order of the outcome).
+
+:func:`run_evaluate` is the ``leadstream evaluate FILE --mapping MAPPING [--json]`` command: the
+only function here that reads files or prints.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from models.events import Event, RejectedEvent, parse_event, topic_kind_of
+from models.history import BAD_LINE, MappingError, load_mapping, read_rows, rows_to_events
+from models.learner import Trainer
+from models.metrics import log_loss, roc_auc
+from models.rules import ConfigError, Rules, load_rules
+from models.scoring import MAX_STAGE_SNAPSHOTS, Scorer, step
+
+SCORERS = ("rules", "model", "served")
+HOLDOUT = 0.2  # the last fifth of the closed deals, by arrival order
+LIFT_FRACTION = 0.1
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def holdout_start(n: int, fraction: float = HOLDOUT) -> int:
+    """Index of the first deal of the last ``fraction`` of ``n`` deals: ``floor(n * (1 - fraction))``.
+
+    The last part has ``ceil(n * fraction)`` deals (for 9,237 deals: 7,389 then the last 1,848).
+
+    >>> holdout_start(10), holdout_start(9237), holdout_start(0)
+    (8, 7389, 0)
+    """
+    return math.floor(round(n * (1 - fraction), 9))
+
+
+def top_fraction_lift(scores: Sequence[float], labels: Sequence[int], fraction: float = LIFT_FRACTION) -> float | None:
+    """Win rate among the top ``fraction`` of deals by score, divided by the overall win rate.
+
+    The top part has ``ceil(n * fraction)`` deals. Ties at the cut are shared: a group of equal
+    scores that straddles it counts with its mean win rate (the expectation over a random order
+    of the tied deals), so the figure does not depend on input order. ``None`` without a win.
+
+    >>> top_fraction_lift([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0], [1, 0, 1, 0, 0, 0, 0, 0, 0, 1])
+    3.3333
+    >>> top_fraction_lift([0.5] * 10, [1, 0, 1, 0, 0, 0, 0, 0, 0, 1])  # all tied: no better than chance
+    1.0
+    """
+    n = len(scores)
+    wins = sum(labels)
+    if n == 0 or wins == 0:
+        return None
+    k = max(1, math.ceil(round(n * fraction, 9)))
+    ranked = sorted(zip(scores, labels), key=lambda sy: -sy[0])
+    taken, top_wins, i = 0, 0.0, 0
+    while taken < k:
+        j = i
+        while j < n and ranked[j][0] == ranked[i][0]:
+            j += 1
+        group = [y for _, y in ranked[i:j]]
+        share = min(len(group), k - taken)
+        top_wins += share * sum(group) / len(group)
+        taken += share
+        i = j
+    return round((top_wins / k) / (wins / n), 4)
+
+
+def score_metrics(scores: Sequence[float], labels: Sequence[int]) -> dict[str, float | int | None]:
+    """ROC AUC (exact), mean log loss, Brier score and top-decile lift of probabilities ``scores``.
+
+    >>> score_metrics([0.9, 0.8, 0.3, 0.6, 0.2], [1, 1, 0, 0, 0])
+    {'n': 5, 'won': 2, 'win_rate': 0.4, 'roc_auc': 1.0, 'log_loss': 0.3649, 'brier': 0.108, 'top_decile_lift': 2.5}
+    """
+    n = len(scores)
+    auc = roc_auc(scores, labels) if n else None
+    lift = top_fraction_lift(scores, labels)
+    return {
+        "n": n,
+        "won": int(sum(labels)),
+        "win_rate": round(sum(labels) / n, 4) if n else None,
+        "roc_auc": None if auc is None else round(auc, 4),
+        "log_loss": round(sum(log_loss(p, y) for p, y in zip(scores, labels)) / n, 4) if n else None,
+        "brier": round(sum((p - y) ** 2 for p, y in zip(scores, labels)) / n, 4) if n else None,
+        "top_decile_lift": lift,
+    }
+
+
+# ---------------------------------------------------------------- the replay
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One closed deal as it was scored just before its outcome was learned."""
+
+    index: int  # arrival order among the closed deals, from 0
+    lead_id: str
+    won: bool
+    rules: float
+    model: float
+    served: float
+    source: str  # what the stream would have sent: "rules", "blend" or "model"
+    model_version: int
+
+
+@dataclass
+class EvaluationResult:
+    """The predictions for every closed deal, in arrival order, and counts of what was replayed."""
+
+    predictions: list[Prediction]
+    events: int = 0
+    leads: int = 0
+    duplicates: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    closed_without_snapshot: int = 0
+    trainer: dict[str, Any] = field(default_factory=dict)
+    model_kind: str = "logreg"
+    min_outcomes: int = 50
+
+    def part(self, which: str) -> list[Prediction]:
+        """``"whole"`` or ``"last_20pct"`` (the last :data:`HOLDOUT` of the deals by arrival)."""
+        if which == "whole":
+            return self.predictions
+        if which == "last_20pct":
+            return self.predictions[holdout_start(len(self.predictions)):]
+        raise ValueError(f"part {which!r}: expected 'whole' or 'last_20pct'")
+
+    def metrics(self, which: str = "whole") -> dict[str, dict[str, float | int | None]]:
+        """Metrics of each of :data:`SCORERS` on one part."""
+        preds = self.part(which)
+        labels = [int(p.won) for p in preds]
+        return {name: score_metrics([getattr(p, name) for p in preds], labels) for name in SCORERS}
+
+    def report(self) -> dict[str, Any]:
+        """Everything as one JSON-able dict."""
+        n = len(self.predictions)
+        start = holdout_start(n)
+        won = sum(p.won for p in self.predictions)
+        return {
+            "model_kind": self.model_kind,
+            "min_outcomes": self.min_outcomes,
+            "events": self.events,
+            "leads": self.leads,
+            "duplicates": self.duplicates,
+            "rejected": dict(sorted(self.rejected.items())),
+            "deals": {"n": n, "won": won, "lost": n - won,
+                      "closed_without_snapshot": self.closed_without_snapshot},
+            "last_20pct": {"first_deal_index": start, "n": n - start},
+            "metrics": {"whole": self.metrics("whole"), "last_20pct": self.metrics("last_20pct")},
+            "served_sources": {
+                part: dict(sorted(Counter(p.source for p in self.part(part)).items()))
+                for part in ("whole", "last_20pct")
+            },
+            "trainer": self.trainer,
+        }
+
+
+def _as_event(raw: Event | Mapping[str, Any]) -> Event:
+    """An :class:`Event` as is; a contract dict decoded by the stream's own :func:`parse_event`."""
+    if isinstance(raw, Event):
+        return raw
+    lead_id = raw.get("lead_id")
+    key = lead_id.encode() if isinstance(lead_id, str) else None
+    return parse_event(key, orjson.dumps(raw), topic_kind=topic_kind_of(str(raw.get("type"))))
+
+
+def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *, min_outcomes: int = 50,
+                    model_kind: str = "logreg") -> EvaluationResult:
+    """Replay ``events`` (in arrival order) through the stream's step, scorer and trainer.
+
+    Parameters
+    ----------
+    events
+        :class:`~models.events.Event` objects, or contract dicts (as made by
+        :mod:`models.history` or :mod:`models.simulate`), which are decoded and validated by
+        :func:`models.events.parse_event` like the stream's input; rejected ones are counted by
+        reason in ``rejected``. An event id seen before for the same lead is skipped (counted in
+        ``duplicates``), as the stream's dedupe does.
+    rules
+        The point rules (``load_rules``), also the source of the decay half-life.
+    min_outcomes
+        Closed deals of each class before the model takes part in the served score.
+    model_kind
+        One of :data:`models.learner.MODEL_KINDS`.
+
+    Returns
+    -------
+    EvaluationResult
+        One :class:`Prediction` per closed deal that had a snapshot, recorded before learning.
+
+    Examples
+    --------
+    Two leads that download and win, two that only visit and lose: the rules rank them perfectly,
+    the untrained model cannot (its first prediction is 0.5).
+
+    >>> from models.rules import DEFAULT_CONFIG
+    >>> rules = load_rules(DEFAULT_CONFIG.read_text())
+    >>> events = []
+    >>> for i, won in enumerate([True, False, True, False]):
+    ...     t = i * 10_000
+    ...     events += [Event(f"e{i}a", f"l{i}", "download" if won else "visit", t, {}),
+    ...                Event(f"e{i}b", f"l{i}", "deal_won" if won else "deal_lost", t + 1000, {})]
+    >>> result = evaluate_events(events, rules, min_outcomes=1)
+    >>> [(p.index, p.won, round(p.rules, 3), round(p.model, 3), p.source) for p in result.predictions]
+    [(0, True, 0.209, 0.5, 'rules'), (1, False, 0.054, 0.502, 'rules'), (2, True, 0.209, 0.502, 'blend'), \
+(3, False, 0.054, 0.496, 'blend')]
+    >>> result.metrics()["rules"]["roc_auc"], result.report()["deals"]["n"]
+    (1.0, 4)
+    """
+    trainer = Trainer(min_outcomes=min_outcomes, kind=model_kind)
+    scorer = Scorer(rules, trainer.serving())
+    states: dict[str, dict[str, Any]] = {}
+    stage_snaps: dict[str, list[dict[str, Any]]] = {}
+    last_snap: dict[str, dict[str, Any]] = {}
+    seen: set[tuple[str, str]] = set()
+    leads: set[str] = set()
+    result = EvaluationResult([], model_kind=model_kind, min_outcomes=min_outcomes)
+    for raw in events:
+        try:
+            event = _as_event(raw)
+        except RejectedEvent as exc:
+            result.rejected[str(exc)] += 1
+            continue
+        if (event.lead_id, event.event_id) in seen:
+            result.duplicates += 1
+            continue
+        seen.add((event.lead_id, event.event_id))
+        leads.add(event.lead_id)
+        result.events += 1
+        lead = event.lead_id
+        before = states.get(lead)
+        closing = event.type in ("deal_won", "deal_lost")
+        first_close = closing and (before is None or before.get("outcome") is None)
+        r = step(before, event, scorer, scored_at_ms=event.ts_ms,
+                 stage_snapshots=stage_snaps.get(lead), last_snapshot=last_snap.get(lead))
+        if r.state is None:  # deleted: the stream drops the state and both kinds of snapshot
+            states.pop(lead, None)
+            stage_snaps.pop(lead, None)
+            last_snap.pop(lead, None)
+        else:
+            states[lead] = r.state
+            if r.snapshot is not None:
+                last_snap[lead] = r.snapshot
+                if r.stage_snapshot:
+                    kept = stage_snaps.setdefault(lead, [])
+                    kept.append(r.snapshot)
+                    del kept[:-MAX_STAGE_SNAPSHOTS]
+            if closing:  # the stream deletes the stage snapshots at close
+                stage_snaps.pop(lead, None)
+        if closing and r.training is None and first_close:  # an outcome with nothing before it to learn from
+            result.closed_without_snapshot += 1
+        if r.training is None:
+            continue
+        features = r.training["snapshots"][-1]["features"]  # the last snapshot before the outcome
+        served = scorer.score(features)
+        assert scorer.model is not None
+        p_model, _ = scorer.model.predict(features)
+        result.predictions.append(Prediction(
+            len(result.predictions), lead, bool(r.training["won"]), served.rules_score, p_model, served.score,
+            served.source, served.model_version))
+        trainer.learn(r.training["snapshots"], r.training["won"])
+        scorer.model = trainer.serving()
+    result.leads = len(leads)
+    report = trainer.report()
+    result.trainer = {k: report[k] for k in ("version", "kind", "outcomes", "drifts", "rejected_promotions")}
+    result.trainer["prequential_snapshots"] = {k: report[k] for k in ("rules", "champion", "challenger")}
+    return result
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _fmt(value: float | int | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The human-readable form of :meth:`EvaluationResult.report` (plus the run's header fields)."""
+    deals = report["deals"]
+    lines = []
+    if "file" in report:
+        lines.append(f"leadstream evaluate {report['file']} --mapping {report['mapping']}")
+        rows = report["rows"]
+        lines.append(f"rows: {rows['read']} read, {rows['bad']} bad; events: {report['events']} replayed"
+                     f" ({report['duplicates']} duplicates, {sum(report['rejected'].values())} rejected);"
+                     f" leads: {report['leads']}")
+    rate = deals["won"] / deals["n"] if deals["n"] else 0.0
+    lines.append(f"closed deals: {deals['n']} ({deals['won']} won, {rate:.1%}); model {report['model_kind']},"
+                 f" served once {report['min_outcomes']} deals of each class are known")
+    lines.append("")
+    head = f"{'':8}" + "".join(f"| {title:<37}" for title in (
+        f"whole history ({report['metrics']['whole']['rules']['n']} deals)",
+        f"last 20% ({report['metrics']['last_20pct']['rules']['n']} deals)"))
+    lines.append(head)
+    lines.append(f"{'scorer':8}" + f"| {'ROC AUC':>8} {'log loss':>9} {'Brier':>7} {'lift@10%':>9}  " * 2)
+    for name in SCORERS:
+        cells = ""
+        for part in ("whole", "last_20pct"):
+            m = report["metrics"][part][name]
+            cells += (f"| {_fmt(m['roc_auc']):>8} {_fmt(m['log_loss']):>9} {_fmt(m['brier']):>7}"
+                      f" {_fmt(m['top_decile_lift'], 2):>9}  ")
+        lines.append(f"{name:8}{cells}")
+    lines.append("")
+    lines.append("rules: the point rules; model: the online model as served at that moment (0.5 before it has"
+                 " learned anything); served: what the stream sent (rules, then blend, then model).")
+    sources = ", ".join(f"{k} {v}" for k, v in report["served_sources"]["whole"].items())
+    lines.append(f"served sources over the whole history: {sources}")
+    if "elapsed_s" in report:
+        lines.append(f"elapsed: {report['elapsed_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def run_evaluate(file: str | Path, mapping: str | Path, scoring_config_path: str | Path, as_json: bool = False,
+                 min_outcomes: int = 50, model_kind: str = "logreg") -> int:
+    """``leadstream evaluate FILE --mapping MAPPING [--json]``.
+
+    Reads the history with :mod:`models.history`, lists every bad row with its line on stderr,
+    replays the good ones with :func:`evaluate_events` and prints a table, or with ``as_json``
+    exactly one JSON object, on stdout. Exit code 0; 2 when the mapping, the scoring config or the
+    file cannot be used at all.
+    """
+    started = time.perf_counter()
+    try:
+        rules = load_rules(Path(scoring_config_path).read_text(encoding="utf-8"))
+        try:
+            parsed = load_mapping(Path(mapping).read_text(encoding="utf-8"))
+        except MappingError as exc:
+            raise MappingError(f"{mapping}: {exc}") from None
+        rows = list(read_rows(file))
+    except (ConfigError, MappingError, OSError, ValueError) as exc:
+        print(f"leadstream evaluate: {exc}", file=sys.stderr)
+        return 2
+    columns = {c for _, row in rows if BAD_LINE not in row for c in row}
+    absent = sorted(parsed.columns - columns)
+    if rows and absent:
+        print(f"leadstream evaluate: mapping {mapping}: columns not in {file}: {', '.join(map(repr, absent))}",
+              file=sys.stderr)
+        return 2
+    for column in sorted(columns - parsed.columns - set(parsed.drop)):
+        print(f"warning: column {column!r} is neither mapped nor in [drop]: ignored", file=sys.stderr)
+    results = list(rows_to_events(rows, parsed))
+    bad = [r for r in results if r.error]
+    for r in bad:
+        print(f"{file}:{r.line}: bad row{f' (lead {r.lead_id})' if r.lead_id else ''}: {r.error}", file=sys.stderr)
+    if bad:
+        print(f"{len(bad)} of {len(results)} rows are bad and left out of the evaluation", file=sys.stderr)
+    evaluation = evaluate_events((e for r in results for e in r.events), rules, min_outcomes=min_outcomes,
+                                 model_kind=model_kind)
+    for reason, count in sorted(evaluation.rejected.items()):
+        print(f"{count} events rejected: {reason}", file=sys.stderr)
+    report = {"file": str(file), "mapping": str(mapping), "scoring_config": str(scoring_config_path),
+              "rows": {"read": len(results), "bad": len(bad)}, **evaluation.report(),
+              "elapsed_s": round(time.perf_counter() - started, 2)}
+    if as_json:
+        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print(format_table(report))
+    return 0
