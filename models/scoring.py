@@ -68,8 +68,9 @@ class Scorer:
 
 @dataclass
 class StepResult:
-    state: State | None  # None: the lead was deleted
+    state: State | None  # None: the lead is deleted
     score: dict[str, Any] | None  # None: emit a tombstone
+    deleted_ts: int | None = None  # set when the lead is (still) deleted: events up to then are ignored
     hot: dict[str, Any] | None = None
     snapshot: dict[str, Any] | None = None  # the latest one, kept as "last before close"
     stage_snapshot: bool = False  # also append it to the lead's stage-entry snapshots
@@ -77,14 +78,17 @@ class StepResult:
 
 
 def step(state: State | None, event: Event, scorer: Scorer, *, scored_at_ms: int,
-         stage_snapshots: list[dict[str, Any]] | None = None, last_snapshot: dict[str, Any] | None = None) -> StepResult:
+         stage_snapshots: list[dict[str, Any]] | None = None, last_snapshot: dict[str, Any] | None = None,
+         deleted_ts: int | None = None) -> StepResult:
     """Apply ``event`` to ``state`` and score the lead.
 
     ``stage_snapshots`` and ``last_snapshot`` are only needed for ``deal_won``/``deal_lost``:
     the training example is built from them, i.e. from features scored *before* the outcome.
+    ``deleted_ts`` is when the lead was deleted, if it was: a late event from before that time
+    must not bring the lead back, so it gets a tombstone too. A newer event starts a new lead.
     """
-    if event.type == "lead_deleted":
-        return StepResult(None, None)
+    if event.type == "lead_deleted" or (deleted_ts is not None and event.ts_ms <= deleted_ts):
+        return StepResult(None, None, deleted_ts=max(event.ts_ms, deleted_ts or event.ts_ms))
     before = state if state is not None else new_state(event.lead_id)
     after = fold(before, event, half_life_s=scorer.rules.half_life_s)
     f = features(after, after["last_ts"], half_life_s=scorer.rules.half_life_s)

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from models.learner import Trainer
 from models.rules import load_rules
 from models.scoring import Scorer
+from streams.inspect import funnel
 from streams.pipeline import EventPipeline, Message
 from streams.settings import Settings
 from streams.state import LeadStore, ModelStore
@@ -60,6 +61,10 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
     @app.page("/model")
     async def model_report(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
         return web.json(await models.report() or {"version": 0})
+
+    @app.page("/funnel")
+    async def funnel_report(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
+        return web.json(await funnel(settings, float(request.query.get("stall_days", 14))))
 
     @app.page("/health")
     async def health(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:

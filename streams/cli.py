@@ -66,6 +66,12 @@ def _model(args: argparse.Namespace, settings: Settings) -> int:
     return print_model(settings)
 
 
+def _funnel(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.inspect import print_funnel
+
+    return print_funnel(settings, args.stall_days, args.json)
+
+
 def _settings(args: argparse.Namespace, settings: Settings) -> int:
     print(describe())
     return 0
@@ -105,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=None, help="default: a fresh seed each run")
     add("model", _model, "Print the model's version, prequential accuracy (rules vs model, per stage), "
                          "per-stage win rates, calibration table and drift count.")
+    fun = add("funnel", _funnel, "Funnel diagnostics: leads per stage, where they stall, conversion to the next "
+                                 "stage, learned win rates, reply rate, time to close.")
+    fun.add_argument("--stall-days", type=float, default=14.0, help="no stage move for this long = stalled")
+    fun.add_argument("--json", action="store_true")
     add("settings", _settings, "List every LEADSTREAM_* setting with its default.")
     return parser
 

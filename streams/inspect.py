@@ -10,6 +10,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from models.features import features
+from models.funnel import funnel_report
 from models.rules import load_rules
 from streams.settings import Settings
 from streams.state import LeadStore, ModelStore
@@ -60,3 +61,40 @@ def print_model(settings: Settings) -> int:
         return 1
     sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
+
+
+async def funnel(settings: Settings, stall_days: float) -> dict:
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        states = [st async for st in LeadStore(client, settings.dedupe_ttl_s).states()]
+        report = funnel_report(states, int(time.time() * 1000), stall_days)
+        model = await ModelStore(client).report()
+    finally:
+        await client.aclose()
+    if model is not None:
+        for stage, rates in model["stage_rates"].items():
+            report["stages"][stage]["learned_win_rate"] = rates["win_rate"]
+    return report
+
+
+def print_funnel(settings: Settings, stall_days: float, as_json: bool) -> int:
+    report = asyncio.run(funnel(settings, stall_days))
+    if as_json:
+        sys.stdout.write(orjson.dumps(report).decode() + "\n")
+        return 0
+    print(f"{report['leads']} leads; closed: {report['closed']['won']} won, {report['closed']['lost']} lost "
+          f"(win rate {report['win_rate']}); median days to close {report['median_days_to_close']}; "
+          f"email reply rate {report['email_reply_rate']}; overdue activities {report['overdue_activities']}")
+    print(f"{'stage':12} {'reached':>8} {'open':>6} {'stalled':>8} {'days in':>8} {'to next':>8} {'win rate':>9}  grades (open)")
+    for stage, row in report["stages"].items():
+        grades = " ".join(f"{g}:{n}" for g, n in row["grades"].items())
+        print(f"{stage:12} {row['reached']:>8} {row['open']:>6} {row['stalled']:>8} "
+              f"{_fmt(row['median_days_in_stage']):>8} {_fmt(row['conversion_to_next']):>8} "
+              f"{_fmt(row.get('learned_win_rate')):>9}  {grades}")
+    if report["bottleneck"]:
+        print(f"lowest conversion: {report['bottleneck']} -> next stage")
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"

@@ -75,10 +75,11 @@ class EventPipeline:
             if loaded.seen is not None:
                 return self._duplicate(msg, origin, loaded.seen)
             result = step(loaded.state, event, self.scorer, scored_at_ms=now_ms,
-                          stage_snapshots=loaded.stage_snapshots, last_snapshot=loaded.last_snapshot)
+                          stage_snapshots=loaded.stage_snapshots, last_snapshot=loaded.last_snapshot,
+                          deleted_ts=loaded.deleted_ts)
             outs = {"scores": result.score, "hot": result.hot, "training": result.training}
             sent = orjson.dumps({k: v for k, v in outs.items() if v is not None})
-            fields: dict[str, Any] = {}
+            fields: dict[str, Any] = {"deleted_ts": result.deleted_ts} if result.state is None else {}
             if result.state is not None:
                 st = result.state
                 fields = {"score": st["score"], "grade": st["grade"], "stage": st["stage"] or "",

@@ -5,7 +5,7 @@ Key layout (every key of a lead shares the hash tag ``{<lead_id>}``, so it is Re
 ``lead:{ID}``  hash
     ``state`` the folded state (JSON), ``v`` a version for compare-and-set, ``score``, ``grade``,
     ``stage``, ``source``, ``updated_at`` (epoch ms) for humans and dashboards, ``snap_last`` the
-    latest feature snapshot (JSON).
+    latest feature snapshot (JSON). After ``lead_deleted`` only ``v`` and ``deleted_ts`` remain.
 ``lead:{ID}:seen``  hash, expires ``LEADSTREAM_DEDUPE_TTL_SECONDS`` after the lead's last event
     event_id -> ``topic/partition/offset`` of the message that applied it, a newline, the score
     message sent for it. A known event_id changes nothing; if it comes back from the very same
@@ -22,6 +22,7 @@ Every event is one read round trip and one atomic write (a Lua script): the writ
 from __future__ import annotations
 
 import pickle
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ local v = redis.call('HGET', KEYS[1], 'v') or '0'
 if v ~= ARGV[1] then return 0 end
 if ARGV[5] == 'delete' then
   redis.call('DEL', KEYS[1], KEYS[3])
+  redis.call('HSET', KEYS[1], 'v', tonumber(v) + 1, unpack(ARGV, 8))
 else
   redis.call('HSET', KEYS[1], 'v', tonumber(v) + 1, unpack(ARGV, 8))
   if ARGV[5] == 'close' then redis.call('DEL', KEYS[3]) end
@@ -63,6 +65,7 @@ class Loaded:
     last_snapshot: dict[str, Any] | None
     seen: bytes | None  # the ``seen`` entry when the event_id was already applied
     stage_snapshots: list[dict[str, Any]]
+    deleted_ts: int | None
 
 
 class LeadStore:
@@ -75,15 +78,15 @@ class LeadStore:
     async def load(self, lead_id: str, event_id: str, with_snapshots: bool = False) -> Loaded:
         key = lead_key(lead_id)
         pipe = self.client.pipeline(transaction=False)
-        pipe.hmget(key, "v", "state", "snap_last")
+        pipe.hmget(key, "v", "state", "snap_last", "deleted_ts")
         pipe.hget(f"{key}:seen", event_id)
         if with_snapshots:
             pipe.lrange(f"{key}:snaps", 0, -1)
         results = await pipe.execute()
-        (v, state, last), seen = results[0], results[1]
+        (v, state, last, deleted), seen = results[0], results[1]
         snaps = [orjson.loads(s) for s in results[2]] if with_snapshots else []
         return Loaded((v or b"0").decode(), orjson.loads(state) if state else None,
-                      orjson.loads(last) if last else None, seen, snaps)
+                      orjson.loads(last) if last else None, seen, snaps, int(deleted) if deleted else None)
 
     async def write(self, lead_id: str, event_id: str, *, expected_version: str, origin: str, sent: bytes,
                     state: dict[str, Any] | None, fields: dict[str, Any] | None = None,
@@ -91,18 +94,38 @@ class LeadStore:
         """Apply one event atomically; returns APPLIED, CONFLICT (retry) or DUPLICATE."""
         key = lead_key(lead_id)
         mode = "delete" if state is None else ("close" if close else "upsert")
-        flat: list[Any] = []
-        if state is not None:
-            flat += ["state", orjson.dumps(state)]
-            for k, v in (fields or {}).items():
-                flat += [k, v if isinstance(v, (bytes, str, int, float)) else orjson.dumps(v)]
+        flat: list[Any] = [] if state is None else ["state", orjson.dumps(state)]
+        for k, v in (fields or {}).items():
+            flat += [k, v if isinstance(v, (bytes, str, int, float)) else orjson.dumps(v)]
         args = [expected_version, event_id, origin.encode() + b"\n" + sent, self.dedupe_ttl_s, mode,
                 stage_snapshot or b"", self.max_snapshots, *flat]
         return int(await self._write(keys=[key, f"{key}:seen", f"{key}:snaps"], args=args))
 
+    async def states(self, batch: int = 500) -> AsyncIterator[dict[str, Any]]:
+        """Every lead's folded state (SCAN + pipelined reads; for reports, not the hot path)."""
+        keys: list[bytes] = []
+        async for key in self.client.scan_iter(match="lead:{*}", count=batch, _type="HASH"):
+            keys.append(key)
+            if len(keys) >= batch:
+                for state in await self._states(keys):
+                    yield state
+                keys = []
+        for state in await self._states(keys):
+            yield state
+
+    async def _states(self, keys: list[bytes]) -> list[dict[str, Any]]:
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hmget(key, "state", "grade")
+        out = []
+        for state, grade in await pipe.execute():
+            if state:
+                out.append(orjson.loads(state) | {"grade": (grade or b"?").decode()})
+        return out
+
     async def get(self, lead_id: str) -> dict[str, Any] | None:
         raw = await self.client.hgetall(lead_key(lead_id))
-        if not raw:
+        if b"state" not in raw:  # never seen, or deleted
             return None
         out = {k.decode(): v.decode() for k, v in raw.items() if k not in (b"state", b"snap_last")}
         out["state"] = orjson.loads(raw[b"state"])

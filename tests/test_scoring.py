@@ -68,9 +68,13 @@ def test_second_outcome_is_not_a_second_label():
     assert results[1].training is not None and results[2].training is None
 
 
-def test_delete_gives_tombstone():
+def test_delete_gives_tombstone_and_late_events_do_not_resurrect_the_lead():
     r = play([("click", 0, {}), ("lead_deleted", DAY, {})])[-1]
-    assert r.state is None and r.score is None
+    assert r.state is None and r.score is None and r.deleted_ts == DAY
+    late = step(None, Event("e9", "l1", "download", DAY - 1, {}), Scorer(RULES), scored_at_ms=0, deleted_ts=DAY)
+    assert late.state is None and late.score is None and late.deleted_ts == DAY
+    newer = step(None, Event("e10", "l1", "download", DAY + 1, {}), Scorer(RULES), scored_at_ms=0, deleted_ts=DAY)
+    assert newer.state["counts"] == {"download": 1} and newer.score is not None
 
 
 def test_source_moves_from_rules_to_blend_to_model():
