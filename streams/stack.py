@@ -16,6 +16,7 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -37,8 +38,7 @@ from streams.settings import Settings
 
 POM = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "pom.xml"
 SERVICES = ("kafka", "redis")
-KAFKA_START_TIMEOUT_S = 90.0
-REDIS_START_TIMEOUT_S = 20.0
+START_TIMEOUT_S = {"kafka": 90.0, "redis": 20.0}  # Kafka's first start formats storage and warms a JVM
 EXTERNAL_TIMEOUT_S = 15.0  # a server the user pointed at may be restarting; give it a moment
 STOP_TIMEOUT_S = 30.0
 KAFKA_HEAP = ["-Xms256m", "-Xmx512m"]
@@ -55,31 +55,18 @@ class UpResult:
     started: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
 class Paths:
-    home: Path
+    """Where the stack keeps its files under ``settings.home``."""
 
-    @property
-    def run(self) -> Path:
-        return self.home / "run"
-
-    @property
-    def logs(self) -> Path:
-        return self.home / "logs"
+    def __init__(self, home: Path) -> None:
+        self.home, self.run, self.logs = home, home / "run", home / "logs"
+        self.kafka, self.redis = home / "kafka", home / "redis"
 
     def pid(self, service: str) -> Path:
         return self.run / f"{service}.pid"
 
     def log(self, service: str) -> Path:
         return self.logs / f"{service}.log"
-
-    @property
-    def kafka(self) -> Path:
-        return self.home / "kafka"
-
-    @property
-    def redis(self) -> Path:
-        return self.home / "redis"
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -94,16 +81,16 @@ def up(settings: Settings, environ: Mapping[str, str] | None = None,
     """
     result = UpResult()
     for service in services:
-        start, probe = (_start_kafka, _kafka_answers) if service == "kafka" else (_start_redis, _redis_answers)
-        attr = "kafka_bootstrap" if service == "kafka" else "redis_url"
+        kafka = service == "kafka"
+        attr, address = ("kafka_bootstrap", settings.kafka_bootstrap) if kafka else ("redis_url", settings.redis_url)
+        answers = functools.partial(_kafka_answers if kafka else _redis_answers, settings)
         if Settings.is_set(attr, environ):
             # The user points at their own server: start nothing, just make sure it is there.
-            address = getattr(settings, attr)
-            if not _wait(lambda: probe(settings), EXTERNAL_TIMEOUT_S):
+            if not _wait(answers, EXTERNAL_TIMEOUT_S):
                 raise StackError(f"{service}: nothing answers at {address} (set by the user, so leadstream starts "
                                  f"no {service}). Start it, or unset the variable to let `leadstream up` do it.")
             _say(f"{service}: using {address}")
-        elif start(settings):
+        elif _ensure(service, settings, address, answers, _kafka_command if kafka else _redis_command):
             result.started.append(service)
     return result
 
@@ -113,7 +100,7 @@ def down(settings: Settings, services: Sequence[str] = SERVICES) -> None:
     paths = Paths(settings.home)
     for service in services:
         pid_file = paths.pid(service)
-        pid = _live_pid(pid_file, service)
+        pid = _live_pid(pid_file, _mark(service, paths))
         if pid is None:
             stale = pid_file.exists()
             pid_file.unlink(missing_ok=True)
@@ -226,37 +213,27 @@ def _cluster_id() -> str:
             return text
 
 
-def _start_kafka(settings: Settings) -> bool:
-    paths = Paths(settings.home)
-    log = paths.log("kafka")
-    props = paths.kafka / "server.properties"
-    if _running("kafka", paths, lambda: _kafka_answers(settings)):
-        return False
-    if _kafka_answers(settings):
-        _say(f"kafka: something not started by leadstream already answers on {settings.kafka_bootstrap}; using it")
-        return False
+def _kafka_command(settings: Settings, paths: Paths, log_offset: int) -> list[str]:
+    """Write the broker's config, format its storage on the first start, and return the command that runs it."""
     java = _java()
     lib = ensure_kafka_jars(settings)
-    for d in (paths.kafka / "data", paths.run, paths.logs):
-        d.mkdir(parents=True, exist_ok=True)
+    (paths.kafka / "data").mkdir(parents=True, exist_ok=True)
+    props, log4j = paths.kafka / "server.properties", paths.kafka / "log4j2.properties"
     props.write_text(kafka_config(settings))
-    log4j = paths.kafka / "log4j2.properties"
     log4j.write_text(LOG4J2)
-    base = [java, *KAFKA_HEAP, "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={log4j}",
-            "-cp", f"{lib}/*"]
-    offset = log.stat().st_size if log.exists() else 0
+    # -XX:+ExitOnOutOfMemoryError: a broken broker exits (and up/down notice) rather than hanging.
+    base = [java, *KAFKA_HEAP, "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={log4j}", "-cp", f"{lib}/*"]
     if not (paths.kafka / "data" / "meta.properties").exists():
-        # First start: the log dir must be formatted with a cluster id (KRaft) before the broker runs.
+        # First start: a KRaft log dir must be formatted with a cluster id before the broker runs.
+        log = paths.log("kafka")
         with log.open("ab") as out:
             rc = subprocess.run([*base, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props)],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT).returncode
         if rc != 0:
-            raise StackError(f"kafka: formatting its storage failed (exit {rc}); see {log}:\n{_tail_file(log, offset)}")
-    # -XX:+ExitOnOutOfMemoryError: a broken broker exits (and up/down notice) rather than hanging.
-    _spawn("kafka", [*base[:1], "-XX:+ExitOnOutOfMemoryError", *base[1:], "kafka.Kafka", str(props)], paths)
-    _await_start("kafka", paths, lambda: _kafka_answers(settings), KAFKA_START_TIMEOUT_S, offset)
-    _say(f"kafka: started on {settings.kafka_bootstrap} (log: {log})")
-    return True
+            raise StackError(f"kafka: formatting its storage failed (exit {rc}); see {log}:\n"
+                             f"{_tail_file(log, log_offset)}")
+    return [*base, "kafka.Kafka", str(props)]
 
 
 def _kafka_answers(settings: Settings) -> bool:
@@ -301,27 +278,15 @@ def redis_config(settings: Settings) -> str:
     ])
 
 
-def _start_redis(settings: Settings) -> bool:
-    paths = Paths(settings.home)
-    log = paths.log("redis")
-    if _running("redis", paths, lambda: _redis_answers(settings)):
-        return False
-    if _redis_answers(settings):
-        _say(f"redis: something not started by leadstream already answers at {settings.redis_url}; using it")
-        return False
+def _redis_command(settings: Settings, paths: Paths, log_offset: int) -> list[str]:
     server = shutil.which("redis-server")
     if server is None:
         raise StackError("redis: `redis-server` was not found on PATH (install it, e.g. apt-get install "
                          "redis-server) or set LEADSTREAM_REDIS to an existing server")
-    for d in (paths.redis / "data", paths.run, paths.logs):
-        d.mkdir(parents=True, exist_ok=True)
+    (paths.redis / "data").mkdir(parents=True, exist_ok=True)
     conf = paths.redis / "redis.conf"
     conf.write_text(redis_config(settings))
-    offset = log.stat().st_size if log.exists() else 0
-    _spawn("redis", [server, str(conf)], paths)
-    _await_start("redis", paths, lambda: _redis_answers(settings), REDIS_START_TIMEOUT_S, offset)
-    _say(f"redis: started on {settings.redis_url} (log: {log})")
-    return True
+    return [server, str(conf)]
 
 
 def _redis_answers(settings: Settings) -> bool:
@@ -337,27 +302,30 @@ def _redis_answers(settings: Settings) -> bool:
 # ---------------------------------------------------------------------------------------------- processes
 
 
-# What a live process started by up has in its command line: guards against a recycled pid in a stale pid file.
-# (redis-server rewrites its title, so its config path is not there; its name is.)
-_CMDLINE_MARK = {"kafka": "kafka.Kafka", "redis": "redis-server"}
+def _mark(service: str, paths: Paths) -> str:
+    """Text in the command line of the process up started (guards against a recycled pid in a stale pid file).
+
+    The broker's names this home's config; redis-server rewrites its title, so only its name is left there.
+    """
+    return str(paths.kafka / "server.properties") if service == "kafka" else "redis-server"
 
 
-def _live_pid(pid_file: Path, service: str) -> int | None:
-    """The pid in ``pid_file`` if that process is alive and is the service, else None."""
+def _live_pid(pid_file: Path, mark: str) -> int | None:
+    """The pid in ``pid_file`` if that process is alive and its command line has ``mark``, else None."""
     try:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):
         return None
     if not _alive(pid):
         return None
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.parent.parent.exists() and Path("/proc/self").exists():  # Linux: check; elsewhere trust the file
-        try:
-            if _CMDLINE_MARK[service] not in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                return None
-        except OSError:
-            return None
-    return pid
+    if not Path("/proc/self").exists():  # not Linux: trust the pid file
+        return pid
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    # Empty for a moment while a process starts; otherwise it must be the process up started.
+    return pid if not cmdline or mark.encode() in cmdline else None
 
 
 def _alive(pid: int) -> bool:
@@ -373,24 +341,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _running(service: str, paths: Paths, answers: Callable[[], bool]) -> bool:
-    """Whether up already started this service and it still answers; clears a stale pid file."""
-    pid_file = paths.pid(service)
-    pid = _live_pid(pid_file, service)
-    if pid is None:
-        pid_file.unlink(missing_ok=True)
+def _ensure(service: str, settings: Settings, address: str, answers: Callable[[], bool],
+            command: Callable[[Settings, Paths, int], list[str]]) -> bool:
+    """Start ``service`` unless up already did (or something else answers there); True if it started it."""
+    paths = Paths(settings.home)
+    pid_file, log = paths.pid(service), paths.log(service)
+    pid = _live_pid(pid_file, _mark(service, paths))
+    if pid is not None:
+        # Alive but maybe still starting (a concurrent up): give it the normal start time.
+        if not _wait(answers, START_TIMEOUT_S[service], lambda: _alive(pid)):
+            raise StackError(f"{service}: process {pid} (from {pid_file}) runs but does not answer; "
+                             f"see {log}, or run `leadstream down` and `leadstream up` again")
+        _say(f"{service}: already running (pid {pid})")
         return False
-    # Alive but maybe still starting (a concurrent up): give it the normal start time.
-    timeout = KAFKA_START_TIMEOUT_S if service == "kafka" else REDIS_START_TIMEOUT_S
-    if not _wait(answers, timeout, lambda: _alive(pid)):
-        raise StackError(f"{service}: process {pid} (from {pid_file}) runs but does not answer; "
-                         f"see {paths.log(service)}, or run `leadstream down` and `leadstream up` again")
-    _say(f"{service}: already running (pid {pid})")
-    return True
-
-
-def _spawn(service: str, cmd: list[str], paths: Paths) -> None:
-    log = paths.log(service)
+    pid_file.unlink(missing_ok=True)
+    if answers():
+        _say(f"{service}: something not started by leadstream already answers at {address}; using it")
+        return False
+    paths.run.mkdir(parents=True, exist_ok=True)
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    offset = log.stat().st_size if log.exists() else 0  # error messages show this start's lines only
+    cmd = command(settings, paths, offset)
     try:
         with log.open("ab") as out:
             # A new session: the service outlives this command and ignores the terminal's Ctrl-C.
@@ -398,20 +369,16 @@ def _spawn(service: str, cmd: list[str], paths: Paths) -> None:
                                     start_new_session=True, cwd=paths.home)
     except OSError as exc:
         raise StackError(f"{service}: could not run {cmd[0]}: {exc}") from exc
-    paths.pid(service).write_text(f"{proc.pid}\n")
-
-
-def _await_start(service: str, paths: Paths, answers: Callable[[], bool], timeout: float, log_offset: int) -> None:
-    pid_file, log = paths.pid(service), paths.log(service)
-    pid = int(pid_file.read_text())
-    if _wait(answers, timeout, lambda: _alive(pid)):
-        return
-    exited = not _alive(pid)
-    if not exited:
-        _terminate(pid)
-    pid_file.unlink(missing_ok=True)
-    why = "exited during startup" if exited else f"did not answer within {timeout:.0f} s and was stopped"
-    raise StackError(f"{service}: did not start ({why}); see its log {log}:\n{_tail_file(log, log_offset)}")
+    pid_file.write_text(f"{proc.pid}\n")
+    if not _wait(answers, START_TIMEOUT_S[service], lambda: _alive(proc.pid)):
+        exited = not _alive(proc.pid)
+        if not exited:
+            _terminate(proc.pid)
+        pid_file.unlink(missing_ok=True)
+        why = "exited during startup" if exited else f"did not answer within {START_TIMEOUT_S[service]:.0f} s"
+        raise StackError(f"{service}: did not start ({why}); see its log {log}:\n{_tail_file(log, offset)}")
+    _say(f"{service}: started on {address} (log: {log})")
+    return True
 
 
 def _terminate(pid: int) -> None:

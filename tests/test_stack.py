@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,25 +102,33 @@ def test_jars_are_fetched_once(settings: Settings, monkeypatch: pytest.MonkeyPat
 
 
 @pytest.fixture
-def sleeper() -> Iterator[subprocess.Popen[bytes]]:
-    """A process whose command line looks like the broker's (the pid-reuse guard looks for kafka.Kafka)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "kafka.Kafka"],
+def sleeper(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
+    """A stand-in broker: its command line names the home's server.properties, as the real one's does."""
+    props = str(settings.home / "kafka" / "server.properties")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "kafka.Kafka", props],
                             start_new_session=True)  # like up's services: out of pytest's process group
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    deadline = time.monotonic() + 10
+    while not cmdline.read_bytes() and time.monotonic() < deadline:  # empty for a moment after the start
+        time.sleep(0.01)
     yield proc
     proc.kill()
     proc.wait()
 
 
 def test_pid_file_of_a_live_service(settings: Settings, sleeper: subprocess.Popen[bytes]) -> None:
-    pid_file = Paths(settings.home).pid("kafka")
+    paths = Paths(settings.home)
+    pid_file, mark = paths.pid("kafka"), stack_mod._mark("kafka", paths)
     pid_file.parent.mkdir(parents=True)
-    assert stack_mod._live_pid(pid_file, "kafka") is None  # no file
+    assert stack_mod._live_pid(pid_file, mark) is None  # no file
     pid_file.write_text("not a pid")
-    assert stack_mod._live_pid(pid_file, "kafka") is None
+    assert stack_mod._live_pid(pid_file, mark) is None
     pid_file.write_text(f"{sleeper.pid}\n")
     assert sleeper.poll() is None, f"the stand-in process died (exit {sleeper.returncode}), not stack's fault"
-    assert stack_mod._live_pid(pid_file, "kafka") == sleeper.pid
-    assert stack_mod._live_pid(pid_file, "redis") is None  # alive, but not a redis-server: a recycled pid
+    assert stack_mod._live_pid(pid_file, mark) == sleeper.pid
+    # Alive, but not what up started (a recycled pid): another home's broker, or not a redis-server.
+    assert stack_mod._live_pid(pid_file, stack_mod._mark("kafka", Paths(settings.home / "other"))) is None
+    assert stack_mod._live_pid(pid_file, stack_mod._mark("redis", paths)) is None
 
 
 def test_down_stops_by_pid_file(settings: Settings, sleeper: subprocess.Popen[bytes],
