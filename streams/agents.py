@@ -86,8 +86,11 @@ async def learn_one(trainer: Trainer, models: ModelStore, offset: int, value: by
     if await models.client.sismember("model:learned", example["event_id"]):
         await models.save(trainer)
         return False
+    drifts = trainer.drifts
     promoted = trainer.learn(example["snapshots"], example["won"])
     await models.save(trainer, learned_event_id=example["event_id"])
+    if trainer.drifts > drifts:
+        log.warning("trainer: drift in the serving model's error (drift #%d); the challenger takes over", trainer.drifts)
     if promoted:
         log.info("trainer: model version %d promoted", trainer.version)
     return True
