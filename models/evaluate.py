@@ -233,6 +233,7 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
     states: dict[str, dict[str, Any]] = {}
     stage_snaps: dict[str, list[dict[str, Any]]] = {}
     last_snap: dict[str, dict[str, Any]] = {}
+    deleted: dict[str, int] = {}  # when a lead was deleted: older events must not bring it back
     seen: set[tuple[str, str]] = set()
     leads: set[str] = set()
     result = EvaluationResult([], model_kind=model_kind, min_outcomes=min_outcomes)
@@ -252,9 +253,11 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
         before = states.get(lead)
         closing = event.type in ("deal_won", "deal_lost")
         first_close = closing and (before is None or before.get("outcome") is None)
-        r = step(before, event, scorer, scored_at_ms=event.ts_ms,
-                 stage_snapshots=stage_snaps.get(lead), last_snapshot=last_snap.get(lead))
-        if r.state is None:  # deleted: the stream drops the state and both kinds of snapshot
+        r = step(before, event, scorer, scored_at_ms=event.ts_ms, stage_snapshots=stage_snaps.get(lead),
+                 last_snapshot=last_snap.get(lead), deleted_ts=deleted.get(lead))
+        if r.state is None:  # deleted: the stream drops the state and both kinds of snapshot, keeps deleted_ts
+            if r.deleted_ts is not None:
+                deleted[lead] = r.deleted_ts
             states.pop(lead, None)
             stage_snaps.pop(lead, None)
             last_snap.pop(lead, None)

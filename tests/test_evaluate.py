@@ -126,6 +126,7 @@ def test_duplicates_deletes_rejects_and_outcomes_without_history() -> None:
     events = lead(0, True, [("download", {})], 0)
     events = events[:2] + [events[1]] + events[2:]  # the download redelivered
     events += [Event("l1-0", "l1", "click", DAY, {}), Event("l1-del", "l1", "lead_deleted", DAY + 1, {}),
+               Event("l1-late", "l1", "download", DAY - 5, {}),  # late, from before the deletion: ignored
                Event("l1-out", "l1", "deal_lost", DAY + 2, {})]  # the click went with the deletion
     events += [Event("l2-out", "l2", "deal_won", DAY, {}), Event("l2-again", "l2", "deal_lost", DAY + 5, {})]
     raw = [{"event_id": "x", "lead_id": "l3", "type": "download", "ts": "yesterday", "props": {}},
@@ -136,7 +137,7 @@ def test_duplicates_deletes_rejects_and_outcomes_without_history() -> None:
     assert list(result.rejected.values()) == [1] and "at ts: 'yesterday'" in next(iter(result.rejected))
     assert [p.lead_id for p in result.predictions] == ["l0", "l3"]  # l1 was deleted, l2 had nothing before
     assert result.closed_without_snapshot == 2  # l1 and l2 (l2's second outcome is not a second label)
-    assert result.leads == 4 and result.events == len(events) - 1 + 2
+    assert result.leads == 4 and result.events == len(events) - 1 + 2  # all but the duplicate and the reject
 
 
 def test_small_fixture_figures_by_hand() -> None:
