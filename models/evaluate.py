@@ -135,6 +135,7 @@ class EvaluationResult:
     rejected: Counter[str] = field(default_factory=Counter)
     closed_without_snapshot: int = 0
     trainer: dict[str, Any] = field(default_factory=dict)
+    examples: list[dict[str, Any]] = field(default_factory=list)  # only with keep_examples
     model_kind: str = "logreg"
     min_outcomes: int = 50
 
@@ -186,7 +187,7 @@ def _as_event(raw: Event | Mapping[str, Any]) -> Event:
 
 
 def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *, min_outcomes: int = 50,
-                    model_kind: str = "logreg") -> EvaluationResult:
+                    model_kind: str = "logreg", keep_examples: bool = False) -> EvaluationResult:
     """Replay ``events`` (in arrival order) through the stream's step, scorer and trainer.
 
     Parameters
@@ -203,6 +204,10 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
         Closed deals of each class before the model takes part in the served score.
     model_kind
         One of :data:`models.learner.MODEL_KINDS`.
+    keep_examples
+        Also keep every training example (``{"snapshots": [...], "won": bool, ...}`` as the stream
+        sends it to the trainer) in ``examples``, in arrival order: for offline model studies
+        that replay the same examples through other learners.
 
     Returns
     -------
@@ -222,9 +227,10 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
     ...     events += [Event(f"e{i}a", f"l{i}", "download" if won else "visit", t, {}),
     ...                Event(f"e{i}b", f"l{i}", "deal_won" if won else "deal_lost", t + 1000, {})]
     >>> result = evaluate_events(events, rules, min_outcomes=1)
-    >>> [(p.index, p.won, round(p.rules, 3), round(p.model, 3), p.source) for p in result.predictions]
-    [(0, True, 0.209, 0.5, 'rules'), (1, False, 0.054, 0.502, 'rules'), (2, True, 0.209, 0.502, 'blend'), \
-(3, False, 0.054, 0.496, 'blend')]
+    >>> [(p.index, p.won, round(p.rules, 3), p.source) for p in result.predictions]
+    [(0, True, 0.209, 'rules'), (1, False, 0.054, 'rules'), (2, True, 0.209, 'blend'), (3, False, 0.054, 'blend')]
+    >>> result.predictions[0].model, result.predictions[1].model_version  # nothing learned, then one deal
+    (0.5, 1)
     >>> result.metrics()["rules"]["roc_auc"], result.report()["deals"]["n"]
     (1.0, 4)
     """
@@ -283,6 +289,8 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
             len(result.predictions), lead, bool(r.training["won"]), served.rules_score, p_model, served.score,
             served.source, served.model_version))
         trainer.learn(r.training["snapshots"], r.training["won"])
+        if keep_examples:
+            result.examples.append(r.training)
         scorer.model = trainer.serving()
     result.leads = len(leads)
     report = trainer.report()

@@ -111,8 +111,10 @@ def test_label_independent_scores_are_near_half() -> None:
 def test_prediction_is_made_before_learning_from_the_last_snapshot() -> None:
     events = lead(0, True, [("download", {}), ("stage_changed", {"stage": "proposal"}), ("click", {})], 0)
     events += lead(1, False, [("visit", {})], DAY)
-    result = evaluate_events(events, RULES, min_outcomes=1)
+    result = evaluate_events(events, RULES, min_outcomes=1, keep_examples=True)
     first, second = result.predictions
+    assert [len(e["snapshots"]) for e in result.examples] == [2, 1]  # stage entry + last; last only
+    assert [e["won"] for e in result.examples] == [True, False]
     assert first.model == 0.5 and first.model_version == 0 and first.source == "rules"  # nothing learned yet
     assert first.served == first.rules
     # the rules score of the features after the click, not of the state after deal_won
