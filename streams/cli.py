@@ -23,6 +23,21 @@ def _down(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _run(func: Callable[[argparse.Namespace, Settings], int], args: argparse.Namespace, settings: Settings) -> int:
+    """Known failures (a service that does not start, a bad scoring config) as one clear line, no traceback."""
+    from models.rules import ConfigError
+    from streams.stack import StackError
+
+    try:
+        return int(func(args, settings) or 0)
+    except StackError as exc:
+        print(f"leadstream {args.command}: {exc}", file=sys.stderr)
+    except ConfigError as exc:
+        print(f"leadstream {args.command}: {exc} (file {settings.scoring_config}, set by LEADSTREAM_SCORING_CONFIG)",
+              file=sys.stderr)
+    return 1
+
+
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from streams.worker import run_worker
 
@@ -126,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"leadstream: bad setting: {exc}", file=sys.stderr)
         return 2
-    return int(args.func(args, settings) or 0)
+    return _run(args.func, args, settings)
 
 
 if __name__ == "__main__":
