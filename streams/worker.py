@@ -19,6 +19,7 @@ def build_app(settings: Settings) -> faust.App:
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> int:
+    (settings.home / "worker-data").mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
     asyncio.run(ensure_topics(settings))
     app = build_app(settings)
     worker = faust.Worker(app, loglevel=loglevel)
