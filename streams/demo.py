@@ -43,7 +43,8 @@ def start_worker(settings: Settings, log_path: Path, timeout_s: float = 120.0,
     while b"[^Worker]: Ready" not in log_path.read_bytes()[offset:]:
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_worker(proc)
-            raise RuntimeError(f"the worker did not start; see {log_path}")
+            tail = log_path.read_bytes()[offset:].decode(errors="replace").splitlines()[-15:]
+            raise RuntimeError(f"the worker did not start (exit {proc.poll()}); its log {log_path} ends:\n" + "\n".join(tail))
         time.sleep(0.3)
     return proc
 
@@ -55,6 +56,7 @@ def stop_worker(proc: subprocess.Popen) -> None:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 class Board:

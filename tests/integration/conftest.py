@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import socket
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from streams import demo
 from streams.settings import SETTINGS, Settings
 from tests.conftest import redis_test_url
 
@@ -48,29 +46,15 @@ StartWorker = Callable[..., subprocess.Popen]
 
 @pytest.fixture
 def start_worker(pipeline_settings: Settings, tmp_path: Path) -> Iterator[StartWorker]:
-    """``start_worker()`` runs ``leadstream worker`` and returns once it is ready (log says Ready)."""
+    """``start_worker(**env_overrides)`` runs ``leadstream worker``; returns once it is ready."""
     procs: list[subprocess.Popen] = []
 
-    def start(timeout: float = 90.0, **overrides: str) -> subprocess.Popen:
+    def start(**overrides: str) -> subprocess.Popen:
         log = tmp_path / f"worker-{len(procs)}.log"
-        env = settings_env(pipeline_settings) | overrides
-        proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--loglevel", "info"],
-                                stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = demo.start_worker(pipeline_settings, log, env=settings_env(pipeline_settings) | overrides)
         procs.append(proc)
-        deadline = time.monotonic() + timeout
-        while b"[^Worker]: Ready" not in log.read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"worker did not get ready (exit {proc.poll()}):\n{log.read_text()[-5000:]}")
-            time.sleep(0.2)
-        proc.log_path = log  # type: ignore[attr-defined]
         return proc
 
     yield start
     for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        demo.stop_worker(proc)
