@@ -6,17 +6,20 @@ events by lead_id, so no repartitioning (group_by) is needed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import faust
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from models.learner import Trainer
 from models.rules import load_rules
 from models.scoring import Scorer
 from streams.inspect import funnel
-from streams.pipeline import EventPipeline, Message
+from streams.pipeline import ContentionError, EventPipeline, Message, Out
 from streams.settings import Settings
 from streams.state import LeadStore, ModelStore
 from streams.topics import Topics, declare_topics
@@ -38,7 +41,7 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
     async def score_events(stream: faust.StreamT) -> None:
         async for event in stream.events():
             m = event.message
-            outs = await pipeline.handle(Message(m.topic, m.partition, m.offset, m.key, m.value))
+            outs = await handle_with_retry(pipeline, Message(m.topic, m.partition, m.offset, m.key, m.value))
             for out in outs:
                 await topics.by_kind(out.kind).send(key=out.key, value=out.value)
 
@@ -71,6 +74,18 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
         return web.json({"ok": True, "counts": dict(pipeline.counts)})
 
     return pipeline
+
+
+async def handle_with_retry(pipeline: EventPipeline, msg: Message, max_backoff_s: float = 30.0) -> list[Out]:
+    """Retry a message while Redis is unreachable or the lead is contended: never skip it (no data lost)."""
+    backoff = 0.1
+    while True:
+        try:
+            return await pipeline.handle(msg)
+        except (RedisConnectionError, RedisTimeoutError, ContentionError) as exc:
+            log.warning("%s/%s/%s: %r; retrying in %.1f s", msg.topic, msg.partition, msg.offset, exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, max_backoff_s)
 
 
 async def learn_one(trainer: Trainer, models: ModelStore, offset: int, value: bytes) -> bool:

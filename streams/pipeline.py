@@ -7,8 +7,10 @@ can drive it without Kafka.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -21,7 +23,11 @@ from models.scoring import Scorer, rfc3339, step
 from streams.state import APPLIED, CONFLICT, DUPLICATE, LeadStore
 
 log = logging.getLogger(__name__)
-MAX_CAS_RETRIES = 8
+MAX_CAS_RETRIES = 20
+
+
+class ContentionError(RuntimeError):
+    """Other writers kept changing the lead (transient: the caller retries the message)."""
 
 
 @dataclass(frozen=True)
@@ -70,13 +76,18 @@ class EventPipeline:
             return [dead_letter(msg, str(exc), now_ms)]
         origin = f"{msg.topic}/{msg.partition}/{msg.offset}"
         closing = event.type in ("deal_won", "deal_lost")
-        for _ in range(MAX_CAS_RETRIES):
+        for attempt in range(MAX_CAS_RETRIES):
             loaded = await self.store.load(event.lead_id, event.event_id, with_snapshots=closing)
             if loaded.seen is not None:
                 return self._duplicate(msg, origin, loaded.seen)
-            result = step(loaded.state, event, self.scorer, scored_at_ms=now_ms,
-                          stage_snapshots=loaded.stage_snapshots, last_snapshot=loaded.last_snapshot,
-                          deleted_ts=loaded.deleted_ts)
+            try:
+                result = step(loaded.state, event, self.scorer, scored_at_ms=now_ms,
+                              stage_snapshots=loaded.stage_snapshots, last_snapshot=loaded.last_snapshot,
+                              deleted_ts=loaded.deleted_ts)
+            except Exception as exc:  # a valid event the code cannot handle: keep it, keep going
+                log.exception("could not process %s", origin)
+                self.counts["dead_letter"] += 1
+                return [dead_letter(msg, f"could not process the event: {exc!r}", now_ms)]
             outs = {"scores": result.score, "hot": result.hot, "training": result.training}
             sent = orjson.dumps({k: v for k, v in outs.items() if v is not None})
             fields: dict[str, Any] = {"deleted_ts": result.deleted_ts} if result.state is None else {}
@@ -97,8 +108,9 @@ class EventPipeline:
                 return []
             assert status == CONFLICT
             self.counts["cas_retry"] += 1
+            await asyncio.sleep(random.uniform(0, 0.001 * (attempt + 1)))  # let the other writer finish
         else:
-            raise RuntimeError(f"lead {event.lead_id}: state kept changing under {MAX_CAS_RETRIES} retries")
+            raise ContentionError(f"lead {event.lead_id}: state kept changing under {MAX_CAS_RETRIES} retries")
         self.counts["scored"] += 1
         return _outs(event.lead_id.encode(), outs)
 
