@@ -342,6 +342,14 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _shown(path: str | Path) -> str:
+    """``path`` relative to the working directory when it is below it (the settings give it absolute)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def run_evaluate(file: str | Path, mapping: str | Path, scoring_config_path: str | Path, as_json: bool = False,
                  min_outcomes: int = 50, model_kind: str = "logreg") -> int:
     """``leadstream evaluate FILE --mapping MAPPING [--json]``.
@@ -380,7 +388,7 @@ def run_evaluate(file: str | Path, mapping: str | Path, scoring_config_path: str
                                  model_kind=model_kind)
     for reason, count in sorted(evaluation.rejected.items()):
         print(f"{count} events rejected: {reason}", file=sys.stderr)
-    report = {"file": str(file), "mapping": str(mapping), "scoring_config": str(scoring_config_path),
+    report = {"file": str(file), "mapping": str(mapping), "scoring_config": _shown(scoring_config_path),
               "rows": {"read": len(results), "bad": len(bad)}, **evaluation.report(),
               "elapsed_s": round(time.perf_counter() - started, 2)}
     if as_json:
