@@ -277,7 +277,7 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
                     del kept[:-MAX_STAGE_SNAPSHOTS]
             if closing:  # the stream deletes the stage snapshots at close
                 stage_snaps.pop(lead, None)
-        if closing and r.training is None and first_close:  # an outcome with nothing before it to learn from
+        if first_close and r.training is None and r.state is not None:  # an outcome with nothing before it
             result.closed_without_snapshot += 1
         if r.training is None:
             continue
