@@ -219,7 +219,6 @@ def test_read_rows_rejects_unknown_file_types(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- the X Education mapping
 
 
-@pytest.mark.skipif(not XEDU_CSV.exists(), reason="../shared/data/xeducation-leads.csv not present")
 def test_xeducation_mapping_converts_the_real_file() -> None:
     mapping = load_mapping(XEDU_MAPPING.read_text())
     rows = list(itertools.islice(read_rows(XEDU_CSV), 200))

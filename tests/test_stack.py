@@ -19,8 +19,6 @@ from streams import stack as stack_mod
 from streams.settings import Settings
 from streams.stack import Paths, StackError
 
-needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs java on PATH")
-needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
 
 
 def free_port(consecutive: int = 1) -> int:
@@ -155,7 +153,6 @@ def test_down_without_pid_files_touches_nothing(settings: Settings, capsys: pyte
 # ---------------------------------------------------------------------------------------------- failures
 
 
-@needs_redis
 def test_redis_port_taken_names_redis_and_its_log(settings: Settings) -> None:
     port = int(settings.redis_url.rsplit(":", 1)[1].split("/")[0])
     with socket.create_server(("127.0.0.1", port)):  # listens, never answers PING
@@ -173,7 +170,6 @@ def test_no_java_names_kafka(settings: Settings, monkeypatch: pytest.MonkeyPatch
         stack_mod.up(settings, environ={}, services=["kafka"])
 
 
-@needs_java
 def test_kafka_failing_to_format_names_kafka_and_its_log(settings: Settings, monkeypatch: pytest.MonkeyPatch,
                                                          tmp_path: Path) -> None:
     monkeypatch.delenv("JAVA_HOME", raising=False)
@@ -184,7 +180,6 @@ def test_kafka_failing_to_format_names_kafka_and_its_log(settings: Settings, mon
     assert "kafka.tools.StorageTool" in str(err.value)
 
 
-@needs_java
 def test_kafka_exiting_at_start_names_kafka_and_its_log(settings: Settings, monkeypatch: pytest.MonkeyPatch,
                                                         tmp_path: Path) -> None:
     monkeypatch.delenv("JAVA_HOME", raising=False)
@@ -220,8 +215,6 @@ def test_up_is_idempotent(stack: Settings) -> None:
 
 
 @pytest.mark.integration
-@needs_java
-@needs_redis
 async def test_up_down_twice_keeps_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         stack: Settings) -> None:
     # A private stack (own home, own ports) so the session's stack is untouched; the jars are shared.
