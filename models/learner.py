@@ -37,6 +37,9 @@ from models.features import Features
 from models.metrics import Prequential
 
 MODEL_KINDS = ("logreg", "hoeffding", "forest", "naive_bayes")
+# Bumped whenever features or the model pipeline change incompatibly: a checkpoint of another
+# format is not loaded (the trainer starts afresh) instead of serving a model fed the wrong inputs.
+MODEL_FORMAT = 2
 # Numeric features spanning orders of magnitude: log-scaled so SGD sees comparable ranges.
 _LOG_PREFIXES = ("n_", "d_", "age_days", "recency_s", "time_in_stage_s", "visit_duration_s", "distinct_pages",
                  "sessions", "events_total")
@@ -139,6 +142,7 @@ class ServingModel:
     n_won: int
     n_lost: int
     min_outcomes: int
+    format: int = MODEL_FORMAT
 
     def ready(self) -> bool:
         return min(self.n_won, self.n_lost) >= self.min_outcomes
@@ -175,6 +179,7 @@ class Trainer:
     drifts: int = 0
     rejected_promotions: int = 0
     last_offset: int = -1  # offset of the last training message applied (guards redelivery)
+    format: int = MODEL_FORMAT
 
     def __post_init__(self) -> None:
         if self.challenger is None:

@@ -47,7 +47,9 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
 
     @app.agent(topics.training, concurrency=1)
     async def train(stream: faust.StreamT) -> None:
-        trainer = await models.load_trainer() or Trainer(min_outcomes=settings.model_min_outcomes)
+        # A new trainer continues the version numbers, so consumers always see them rise.
+        trainer = await models.load_trainer() or Trainer(min_outcomes=settings.model_min_outcomes,
+                                                         version=await models.version())
         log.info("trainer: resuming at model version %d (offset %d)", trainer.version, trainer.last_offset)
         async for event in stream.events():
             await learn_one(trainer, models, event.message.offset, event.message.value)

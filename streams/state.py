@@ -21,6 +21,7 @@ Every event is one read round trip and one atomic write (a Lua script): the writ
 
 from __future__ import annotations
 
+import logging
 import pickle
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from models.learner import ServingModel, Trainer
+from models.learner import MODEL_FORMAT, ServingModel, Trainer
 
 _WRITE = """
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return -1 end
@@ -52,6 +53,7 @@ return 1
 """
 
 APPLIED, CONFLICT, DUPLICATE = 1, 0, -1
+log = logging.getLogger(__name__)
 
 
 def lead_key(lead_id: str) -> str:
@@ -150,16 +152,28 @@ class ModelStore:
         await pipe.execute()
 
     async def load_trainer(self) -> Trainer | None:
+        """The saved trainer, or None when there is none or it is of an older model format."""
         raw = await self.client.get("model:trainer")
-        return pickle.loads(raw) if raw else None
+        trainer = pickle.loads(raw) if raw else None
+        if trainer is not None and _format(trainer) != MODEL_FORMAT:
+            log.warning("model:trainer has format %s, not %s: starting a new model", _format(trainer), MODEL_FORMAT)
+            return None
+        return trainer
 
     async def version(self) -> int:
         return int(await self.client.get("model:version") or 0)
 
     async def load_serving(self) -> ServingModel | None:
         raw = await self.client.get("model:serving")
-        return pickle.loads(raw) if raw else None
+        serving = pickle.loads(raw) if raw else None
+        return serving if serving is not None and _format(serving) == MODEL_FORMAT else None
 
     async def report(self) -> dict[str, Any] | None:
         raw = await self.client.get("model:report")
         return orjson.loads(raw) if raw else None
+
+
+def _format(checkpoint: object) -> int:
+    # The instance's own value: a checkpoint pickled before the field existed has none (format 1),
+    # and must not pick up the class default.
+    return vars(checkpoint).get("format", 1)

@@ -117,3 +117,22 @@ async def test_the_agent_retries_while_redis_is_unreachable(pipeline):
     pipeline.handle = flaky
     outs = await handle_with_retry(pipeline, msg(0, "e1", "click", 0))
     assert calls == [0, 0, 0] and [o.kind for o in outs] == ["scores"]
+
+
+async def test_checkpoints_round_trip_and_an_old_format_is_not_served(redis_client):
+    import pickle
+
+    from models.learner import Trainer
+    from streams.state import ModelStore
+
+    store, trainer = ModelStore(redis_client), Trainer(min_outcomes=1)
+    trainer.learn([{"features": {"n_click": 1.0}, "rules_score": 0.4, "stage": "new"}], True)
+    await store.save(trainer, learned_event_id="deal-1")
+    loaded = await store.load_trainer()
+    assert (loaded.version, loaded.n_won, await store.version()) == (1, 1, 1)
+    assert (await store.load_serving()).version == 1 and await redis_client.sismember("model:learned", "deal-1")
+    serving = trainer.serving()
+    del vars(trainer)["format"], vars(serving)["format"]  # checkpoints from before the format field
+    await redis_client.set("model:trainer", pickle.dumps(trainer))
+    await redis_client.set("model:serving", pickle.dumps(serving))
+    assert await store.load_trainer() is None and await store.load_serving() is None
