@@ -82,6 +82,7 @@ class Rules:
     stage: dict[str, float]
     activities: dict[str, Capped]
     explicit: dict[str, list[ValueRule]] = field(default_factory=dict)
+    by_feature: dict[str, list[ValueRule]] = field(default_factory=dict)  # [features.NAME]: any feature
 
     def points(self, f: Features) -> dict[str, float]:
         """Every non-zero contribution in points, keyed by a readable reason name."""
@@ -102,13 +103,14 @@ class Rules:
             n = f.get(f"activities_{status}")
             if isinstance(n, float) and n > 0:
                 out[f"activities_{status}"] = rule.apply(n)
-        for name, value_rules in self.explicit.items():
-            value = f.get(f"f_{name}")
-            if value is None:
-                continue
-            hit = next((r for r in value_rules if r.matches(value)), None)
-            if hit is not None and hit.points:
-                out[f"{name}={value}" if hit.key == value else f"{name} in {hit.key}"] = hit.points
+        for prefix, table in (("f_", self.explicit), ("", self.by_feature)):
+            for name, value_rules in table.items():
+                value = f.get(f"{prefix}{name}")
+                if value is None:
+                    continue
+                hit = next((r for r in value_rules if r.matches(value)), None)
+                if hit is not None and hit.points:
+                    out[f"{name}={value}" if hit.key == value else f"{name} in {hit.key}"] = hit.points
         return {k: v for k, v in out.items() if v}
 
     def score(self, f: Features, max_reasons: int = 5) -> RuleScore:
@@ -141,15 +143,15 @@ def _capped(section: str, name: str, raw: Any) -> Capped:
     return Capped(points, cap)
 
 
-def _value_rule(field_name: str, key: str, points: Any) -> ValueRule:
+def _value_rule(table: str, key: str, points: Any) -> ValueRule:
     if isinstance(points, bool) or not isinstance(points, (int, float)):
-        raise ConfigError(f"scoring config [explicit.{field_name}].{key!r} = {points!r}: expected a number of points")
+        raise ConfigError(f"scoring config [{table}].{key!r} = {points!r}: expected a number of points")
     if ".." in key:
         low, _, high = key.partition("..")
         try:
             return ValueRule(key, float(points), float(low) if low else None, float(high) if high else None)
         except ValueError:
-            raise ConfigError(f"scoring config [explicit.{field_name}].{key!r}: expected a range 'min..max'") from None
+            raise ConfigError(f"scoring config [{table}].{key!r}: expected a range 'min..max'") from None
     return ValueRule(key.strip().lower(), float(points))
 
 
@@ -173,8 +175,12 @@ def load_rules(text: str) -> Rules:
     for i, rule in enumerate(cfg.get("recency", {}).get("rules", [])):
         recency.append((_number(rule, "days", positive=True) * 86400, _number(rule, "points")))
     explicit = {
-        name: [_value_rule(name, key, pts) for key, pts in values.items()]
+        name: [_value_rule(f"explicit.{name}", key, pts) for key, pts in values.items()]
         for name, values in cfg.get("explicit", {}).items()
+    }
+    by_feature = {
+        name: [_value_rule(f"features.{name}", key, pts) for key, pts in values.items()]
+        for name, values in cfg.get("features", {}).items()
     }
     grades_cfg = cfg.get("grades")
     if not isinstance(grades_cfg, dict):
@@ -192,4 +198,5 @@ def load_rules(text: str) -> Rules:
         grades=Grades.from_config(grades_cfg),
         hot_threshold=hot, hot_rearm_below=rearm,
         behaviour=behaviour, recency=recency, stage=stage, activities=activities, explicit=explicit,
+        by_feature=by_feature,
     )

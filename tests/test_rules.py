@@ -44,3 +44,12 @@ def test_bad_config_names_the_key_and_expected_form(edit, message):
     with pytest.raises(ConfigError) as exc:
         load_rules(text.replace(edit[0], edit[1], 1))
     assert message in str(exc.value)
+
+
+def test_any_feature_can_be_scored_by_name_and_example_configs_load():
+    from pathlib import Path
+
+    assert RULES.points({"distinct_pages": 7.0, "email_reply_rate": 0.1}) == {"distinct_pages in 5..": 15.0}
+    xedu = load_rules((Path(__file__).parent.parent / "deploy/mappings/xeducation-scoring.toml").read_text())
+    assert xedu.points({"visit_duration_s": 900.0, "f_lead_origin": "lead add form", "f_do_not_email": "true"}) == {
+        "visit_duration_s in 600..": 60.0, "lead_origin=lead add form": 80.0, "do_not_email=true": -40.0}
