@@ -217,8 +217,13 @@ def _lead(rng: random.Random, seed: int, index: int, arrival: int) -> SimLead:
     close = arrival + life
     if rng.random() >= 0.12:  # the rest stay open
         outcome = "won" if rng.random() < p_win else "lost"
-        # Winners walk the remaining stages before signing; some losers get one step further.
-        last = len(STAGES) - 1 if outcome == "won" else min(reached + (rng.random() < 0.3), len(STAGES) - 1)
+        # Winners walk on to negotiation, most of them to closing, before signing; losers often get a
+        # step or two further before they drop out, so the last stage hints at the outcome without giving
+        # it away (some losers reach closing, some winners sign from negotiation).
+        if outcome == "won":
+            last = max(reached, STAGES.index("closing") - (rng.random() < 0.3))
+        else:
+            last = min(reached + (rng.random() < 0.4) + (reached >= 3 and rng.random() < 0.5), len(STAGES) - 1)
         for i in range(reached + 1, last + 1):
             b.add(active_end + (i - reached) * (close - active_end) // (last - reached + 1), "stage_changed",
                   {"stage": STAGES[i]})
