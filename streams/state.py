@@ -31,6 +31,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from models.learner import MODEL_FORMAT, ServingModel, Trainer
+from models.scoring import MAX_STAGE_SNAPSHOTS
 
 _WRITE = """
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return -1 end
@@ -71,7 +72,7 @@ class Loaded:
 
 
 class LeadStore:
-    def __init__(self, client: aioredis.Redis, dedupe_ttl_s: int, max_snapshots: int = 12) -> None:
+    def __init__(self, client: aioredis.Redis, dedupe_ttl_s: int, max_snapshots: int = MAX_STAGE_SNAPSHOTS) -> None:
         self.client = client
         self.dedupe_ttl_s = dedupe_ttl_s
         self.max_snapshots = max_snapshots
