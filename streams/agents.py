@@ -50,14 +50,18 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
         # A new trainer continues the version numbers, so consumers always see them rise.
         trainer = await models.load_trainer() or Trainer(min_outcomes=settings.model_min_outcomes,
                                                          version=await models.version())
+        trainer.min_outcomes = settings.model_min_outcomes  # the setting wins over the checkpoint's
         log.info("trainer: resuming at model version %d (offset %d)", trainer.version, trainer.last_offset)
         async for event in stream.events():
             await learn_one(trainer, models, event.message.offset, event.message.value)
 
+    checked = {"version": -1}  # the last checkpoint version looked at, loadable or not
+
     @app.timer(interval=settings.model_poll_s)
     async def refresh_model() -> None:
         version = await models.version()
-        if scorer.model is None or version != scorer.model.version:
+        if version != checked["version"]:
+            checked["version"] = version
             serving = await models.load_serving()
             if serving is not None:
                 scorer.model = serving
