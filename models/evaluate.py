@@ -228,7 +228,7 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
     ...                Event(f"e{i}b", f"l{i}", "deal_won" if won else "deal_lost", t + 1000, {})]
     >>> result = evaluate_events(events, rules, min_outcomes=1)
     >>> [(p.index, p.won, round(p.rules, 3), p.source) for p in result.predictions]
-    [(0, True, 0.209, 'rules'), (1, False, 0.054, 'rules'), (2, True, 0.209, 'blend'), (3, False, 0.054, 'blend')]
+    [(0, True, 0.083, 'rules'), (1, False, 0.035, 'rules'), (2, True, 0.083, 'blend'), (3, False, 0.035, 'blend')]
     >>> result.predictions[0].model, result.predictions[1].model_version  # nothing learned, then one deal
     (0.5, 1)
     >>> result.metrics()["rules"]["roc_auc"], result.report()["deals"]["n"]

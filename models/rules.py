@@ -6,11 +6,11 @@ a reason's ``contribution`` is its points divided by ``width``, i.e. its share o
 the same unit the model's reasons use.
 
 >>> rules = load_rules(DEFAULT_CONFIG.read_text())
->>> result = rules.score({"d_download": 2.0, "stage": "proposal", "f_industry": "software"})
+>>> result = rules.score({"d_download": 2.0, "stage": "proposal", "f_industry": "software", "f_age": 30.0})
 >>> result.points, round(result.score, 3), result.grade
-(155.0, 0.897, 'A')
+(205.0, 0.668, 'B+')
 >>> [r["feature"] for r in result.reasons]
-['download', 'stage=proposal', 'industry=software']
+['download', 'age in 25..45', 'stage=proposal', 'industry=software']
 """
 
 from __future__ import annotations

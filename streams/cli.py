@@ -121,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mapping", required=True)
     ev.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
     demo = add("demo", _demo, "Start the stack and a worker, stream simulated traffic, and show scores.")
-    demo.add_argument("--leads", type=int, default=150)
-    demo.add_argument("--rate", type=float, default=300.0)
+    demo.add_argument("--leads", type=int, default=300)
+    demo.add_argument("--rate", type=float, default=500.0)
     demo.add_argument("--seed", type=int, default=None, help="default: a fresh seed each run")
     add("model", _model, "Print the model's version, prequential accuracy (rules vs model, per stage), "
                          "per-stage win rates, calibration table and drift count.")

@@ -139,8 +139,12 @@ def run_demo(settings: Settings, leads: int, rate: float, seed: int | None) -> i
     stack.up(settings)
     asyncio.run(ensure_topics(settings))
     log_path = settings.home / "logs" / "worker.log"
-    print(f"worker: starting (log: {log_path})")
-    worker = start_worker(settings, log_path)
+    # A demo has a few hundred deals, not thousands: let the model take part after 20 of each class
+    # (unless LEADSTREAM_MODEL_MIN_OUTCOMES says otherwise) so the switch from rules can be watched.
+    env = {} if Settings.is_set("model_min_outcomes") else {"LEADSTREAM_MODEL_MIN_OUTCOMES": "20"}
+    print(f"worker: starting (log: {log_path}); the model joins the rules after "
+          f"{env.get('LEADSTREAM_MODEL_MIN_OUTCOMES', settings.model_min_outcomes)} won and lost deals")
+    worker = start_worker(settings, log_path, env=env)
     seed = seed if seed is not None else int(time.time())  # fresh ids each run, or repeatable with --seed
     events = simulate(leads, seed)
     print(f"demo: {leads} simulated leads, {len(events)} events at up to {rate:.0f}/s (seed {seed})")

@@ -33,8 +33,12 @@ def test_every_event_gets_a_score_message_of_the_contract():
     assert 0 <= msg["score"] <= 1 and msg["grade"] in {"A+", "A", "B+", "B", "C", "D"}
 
 
+HOT_PATH = ([("lead_created", 0, {"fields": {"age": 30}})] + [("download", 0, {})] * 2 + [("form_submit", 0, {})] * 2
+            + [("stage_changed", 1, {"stage": "closing"})] + [("click", 2, {})] * 3)  # 265 points
+
+
 def test_hot_does_not_page_again_while_the_score_wobbles_above_the_rearm_level():
-    hot_path = [("download", 0, {})] * 2 + [("stage_changed", 1, {"stage": "closing"})] + [("click", 2, {})] * 3
+    hot_path = HOT_PATH
     wobble = [("stage_changed", 10, {"stage": "new"}), ("stage_changed", 11, {"stage": "closing"})] * 3
     results = play(hot_path + wobble)
     scores = [r.score["score"] for r in results[len(hot_path):]]
@@ -43,9 +47,10 @@ def test_hot_does_not_page_again_while_the_score_wobbles_above_the_rearm_level()
 
 
 def test_hot_is_emitted_once_per_upward_crossing():
-    hot_path = [("download", 0, {})] * 2 + [("stage_changed", 1, {"stage": "closing"})] + [("click", 2, {})] * 3
+    hot_path = HOT_PATH
     results = play(hot_path + [("stage_changed", 200 * DAY, {"stage": "new"}), ("stage_changed", 200 * DAY + 1, {"stage": "closing"}),
-                               ("download", 200 * DAY + 2, {}), ("download", 200 * DAY + 3, {})])
+                               ("download", 200 * DAY + 2, {}), ("download", 200 * DAY + 3, {}),
+                               ("form_submit", 200 * DAY + 4, {}), ("form_submit", 200 * DAY + 5, {})])
     hot_flags = [r.hot is not None for r in results]
     assert hot_flags.count(True) == 2, [(r.score["score"], r.hot is not None) for r in results]
     assert results[hot_flags.index(True)].hot["threshold"] == RULES.hot_threshold
