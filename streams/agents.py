@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import faust
 import orjson
@@ -19,12 +22,13 @@ from models.learner import Trainer
 from models.rules import load_rules
 from models.scoring import Scorer
 from streams.inspect import funnel
-from streams.pipeline import ContentionError, EventPipeline, Message, Out
+from streams.pipeline import ContentionError, EventPipeline, Message, Out, dead_letter
 from streams.settings import Settings
 from streams.state import LeadStore, ModelStore
 from streams.topics import Topics, declare_topics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
@@ -53,7 +57,14 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
         trainer.min_outcomes = settings.model_min_outcomes  # the setting wins over the checkpoint's
         log.info("trainer: resuming at model version %d (offset %d)", trainer.version, trainer.last_offset)
         async for event in stream.events():
-            await learn_one(trainer, models, event.message.offset, event.message.value)
+            m = event.message
+            try:
+                await with_retry(lambda: learn_one(trainer, models, m.offset, m.value), f"{m.topic}/{m.offset}")
+            except Exception as exc:  # a training message the trainer cannot use: keep it, keep learning
+                log.exception("trainer: could not learn from %s/%s/%s", m.topic, m.partition, m.offset)
+                doc = dead_letter(Message(m.topic, m.partition, m.offset, m.key, m.value),
+                                  f"trainer could not learn from it: {exc!r}", int(time.time() * 1000))
+                await topics.dead_letter.send(key=doc.key, value=doc.value)
 
     checked = {"version": -1}  # the last checkpoint version looked at, loadable or not
 
@@ -82,16 +93,21 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
     return pipeline
 
 
-async def handle_with_retry(pipeline: EventPipeline, msg: Message, max_backoff_s: float = 30.0) -> list[Out]:
-    """Retry a message while Redis is unreachable or the lead is contended: never skip it (no data lost)."""
+async def with_retry(attempt: Callable[[], Awaitable[T]], what: str, max_backoff_s: float = 30.0) -> T:
+    """Run ``attempt`` until it gets through Redis outages and lead contention: a message is never
+    skipped because of them (no data lost); the partition waits instead."""
     backoff = 0.1
     while True:
         try:
-            return await pipeline.handle(msg)
+            return await attempt()
         except (RedisConnectionError, RedisTimeoutError, ContentionError) as exc:
-            log.warning("%s/%s/%s: %r; retrying in %.1f s", msg.topic, msg.partition, msg.offset, exc, backoff)
+            log.warning("%s: %r; retrying in %.1f s", what, exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(2 * backoff, max_backoff_s)
+
+
+async def handle_with_retry(pipeline: EventPipeline, msg: Message) -> list[Out]:
+    return await with_retry(lambda: pipeline.handle(msg), f"{msg.topic}/{msg.partition}/{msg.offset}")
 
 
 async def learn_one(trainer: Trainer, models: ModelStore, offset: int, value: bytes) -> bool:
