@@ -64,9 +64,14 @@ def _import(args: argparse.Namespace, settings: Settings) -> int:
 
 def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from models.evaluate import run_evaluate
+    from models.learner import MODEL_KINDS
 
+    if args.model_kind not in MODEL_KINDS:
+        print(f"leadstream evaluate: --model-kind {args.model_kind!r}: expected one of {', '.join(MODEL_KINDS)}",
+              file=sys.stderr)
+        return 2
     return run_evaluate(args.file, args.mapping, settings.scoring_config, as_json=args.json,
-                        min_outcomes=settings.model_min_outcomes)
+                        min_outcomes=settings.model_min_outcomes, model_kind=args.model_kind)
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -120,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("file")
     ev.add_argument("--mapping", required=True)
     ev.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+    ev.add_argument("--model-kind", default="logreg",
+                    help="the online learner to replay with: logreg (what the stream uses), hoeffding, forest, naive_bayes")
     demo = add("demo", _demo, "Start the stack and a worker, stream simulated traffic, and show scores.")
     demo.add_argument("--leads", type=int, default=300)
     demo.add_argument("--rate", type=float, default=500.0)
