@@ -21,7 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from models.learner import Trainer
 from models.rules import load_rules
 from models.scoring import Scorer
-from streams.inspect import funnel
+from streams.reports import funnel
 from streams.pipeline import ContentionError, EventPipeline, Message, Out, dead_letter
 from streams.settings import Settings
 from streams.state import LeadStore, ModelStore

@@ -45,7 +45,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _lead(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.inspect import print_lead
+    from streams.reports import print_lead
 
     return print_lead(settings, args.lead_id)
 
@@ -81,13 +81,13 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _model(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.inspect import print_model
+    from streams.reports import print_model
 
     return print_model(settings)
 
 
 def _funnel(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.inspect import print_funnel
+    from streams.reports import print_funnel
 
     return print_funnel(settings, args.stall_days, args.json)
 

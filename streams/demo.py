@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer
 from models.grading import GRADE_NAMES
 from models.simulate import simulate
 from streams import stack
-from streams.inspect import model_report
+from streams.reports import model_report
 from streams.publish import publish_events
 from streams.settings import Settings
 from streams.topics import ensure_topics

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from streams.inspect import funnel
+from streams.reports import funnel
 from streams.state import lead_key
 
 pytestmark = pytest.mark.integration

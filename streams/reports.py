@@ -1,4 +1,4 @@
-"""``leadstream lead LEAD_ID``: a lead's state, score, grade and reasons, read from Redis."""
+"""Reports read from Redis: one lead (`leadstream lead`), the model (`leadstream model`), the funnel (`leadstream funnel`)."""
 
 from __future__ import annotations
 
