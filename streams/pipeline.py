@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from models.events import RejectedEvent, parse_event
-from models.scoring import Scorer, rfc3339, step
+from models.scoring import Scorer, StepResult, rfc3339, step
 from streams.state import APPLIED, CONFLICT, DUPLICATE, LeadStore
 
 log = logging.getLogger(__name__)
@@ -90,17 +90,11 @@ class EventPipeline:
                 return [dead_letter(msg, f"could not process the event: {exc!r}", now_ms)]
             outs = {"scores": result.score, "hot": result.hot, "training": result.training}
             sent = orjson.dumps({k: v for k, v in outs.items() if v is not None})
-            fields: dict[str, Any] = {"deleted_ts": result.deleted_ts} if result.state is None else {}
-            if result.state is not None:
-                st = result.state
-                fields = {"score": st["score"], "grade": st["grade"], "stage": st["stage"] or "",
-                          "source": st["source"], "updated_at": now_ms}
-                if result.snapshot is not None:
-                    fields["snap_last"] = orjson.dumps(result.snapshot)
             snapshot = orjson.dumps(result.snapshot) if result.stage_snapshot else None
             status = await self.store.write(event.lead_id, event.event_id, expected_version=loaded.version,
-                                            origin=origin, sent=sent, state=result.state, fields=fields,
-                                            stage_snapshot=snapshot, close=closing)
+                                            origin=origin, sent=sent, state=result.state,
+                                            fields=_hash_fields(result, now_ms), stage_snapshot=snapshot,
+                                            close=closing)
             if status == APPLIED:
                 break
             if status == DUPLICATE:  # applied concurrently by another worker (rebalance overlap)
@@ -122,6 +116,18 @@ class EventPipeline:
         self.counts["duplicate"] += 1
         log.info("duplicate event ignored: %s (first applied from %s)", origin, first_origin.decode())
         return []
+
+
+def _hash_fields(result: StepResult, now_ms: int) -> dict[str, Any]:
+    """The lead hash's fields besides ``state``: readable ones for people and dashboards."""
+    if result.state is None:
+        return {"deleted_ts": result.deleted_ts}
+    st = result.state
+    fields = {"score": st["score"], "grade": st["grade"], "stage": st["stage"] or "", "source": st["source"],
+              "updated_at": now_ms}
+    if result.snapshot is not None:
+        fields["snap_last"] = orjson.dumps(result.snapshot)
+    return fields
 
 
 def _outs(key: bytes | None, outs: dict[str, Any]) -> list[Out]:
