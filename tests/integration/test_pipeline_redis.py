@@ -136,3 +136,24 @@ async def test_checkpoints_round_trip_and_an_old_format_is_not_served(redis_clie
     await redis_client.set("model:trainer", pickle.dumps(trainer))
     await redis_client.set("model:serving", pickle.dumps(serving))
     assert await store.load_trainer() is None and await store.load_serving() is None
+
+
+async def test_lead_and_model_reports_read_back_what_the_pipeline_wrote(pipeline, stack):
+    import dataclasses
+
+    from models.learner import Trainer
+    from streams.reports import lead_view, model_report
+    from streams.state import ModelStore
+    from tests.conftest import redis_test_url
+
+    settings = dataclasses.replace(stack, redis_url=redis_test_url(stack.redis_url))
+    await pipeline.handle(msg(0, "e1", "lead_created", 0, topic="crm", fields={"country": "Germany", "age": 30}))
+    await pipeline.handle(msg(1, "e2", "download", 1000))
+    view = await lead_view(settings, "l1")
+    assert view["counts"] == {"lead_created": 1, "download": 1} and view["fields"]["country"] == "Germany"
+    assert view["grade"] in {"A+", "A", "B+", "B", "C", "D"} and view["source"] == "rules"
+    assert {r["feature"] for r in view["reasons"]} == {"download", "age in 25..45"}  # 50 points each
+    assert view["features_now"]["recency_s"] > 0 and await lead_view(settings, "nobody") is None
+    assert await model_report(settings) is None  # no closed deal yet
+    await ModelStore(pipeline.store.client).save(Trainer(min_outcomes=1))
+    assert (await model_report(settings))["version"] == 0
