@@ -67,6 +67,7 @@ def funnel_report(states: Iterable[State], now_ms: int, stall_days: float = 14.0
         }
     return {
         "leads": n_leads,
+        "stall_days": stall_days,
         "stages": stages,
         "closed": {"won": closed["won"], "lost": closed["lost"]},
         "win_rate": round(closed["won"] / sum(closed.values()), 3) if closed else None,

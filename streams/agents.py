@@ -21,6 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from models.learner import Trainer
 from models.rules import load_rules
 from models.scoring import Scorer
+from streams.dashboard import dashboard_data, render_dashboard
 from streams.reports import funnel
 from streams.pipeline import ContentionError, EventPipeline, Message, Out, dead_letter
 from streams.settings import Settings
@@ -85,6 +86,11 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
     @app.page("/funnel")
     async def funnel_report(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
         return web.json(await funnel(settings, float(request.query.get("stall_days", 14))))
+
+    @app.page("/dashboard")
+    async def dashboard(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
+        data = await dashboard_data(settings, float(request.query.get("stall_days", 14)))
+        return web.html(render_dashboard(data))
 
     @app.page("/health")
     async def health(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:

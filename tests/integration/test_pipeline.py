@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import urllib.request
 import os
 import signal
 
@@ -124,6 +125,17 @@ async def test_every_event_scored_once_duplicates_ignored_bad_input_dead_lettere
     report = await funnel(s, stall_days=14)  # the department heads' view, read back from Redis
     assert report["leads"] == 2  # lead-a and lead-hot; lead-b was deleted
     assert report["stages"]["contacted"]["open"] == 1 and report["stages"]["negotiation"]["open"] == 1
+
+    # ... and the same as a page, served by the running worker
+    page = await asyncio.to_thread(_get, f"http://127.0.0.1:{s.web_port}/dashboard")
+    assert "<h1>leadstream</h1>" in page and "lead-hot" in page and "2 leads;" in page
+    health = orjson.loads(await asyncio.to_thread(_get, f"http://127.0.0.1:{s.web_port}/health"))
+    assert health["counts"]["scored"] + health["counts"]["dead_letter"] >= len(events) + len(bad) - 1
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
 
 
 async def test_worker_killed_mid_stream_loses_nothing_and_counts_nothing_twice(
