@@ -6,29 +6,20 @@ pure (reports in, HTML out); :func:`dashboard_data` reads them from Redis.
 
 from __future__ import annotations
 
-import time
 from html import escape
 from typing import Any
 
-import redis.asyncio as aioredis
-
-from models.funnel import funnel_report
+from streams.reports import funnel_with_rates, leads_and_model
 from streams.settings import Settings
-from streams.state import LeadStore, ModelStore
 
 TOP_LEADS = 15
 
 
 async def dashboard_data(settings: Settings, stall_days: float = 14.0) -> dict[str, Any]:
-    client = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        states = [st async for st in LeadStore(client, settings.dedupe_ttl_s).states()]
-        model = await ModelStore(client).report()
-    finally:
-        await client.aclose()
+    states, model = await leads_and_model(settings)
     open_leads = [st for st in states if not st.get("outcome") and "score" in st]
     top = sorted(open_leads, key=lambda st: -st["score"])[:TOP_LEADS]
-    return {"funnel": funnel_report(states, int(time.time() * 1000), stall_days), "model": model, "top": top}
+    return {"funnel": funnel_with_rates(states, model, stall_days), "model": model, "top": top}
 
 
 def render_dashboard(data: dict[str, Any]) -> str:

@@ -63,18 +63,27 @@ def print_model(settings: Settings) -> int:
     return 0
 
 
-async def funnel(settings: Settings, stall_days: float) -> dict:
+async def leads_and_model(settings: Settings) -> tuple[list[dict], dict | None]:
+    """Every lead's state and the model report, for the funnel and the dashboard."""
     client = aioredis.Redis.from_url(settings.redis_url)
     try:
         states = [st async for st in LeadStore(client, settings.dedupe_ttl_s).states()]
-        report = funnel_report(states, int(time.time() * 1000), stall_days)
-        model = await ModelStore(client).report()
+        return states, await ModelStore(client).report()
     finally:
         await client.aclose()
-    if model is not None:
-        for stage, rates in model["stage_rates"].items():
-            report["stages"][stage]["learned_win_rate"] = rates["win_rate"]
+
+
+def funnel_with_rates(states: list[dict], model: dict | None, stall_days: float) -> dict:
+    """The funnel report, with the model's learned win rate of each stage when there is a model."""
+    report = funnel_report(states, int(time.time() * 1000), stall_days)
+    for stage, rates in (model or {}).get("stage_rates", {}).items():
+        report["stages"][stage]["learned_win_rate"] = rates["win_rate"]
     return report
+
+
+async def funnel(settings: Settings, stall_days: float) -> dict:
+    states, model = await leads_and_model(settings)
+    return funnel_with_rates(states, model, stall_days)
 
 
 def print_funnel(settings: Settings, stall_days: float, as_json: bool) -> int:
