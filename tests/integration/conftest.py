@@ -7,10 +7,11 @@ import os
 import socket
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from streams import demo
 from streams.settings import SETTINGS, Settings
@@ -24,14 +25,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def pipeline_settings(stack: Settings) -> Settings:
-    """Settings of an isolated pipeline: unique topics and app id, the tests' Redis database."""
+async def pipeline_settings(stack: Settings, kafka_admin: AIOKafkaAdminClient) -> AsyncIterator[Settings]:
+    """Settings of an isolated pipeline: unique topics and app id, the tests' Redis database.
+    Its topics (and the worker's internal ones) are deleted afterwards, so runs do not pile them up."""
     tag = uuid.uuid4().hex[:8]
-    return dataclasses.replace(
+    settings = dataclasses.replace(
         stack, app_id=f"leadstream-test-{tag}", redis_url=redis_test_url(stack.redis_url),
         topic_web=f"web-{tag}", topic_crm=f"crm-{tag}", topic_scores=f"scores-{tag}", topic_hot=f"hot-{tag}",
         topic_dead_letter=f"dlq-{tag}", topic_training=f"training-{tag}", partitions=4, web_port=_free_port(),
         session_timeout_s=6)
+    yield settings
+    ours = [t for t in await kafka_admin.list_topics() if tag in t]
+    if ours:
+        await kafka_admin.delete_topics(ours)
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
