@@ -145,6 +145,7 @@ def run_demo(settings: Settings, leads: int, rate: float, seed: int | None) -> i
     print(f"worker: starting (log: {log_path}); the model joins the rules after "
           f"{env.get('LEADSTREAM_MODEL_MIN_OUTCOMES', settings.model_min_outcomes)} won and lost deals")
     worker = start_worker(settings, log_path, env=env)
+    print(f"dashboard while the demo runs: http://127.0.0.1:{settings.web_port}/dashboard")
     seed = seed if seed is not None else int(time.time())  # fresh ids each run, or repeatable with --seed
     events = simulate(leads, seed)
     print(f"demo: {leads} simulated leads, {len(events)} events at up to {rate:.0f}/s (seed {seed})")
