@@ -14,11 +14,12 @@ from urllib.parse import urlparse, urlunparse
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord
 
 from streams import stack as stack_mod
 from streams.settings import Settings
+from streams.topics import ensure_topics
 
 TEST_REDIS_DB = 15  # tests flush this database only, never the pipeline's
 
@@ -53,34 +54,20 @@ TopicFactory = Callable[..., Awaitable[str]]
 
 
 @pytest.fixture
-async def topic_factory(kafka_admin: AIOKafkaAdminClient) -> AsyncIterator[TopicFactory]:
+async def topic_factory(stack: Settings, kafka_admin: AIOKafkaAdminClient) -> AsyncIterator[TopicFactory]:
     """``await topic_factory(partitions=1, prefix="test")`` creates a uniquely named topic; deleted after the test."""
     created: list[str] = []
 
     async def make(partitions: int = 1, prefix: str = "test") -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:12]}"
-        await kafka_admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
         created.append(name)
-        await _wait_for_leaders(kafka_admin, name, partitions)
+        await ensure_topics(stack, {name: partitions})  # the worker's own creation: waits for the leaders
         return name
 
     yield make
     if created:
         await kafka_admin.delete_topics(created)
 
-
-async def _wait_for_leaders(admin: AIOKafkaAdminClient, topic: str, partitions: int, timeout: float = 15.0) -> None:
-    # create_topics returns before every partition has a leader; producing earlier can fail with
-    # UnknownTopicOrPartition/LeaderNotAvailable, so wait until the metadata shows them all.
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        (described,) = await admin.describe_topics([topic])
-        ready = [p for p in described["partitions"] if p["leader"] >= 0]
-        if described["error_code"] == 0 and len(ready) == partitions:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"topic {topic}: partitions without a leader after {timeout} s: {described}")
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
