@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
+from collections.abc import AsyncIterator
 
 import orjson
 import redis.asyncio as aioredis
@@ -16,12 +18,19 @@ from streams.settings import Settings
 from streams.state import LeadStore, ModelStore
 
 
-async def lead_view(settings: Settings, lead_id: str) -> dict | None:
+@contextlib.asynccontextmanager
+async def _redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    """A client for one report: opened, used, closed."""
     client = aioredis.Redis.from_url(settings.redis_url)
     try:
-        stored = await LeadStore(client, settings.dedupe_ttl_s).get(lead_id)
+        yield client
     finally:
         await client.aclose()
+
+
+async def lead_view(settings: Settings, lead_id: str) -> dict | None:
+    async with _redis(settings) as client:
+        stored = await LeadStore(client, settings.dedupe_ttl_s).get(lead_id)
     if stored is None:
         return None
     rules = load_rules(settings.scoring_config.read_text())
@@ -47,11 +56,8 @@ def print_lead(settings: Settings, lead_id: str) -> int:
 
 
 async def model_report(settings: Settings) -> dict | None:
-    client = aioredis.Redis.from_url(settings.redis_url)
-    try:
+    async with _redis(settings) as client:
         return await ModelStore(client).report()
-    finally:
-        await client.aclose()
 
 
 def print_model(settings: Settings) -> int:
@@ -65,12 +71,9 @@ def print_model(settings: Settings) -> int:
 
 async def leads_and_model(settings: Settings) -> tuple[list[dict], dict | None]:
     """Every lead's state and the model report, for the funnel and the dashboard."""
-    client = aioredis.Redis.from_url(settings.redis_url)
-    try:
+    async with _redis(settings) as client:
         states = [st async for st in LeadStore(client, settings.dedupe_ttl_s).states()]
         return states, await ModelStore(client).report()
-    finally:
-        await client.aclose()
 
 
 def funnel_with_rates(states: list[dict], model: dict | None, stall_days: float) -> dict:
