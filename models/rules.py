@@ -172,7 +172,7 @@ def load_rules(text: str) -> Rules:
             raise ConfigError(f"scoring config [stage].{name}: expected one of {', '.join(STAGES)}")
         stage[name] = _number(cfg, f"stage.{name}")
     recency = []
-    for i, rule in enumerate(cfg.get("recency", {}).get("rules", [])):
+    for rule in cfg.get("recency", {}).get("rules", []):
         recency.append((_number(rule, "days", positive=True) * 86400, _number(rule, "points")))
     explicit = {
         name: [_value_rule(f"explicit.{name}", key, pts) for key, pts in values.items()]

@@ -26,7 +26,7 @@ from streams.reports import funnel
 from streams.pipeline import ContentionError, EventPipeline, Message, Out, dead_letter
 from streams.settings import Settings
 from streams.state import LeadStore, ModelStore
-from streams.topics import Topics, declare_topics
+from streams.topics import declare_topics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

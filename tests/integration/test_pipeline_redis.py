@@ -10,7 +10,7 @@ import pytest
 from models.rules import DEFAULT_CONFIG, load_rules
 from models.scoring import Scorer
 from streams.pipeline import EventPipeline, Message
-from streams.state import APPLIED, CONFLICT, DUPLICATE, LeadStore, lead_key
+from streams.state import CONFLICT, DUPLICATE, LeadStore, lead_key
 
 pytestmark = pytest.mark.integration
 DAY = 86_400_000
