@@ -49,11 +49,12 @@ async def scores_of(bootstrap, topic, want, timeout=60.0):
     return messages
 
 
-async def test_a_silent_lead_decays_and_a_new_model_reaches_quiet_leads(pipeline_settings, start_worker, producer):
+async def test_a_silent_lead_decays_and_a_new_model_reaches_quiet_leads(pipeline_settings, start_worker, producer,
+                                                                       redis_client):
     s = pipeline_settings
     old = int(time.time() * 1000) - 60 * DAY
     events = hot_lead("quiet-1", old) + hot_lead("quiet-2", old + 1)
-    start_worker(LEADSTREAM_RESCORE_EVERY_SECONDS="3", LEADSTREAM_RESCORE_POLL_SECONDS="0.5",
+    start_worker(LEADSTREAM_RESCORE_EVERY_SECONDS="10", LEADSTREAM_RESCORE_POLL_SECONDS="0.5",
                  LEADSTREAM_MODEL_POLL_SECONDS="0.5")
     for kind, doc in events:
         topic = s.topic_web if kind == "web" else s.topic_crm
