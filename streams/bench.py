@@ -269,7 +269,8 @@ async def bench_pipeline(settings: Settings, leads: int, rates: list[float], sec
         events = _fresh_events(max(50, int(1000 * seconds / 25)), 1001, "reader")
         figures["latency_1000_with_dashboard_reader"] = await bench_latency(
             settings, events, 1000, seconds, reader=lambda: asyncio.to_thread(_get, dashboard))
-        workers.append(start_worker(settings, log_dir / f"bench-worker-1-{settings.app_id}.log", env=_env(settings)))
+        second = dataclasses.replace(settings, web_port=settings.web_port + 1)
+        workers.append(start_worker(second, log_dir / f"bench-worker-1-{settings.app_id}.log", env=_env(second)))
         await asyncio.sleep(3)  # the group rebalances over both workers
         events = _fresh_events(leads, 8, "b2")
         figures["burst_2_workers"] = await bench_burst(settings, events)

@@ -94,6 +94,7 @@ class EventPipeline:
         self._batches = 0
         self._unacked: list[tuple[str, list[str]]] = []  # (lead, origins) written by the last batch
         self._acked: list[tuple[str, list[str]]] = []  # their outputs are acknowledged: drop their re-send material
+        self._recent: list[tuple[float, int]] = []  # (monotonic time, size) of the last event batches
 
     # ---- events -------------------------------------------------------------------------------
 
@@ -112,8 +113,16 @@ class EventPipeline:
                 outs.append(dead_letter(msg, str(exc), now_ms))
                 continue
             by_lead.setdefault(event.lead_id, []).append((msg, event))
+        self._recent = [*self._recent[-9:], (time.monotonic(), len(msgs))]
         outs += await self._apply(by_lead, lambda record, events: self._compute(record, events, now_ms))
         return outs
+
+    def busy(self, window_s: float, batch_max: int) -> bool:
+        """Whether events are flowing fast enough that background work should wait: within
+        ``window_s``, a batch came full, or the batches carried more than ``batch_max`` events."""
+        since = time.monotonic() - window_s
+        recent = [n for t, n in self._recent if t >= since]
+        return any(n >= batch_max for n in recent) or sum(recent) > batch_max
 
     def acknowledged(self) -> None:
         """Kafka acknowledged every record of the last batch: its re-send material can go."""

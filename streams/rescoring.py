@@ -48,16 +48,28 @@ def partition_of(lead_id: str, partitions: int) -> int:
 class Rescorer:
     """Rescore due leads (decay) and, after a new model version, every open lead, most valuable first.
 
-    Both are bounded by ``LEADSTREAM_RESCORE_RATE`` leads per second per worker.
+    Both are bounded by ``LEADSTREAM_RESCORE_RATE`` leads per second per worker, and both yield to
+    events: while the scoring agent is busy (its batches come full or carry more than a batch a
+    poll interval) a tick rescores a tenth of that, in small chunks between the event batches. A model pass runs to its end
+    even if newer versions arrive meanwhile; then the next pass starts if the version moved on.
     """
 
     def __init__(self, app: faust.App, settings: Settings, pipeline: EventPipeline, client: aioredis.Redis,
                  sender: Sender) -> None:
         self.app, self.settings, self.pipeline, self.client, self.sender = app, settings, pipeline, client, sender
         self._model_ranks: list[int] | None = None  # per shard: next rank of the leaderboard to rescore
+        self._pass_version = -1  # the model version the last pass started with
+        self._model_moved = False
 
     def model_changed(self) -> None:
-        self._model_ranks = [0] * SHARDS  # (re)start a pass from the top of every shard
+        self._model_moved = True
+        if self._model_ranks is None:
+            self._start_pass()
+
+    def _start_pass(self) -> None:
+        self._model_ranks = [0] * SHARDS  # from the top of every shard
+        self._pass_version = self.pipeline.scorer.version
+        self._model_moved = False
 
     def owned(self) -> set[int]:
         return {tp.partition for tp in self.app.consumer.assignment() if tp.topic == self.settings.topic_web}
@@ -67,6 +79,8 @@ class Rescorer:
         if not owned:
             return
         budget = max(1, int(self.settings.rescore_rate * self.settings.rescore_poll_s))
+        if self.pipeline.busy(self.settings.rescore_poll_s, self.settings.batch_max_events):
+            budget = max(1, budget // 10)  # events first, but quiet leads still move
         now_ms = int(time.time() * 1000)
         due = await self._due(now_ms, budget, owned)
         if due:
@@ -95,12 +109,14 @@ class Rescorer:
             ranks[shard] += len(members)
             leads += [m.decode() for m in members]
         if not leads:
-            log.info("rescoring: every open lead is scored by model version %d", self.pipeline.scorer.version)
+            log.info("rescoring: every open lead is scored by model version %d", self._pass_version)
             self._model_ranks = None
+            if self._model_moved:
+                self._start_pass()
         return [lead for lead in leads if partition_of(lead, self.settings.partitions) in owned]
 
     async def _rescore(self, leads: list[str], trigger: str, now_ms: int) -> None:
-        step = self.settings.batch_max_events
+        step = 100  # small batches: the scoring agent gets the event loop between them
         for i in range(0, len(leads), step):
             outs = await self.pipeline.rescore_leads(leads[i:i + step], trigger, now_ms)
             await self.sender.send_all(outs)

@@ -83,7 +83,7 @@ class Views:
         low_arg = "-inf" if low == float("-inf") else low
         pipe = self.client.pipeline(transaction=False)
         for shard in range(SHARDS):
-            pipe.zrevrangebyscore(view_key(shard, name), top_arg, low_arg, start=0, num=limit + 64, withscores=True)
+            pipe.zrevrangebyscore(view_key(shard, name), top_arg, low_arg, start=0, num=limit + 8, withscores=True)
         merged = [(m.decode(), s) for rows in await pipe.execute() for m, s in rows]
         if after:
             merged = [(m, s) for m, s in merged if (s, m) < after]
@@ -107,16 +107,17 @@ class Views:
         """The funnel report (the shape of :func:`models.funnel.funnel_report`) plus ``grade_mix``."""
         c = await self.counters()
         stall_before = now_ms - stall_days * DAY_MS
+        names = [f"st:{stage}" for stage in STAGES] + ["dtc"]
+        samples = await self._quantiles(names)
         pipe = self.client.pipeline(transaction=False)
         for stage in STAGES:
             for shard in range(SHARDS):
                 pipe.zcount(view_key(shard, f"st:{stage}"), "-inf", f"({stall_before}")
         stalled = await pipe.execute()
-        in_stage = {stage: await self._quantiles(f"st:{stage}") for stage in STAGES}
         stages: dict[str, Any] = {}
         for i, stage in enumerate(STAGES):
             reached, advanced = c.get(f"reached:{stage}", 0), c.get(f"adv:{stage}", 0)
-            entered = _median(in_stage[stage])
+            entered = _median(samples[f"st:{stage}"])
             stages[stage] = {
                 "reached": reached, "open": c.get(f"open:{stage}", 0),
                 "stalled": sum(stalled[i * SHARDS:(i + 1) * SHARDS]),
@@ -125,7 +126,7 @@ class Views:
                 "grades": {g: c[f"sg:{stage}:{g}"] for g in GRADE_NAMES if c.get(f"sg:{stage}:{g}")},
             }
         won, lost = c.get("closed:won", 0), c.get("closed:lost", 0)
-        to_close = _median(await self._quantiles("dtc"))
+        to_close = _median(samples["dtc"])
         return {
             "leads": c.get("leads", 0), "stall_days": stall_days, "stages": stages,
             "closed": {"won": won, "lost": lost},
@@ -168,25 +169,26 @@ class Views:
         return {"by_grade": {g: row(f"cg:{g}") for g in GRADE_NAMES},
                 "by_decile": [{"decile": d, **row(f"cd:{d}")} for d in range(10)]}
 
-    async def _quantiles(self, name: str) -> list[float]:
-        """Each shard's quantiles of a sorted set's scores, weighted by the shard's size."""
+    async def _quantiles(self, names: list[str]) -> dict[str, list[float]]:
+        """Per sorted set: each shard's quantiles of its scores, repeated by the shard's size (two trips)."""
         pipe = self.client.pipeline(transaction=False)
-        for shard in range(SHARDS):
-            pipe.zcard(view_key(shard, name))
+        for name in names:
+            for shard in range(SHARDS):
+                pipe.zcard(view_key(shard, name))
         sizes = await pipe.execute()
         pipe = self.client.pipeline(transaction=False)
-        for shard, n in enumerate(sizes):
-            for q in range(QUANTILES + 1):
-                if n:
-                    pipe.zrange(view_key(shard, name), (n - 1) * q // QUANTILES, (n - 1) * q // QUANTILES,
-                                withscores=True)
-        samples: list[float] = []
-        results = iter(await pipe.execute())
-        for n in sizes:
-            if n:
-                for _ in range(QUANTILES + 1):
-                    rows = next(results)
-                    samples += [rows[0][1]] * max(1, n // (QUANTILES + 1)) if rows else []
+        asked: list[tuple[str, int]] = []
+        for i, name in enumerate(names):
+            for shard in range(SHARDS):
+                n = sizes[i * SHARDS + shard]
+                for q in range(QUANTILES + 1) if n else ():
+                    rank = (n - 1) * q // QUANTILES
+                    pipe.zrange(view_key(shard, name), rank, rank, withscores=True)
+                    asked.append((name, n))
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        for (name, n), rows in zip(asked, await pipe.execute()):
+            if rows:
+                samples[name] += [rows[0][1]] * max(1, n // (QUANTILES + 1))
         return samples
 
 
