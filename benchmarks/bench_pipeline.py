@@ -18,7 +18,6 @@ import uuid
 from pathlib import Path
 
 import orjson
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from models.events import parse_event, topic_kind_of
@@ -28,7 +27,8 @@ from models.scoring import Scorer, step
 from models.simulate import simulate
 from streams.demo import start_worker, stop_worker
 from streams.publish import topic_for
-from streams.settings import SETTINGS, Settings
+from streams.clients import kafka_kwargs, redis_client
+from streams.settings import Settings
 from streams.topics import ensure_topics
 
 
@@ -53,10 +53,10 @@ def bench_step(events: list[dict]) -> None:
 
 async def bench_e2e(settings: Settings, events: list[dict]) -> None:
     await ensure_topics(settings)
-    consumer = AIOKafkaConsumer(settings.topic_scores, bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+    consumer = AIOKafkaConsumer(settings.topic_scores, **kafka_kwargs(settings), group_id=None,
                                 auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(**kafka_kwargs(settings), acks="all", linger_ms=5)
     await producer.start()
     sent_at: dict[str, float] = {}
     latencies: list[float] = []
@@ -87,11 +87,11 @@ async def bench_e2e(settings: Settings, events: list[dict]) -> None:
 
 async def bench_e2e_paced(settings: Settings, events: list[dict], rate: float) -> None:
     """Latency at a steady rate below capacity: what one event costs when the worker is not backlogged."""
-    consumer = AIOKafkaConsumer(settings.topic_scores, bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+    consumer = AIOKafkaConsumer(settings.topic_scores, **kafka_kwargs(settings), group_id=None,
                                 auto_offset_reset="latest", enable_auto_commit=False)
     await consumer.start()
     await asyncio.sleep(1)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks=1, linger_ms=0)
+    producer = AIOKafkaProducer(**kafka_kwargs(settings), acks=1, linger_ms=0)
     await producer.start()
     latencies: list[float] = []
     sent_at: dict[str, float] = {}
@@ -132,7 +132,7 @@ def main() -> int:
         base, app_id=f"bench-{tag}", topic_web=f"bench-web-{tag}", topic_crm=f"bench-crm-{tag}",
         topic_scores=f"bench-scores-{tag}", topic_hot=f"bench-hot-{tag}", topic_dead_letter=f"bench-dlq-{tag}",
         topic_training=f"bench-training-{tag}", redis_url=base.redis_url.rsplit("/", 1)[0] + "/14")
-    env = {s.env: str(getattr(settings, attr)) for attr, s in SETTINGS.items()}
+    env = settings.to_env()
     worker = start_worker(settings, Path(f"/tmp/leadstream-bench-{tag}.log"), env=env)
     try:
         asyncio.run(bench_e2e(settings, events))
@@ -140,12 +140,12 @@ def main() -> int:
         asyncio.run(bench_e2e_paced(settings, paced, rate=100))
     finally:
         stop_worker(worker)
-        asyncio.run(_flush(settings.redis_url))
+        asyncio.run(_flush(settings))
     return 0
 
 
-async def _flush(url: str) -> None:
-    client = aioredis.Redis.from_url(url)
+async def _flush(settings: Settings) -> None:
+    client = redis_client(settings)
     await client.flushdb()
     await client.aclose()
 

@@ -14,13 +14,13 @@ from typing import TypeVar
 
 import faust
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from models.learner import Trainer
 from models.rules import load_rules
 from models.scoring import Scorer
+from streams.clients import redis_client
 from streams.dashboard import dashboard_data, render_dashboard
 from streams.reports import funnel
 from streams.pipeline import ContentionError, EventPipeline, Message, Out, dead_letter
@@ -35,12 +35,13 @@ T = TypeVar("T")
 def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
     """Declare topics, agents, the checkpoint poller and the web views on ``app``."""
     topics = declare_topics(app, settings)
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     models = ModelStore(client)
     scorer = Scorer(load_rules(settings.scoring_config.read_text()))
     pipeline = EventPipeline(LeadStore(client, settings.dedupe_ttl_s), scorer,
                              topic_kinds={settings.topic_web: "web", settings.topic_crm: "crm"},
-                             max_event_bytes=settings.max_event_bytes)
+                             max_event_bytes=settings.max_event_bytes,
+                             max_future_skew_ms=settings.max_future_skew_s * 1000)
 
     @app.agent(topics.inputs, concurrency=1)
     async def score_events(stream: faust.StreamT) -> None:

@@ -26,11 +26,12 @@ def _down(args: argparse.Namespace, settings: Settings) -> int:
 def _run(func: Callable[[argparse.Namespace, Settings], int], args: argparse.Namespace, settings: Settings) -> int:
     """Known failures (a service that does not start, a bad scoring config) as one clear line, no traceback."""
     from models.rules import ConfigError
+    from streams.clients import ConnectionCheckError
     from streams.stack import StackError
 
     try:
         return int(func(args, settings) or 0)
-    except StackError as exc:
+    except (StackError, ConnectionCheckError) as exc:
         print(f"leadstream {args.command}: {exc}", file=sys.stderr)
     except ConfigError as exc:
         print(f"leadstream {args.command}: {exc} (file {settings.scoring_config}, set by LEADSTREAM_SCORING_CONFIG)",

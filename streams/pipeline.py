@@ -59,18 +59,21 @@ def dead_letter(msg: Message, reason: str, now_ms: int) -> Out:
 
 
 class EventPipeline:
-    def __init__(self, store: LeadStore, scorer: Scorer, *, topic_kinds: dict[str, str], max_event_bytes: int) -> None:
+    def __init__(self, store: LeadStore, scorer: Scorer, *, topic_kinds: dict[str, str], max_event_bytes: int,
+                 max_future_skew_ms: int | None = None) -> None:
         self.store = store
         self.scorer = scorer
         self.topic_kinds = topic_kinds  # input topic name -> "web" | "crm"
         self.max_event_bytes = max_event_bytes
+        self.max_future_skew_ms = max_future_skew_ms  # None: no bound on event time ahead of the clock
         self.counts: Counter[str] = Counter()
 
     async def handle(self, msg: Message) -> list[Out]:
         now_ms = int(time.time() * 1000)
         try:
             event = parse_event(msg.key, msg.value, topic_kind=self.topic_kinds[msg.topic],
-                                max_bytes=self.max_event_bytes)
+                                max_bytes=self.max_event_bytes, now_ms=now_ms,
+                                max_future_skew_ms=self.max_future_skew_ms)
         except RejectedEvent as exc:
             self.counts["dead_letter"] += 1
             return [dead_letter(msg, str(exc), now_ms)]
