@@ -18,7 +18,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord
 
 from streams import stack as stack_mod
-from streams.clients import kafka_kwargs, redis_client
+from streams import clients
+from streams.clients import kafka_kwargs
 from streams.settings import Settings
 from streams.topics import ensure_topics
 
@@ -74,7 +75,7 @@ async def topic_factory(stack: Settings, kafka_admin: AIOKafkaAdminClient) -> As
 @pytest.fixture
 async def redis_client(stack: Settings) -> AsyncIterator[aioredis.Redis]:
     """A client on the tests' own database (15), empty at the start of each test."""
-    client = redis_client(stack, redis_test_url(stack.redis_url))
+    client = clients.redis_client(stack, redis_test_url(stack.redis_url))
     await client.flushdb()
     yield client
     await client.aclose()
