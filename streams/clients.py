@@ -148,7 +148,8 @@ def explain_kafka_error(settings: Settings, hostport: str, exc: BaseException) -
     if isinstance(exc, ConnectionError | OSError):
         return f"{where} is unreachable: {_short(exc)}; is it running? (`leadstream up` starts a local one)"
     if isinstance(exc, KafkaError):
-        return f"{where}: {_short(exc)}; check {proto} and the LEADSTREAM_KAFKA_SASL_* settings"
+        # e.g. a PLAINTEXT client on a TLS listener: the broker just closes the connection.
+        return f"{where}: {_short(exc)}: does the listener expect {proto} and these LEADSTREAM_KAFKA_SASL_* settings?"
     return f"{where}: {_short(exc)}"
 
 
