@@ -72,13 +72,16 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
 
     @app.timer(interval=settings.model_poll_s)
     async def refresh_model() -> None:
-        version = await models.version()
-        if version != checked["version"]:
-            checked["version"] = version
-            serving = await models.load_serving()
-            if serving is not None:
-                scorer.model = serving
-                log.info("scorer: now serving model version %d", serving.version)
+        try:
+            version = await models.version()
+            if version != checked["version"]:
+                serving = await models.load_serving()
+                checked["version"] = version
+                if serving is not None:
+                    scorer.model = serving
+                    log.info("scorer: now serving model version %d", serving.version)
+        except (RedisConnectionError, RedisTimeoutError) as exc:  # an exception here would crash the whole app
+            log.warning("model poller: Redis unavailable (%r); next try in %.1f s", exc, settings.model_poll_s)
 
     @app.page("/model")
     async def model_report(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
