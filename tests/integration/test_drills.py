@@ -31,7 +31,7 @@ from streams import demo
 from streams.clients import kafka_kwargs, redis_client
 from streams.settings import Settings
 from streams.state import LeadStore
-from tests.integration.ownstack import RedisServer, start_broker
+from tests.integration.ownstack import RedisServer, free_port, start_broker
 
 pytestmark = pytest.mark.integration
 T0 = 1_767_225_600_000  # 2026-01-01
@@ -205,8 +205,8 @@ async def test_rebalance_from_one_to_three_workers_loses_nothing(pipeline_settin
     await publish(s, events[:200])
     await wait_scored(s, 50)
     publishing = asyncio.create_task(publish(s, events[200:]))
-    await asyncio.to_thread(start_worker)  # two more join while events flow: partitions move twice
-    await asyncio.to_thread(start_worker)
+    for _ in range(2):  # two more join while events flow: partitions move twice
+        await asyncio.to_thread(start_worker, LEADSTREAM_WEB_PORT=str(free_port()))
     await publishing
     await assert_counted_once(s, events, timeout=120)
     scored = {orjson.loads(r.value)["event_id"] for r in await read_all(s, s.topic_scores)}
