@@ -9,17 +9,28 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from streams.reports import funnel_with_rates, leads_and_model
+
+
+from models.rules import load_rules
+from streams.reports import funnel
+from streams.clients import redis_client
 from streams.settings import Settings
+from streams.state import ModelStore
+from streams.views import Views
 
 TOP_LEADS = 15
 
 
 async def dashboard_data(settings: Settings, stall_days: float = 14.0) -> dict[str, Any]:
-    states, model = await leads_and_model(settings)
-    open_leads = [st for st in states if not st.get("outcome") and "score" in st]
-    top = sorted(open_leads, key=lambda st: -st["score"])[:TOP_LEADS]
-    return {"funnel": funnel_with_rates(states, model, stall_days), "model": model, "top": top}
+    """Everything on the page, from the read models (O(log N + page), never a scan of the leads)."""
+    client = redis_client(settings)
+    try:
+        grades = load_rules(settings.scoring_config.read_text()).grades
+        top, _ = await Views(client, grades).leaderboard(limit=TOP_LEADS)
+        model = await ModelStore(client).report()
+    finally:
+        await client.aclose()
+    return {"funnel": await funnel(settings, stall_days), "model": model, "top": top}
 
 
 def render_dashboard(data: dict[str, Any]) -> str:

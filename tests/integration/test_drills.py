@@ -75,7 +75,7 @@ async def publish(settings: Settings, docs: list[dict], producer: AIOKafkaProduc
 async def counts_now(settings: Settings, leads: list[str]) -> dict[str, Counter]:
     client = redis_client(settings, socket_timeout=5)
     try:
-        store = LeadStore(client, settings.dedupe_ttl_s)
+        store = LeadStore(client, settings.tombstone_ttl_s)
         got = {}
         for lead in leads:
             stored = await store.get(lead)

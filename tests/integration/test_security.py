@@ -85,7 +85,7 @@ async def test_worker_scores_through_sasl_ssl_and_a_redis_password(secured, tmp_
         assert scored == {f"sec-{i}" for i in range(20)}
         client = redis_client(settings)
         try:
-            store = LeadStore(client, settings.dedupe_ttl_s)
+            store = LeadStore(client, settings.tombstone_ttl_s)
             assert [(await store.get(f"lead-{n}"))["state"]["counts"] for n in range(4)] == [{"click": 5}] * 4
         finally:
             await client.aclose()
