@@ -15,13 +15,13 @@ from typing import TypeVar
 
 import faust
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from models.learner import Trainer
 from models.rules import load_rules
 from models.scoring import Scorer
+from streams.clients import redis_client
 from streams.dashboard import dashboard_data, render_dashboard
 from streams.reports import funnel
 from streams.pipeline import ContentionError, EventPipeline, Message, dead_letter
@@ -37,13 +37,14 @@ T = TypeVar("T")
 def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
     """Declare topics, agents, the checkpoint poller, the rescoring timer and the web views on ``app``."""
     topics = declare_topics(app, settings)
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     models = ModelStore(client)
     scorer = Scorer(load_rules(settings.scoring_config.read_text()))
     pipeline = EventPipeline(LeadStore(client, settings.tombstone_ttl_s), scorer,
                              topic_kinds={settings.topic_web: "web", settings.topic_crm: "crm"},
                              max_event_bytes=settings.max_event_bytes, dedupe_ids=settings.dedupe_ids,
-                             rescore_every_ms=settings.rescore_every_s * 1000, worker_id=uuid.uuid4().hex[:8])
+                             rescore_every_ms=settings.rescore_every_s * 1000, worker_id=uuid.uuid4().hex[:8],
+                             max_future_skew_ms=settings.max_future_skew_s * 1000)
     sender = Sender(app, topics)
     rescorer = Rescorer(app, settings, pipeline, client, sender)
 
@@ -79,14 +80,17 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
 
     @app.timer(interval=settings.model_poll_s)
     async def refresh_model() -> None:
-        version = await models.version()
-        if version != checked["version"]:
-            checked["version"] = version
-            serving = await models.load_serving()
-            if serving is not None:
-                scorer.model = serving
-                rescorer.model_changed()
-                log.info("scorer: now serving model version %d", serving.version)
+        try:
+            version = await models.version()
+            if version != checked["version"]:
+                serving = await models.load_serving()
+                checked["version"] = version
+                if serving is not None:
+                    scorer.model = serving
+                    rescorer.model_changed()
+                    log.info("scorer: now serving model version %d", serving.version)
+        except (RedisConnectionError, RedisTimeoutError) as exc:  # an exception here would crash the whole app
+            log.warning("model poller: Redis unavailable (%r); next try in %.1f s", exc, settings.model_poll_s)
 
     @app.timer(interval=settings.rescore_poll_s)
     async def rescore() -> None:

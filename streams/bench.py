@@ -45,6 +45,7 @@ from models.simulate import simulate
 from streams.demo import start_worker, stop_worker
 from streams.pipeline import EventPipeline, Message
 from streams.publish import topic_for
+from streams.clients import kafka_kwargs, redis_client
 from streams.settings import SETTINGS, Settings
 from streams.state import LeadStore
 from streams.topics import ensure_topics
@@ -147,10 +148,10 @@ async def bench_passthrough(settings: Settings, events: list[dict[str, Any]]) ->
     """The ceiling: plain aiokafka consume -> orjson decode -> produce of the same records."""
     src, dst = f"{settings.topic_web}-pt-in", f"{settings.topic_web}-pt-out"
     await ensure_topics(settings, {src: settings.partitions, dst: settings.partitions})
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5,
+    producer = AIOKafkaProducer(**kafka_kwargs(settings), acks="all", linger_ms=5,
                                 max_batch_size=256 * 1024)
     await producer.start()
-    consumer = AIOKafkaConsumer(src, bootstrap_servers=settings.kafka_bootstrap, group_id=f"pt-{uuid.uuid4().hex[:6]}",
+    consumer = AIOKafkaConsumer(src, **kafka_kwargs(settings), group_id=f"pt-{uuid.uuid4().hex[:6]}",
                                 auto_offset_reset="earliest", enable_auto_commit=True)
     await consumer.start()
     n = len(events)
@@ -178,7 +179,7 @@ async def bench_passthrough(settings: Settings, events: list[dict[str, Any]]) ->
 
 async def bench_burst(settings: Settings, events: list[dict[str, Any]]) -> Figures:
     """Events per second of the running worker(s): first publish to last score consumed."""
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5,
+    producer = AIOKafkaProducer(**kafka_kwargs(settings), acks="all", linger_ms=5,
                                 max_batch_size=256 * 1024)
     await producer.start()
     latencies: list[float] = []
@@ -208,7 +209,7 @@ async def bench_latency(settings: Settings, events: list[dict[str, Any]], rate: 
     """Event -> score latency at a steady offered ``rate`` for ``seconds`` (optionally with a reader)."""
     n = min(len(events), int(rate * seconds))
     events = events[:n]
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks=1, linger_ms=0)
+    producer = AIOKafkaProducer(**kafka_kwargs(settings), acks=1, linger_ms=0)
     await producer.start()
     sent_at: dict[str, float] = {}
     latencies: list[float] = []
@@ -292,7 +293,7 @@ def _get(url: str) -> None:
 async def bench_memory_and_reads(settings: Settings, leads: int, rules_text: str) -> Figures:
     """Write ``leads`` simulated leads through the pipeline's write path, then measure memory, reads and
     a full model rescoring pass."""
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     await client.flushdb()
     rules = load_rules(rules_text)
     pipeline = EventPipeline(LeadStore(client), Scorer(rules), topic_kinds={"web": "web", "crm": "crm"},
@@ -380,7 +381,7 @@ async def _rescoring_pass(client: aioredis.Redis, pipeline: EventPipeline, batch
 # ---- the command ---------------------------------------------------------------------------------
 
 async def _cleanup(settings: Settings) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**kafka_kwargs(settings))
     await admin.start()
     try:
         ours = [t for t in await admin.list_topics() if settings.app_id.removeprefix("bench-") in t]
@@ -388,7 +389,7 @@ async def _cleanup(settings: Settings) -> None:
             await admin.delete_topics(ours)
     finally:
         await admin.close()
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     await client.flushdb()
     await client.aclose()
 

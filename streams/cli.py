@@ -27,11 +27,12 @@ def _down(args: argparse.Namespace, settings: Settings) -> int:
 def _run(func: Callable[[argparse.Namespace, Settings], int], args: argparse.Namespace, settings: Settings) -> int:
     """Known failures (a service that does not start, a bad scoring config) as one clear line, no traceback."""
     from models.rules import ConfigError
+    from streams.clients import ConnectionCheckError
     from streams.stack import StackError
 
     try:
         return int(func(args, settings) or 0)
-    except StackError as exc:
+    except (StackError, ConnectionCheckError) as exc:
         print(f"leadstream {args.command}: {exc}", file=sys.stderr)
     except ConfigError as exc:
         print(f"leadstream {args.command}: {exc} (file {settings.scoring_config}, set by LEADSTREAM_SCORING_CONFIG)",
@@ -102,12 +103,11 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
 def _rebuild_views(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
-    import redis.asyncio as aioredis
-
+    from streams.clients import redis_client
     from streams.views import rebuild_views
 
     async def run() -> dict:
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = redis_client(settings)
         try:
             return await rebuild_views(client, settings.rescore_every_s * 1000)
         finally:

@@ -10,10 +10,10 @@ from html import escape
 from typing import Any
 
 
-import redis.asyncio as aioredis
 
 from models.rules import load_rules
 from streams.reports import funnel
+from streams.clients import redis_client
 from streams.settings import Settings
 from streams.state import ModelStore
 from streams.views import Views
@@ -23,7 +23,7 @@ TOP_LEADS = 15
 
 async def dashboard_data(settings: Settings, stall_days: float = 14.0) -> dict[str, Any]:
     """Everything on the page, from the read models (O(log N + page), never a scan of the leads)."""
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     try:
         grades = load_rules(settings.scoring_config.read_text()).grades
         top, _ = await Views(client, grades).leaderboard(limit=TOP_LEADS)

@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaConsumer
 from models.grading import GRADE_NAMES
 from models.simulate import simulate
 from streams import stack
+from streams.clients import kafka_kwargs
 from streams.reports import model_report
 from streams.publish import publish_events
 from streams.settings import Settings
@@ -100,7 +101,7 @@ def _why(body: dict) -> str:
 
 async def watch_and_publish(settings: Settings, events: list[dict], rate: float) -> Board:
     board = Board()
-    consumer = AIOKafkaConsumer(settings.topic_scores, settings.topic_hot, bootstrap_servers=settings.kafka_bootstrap,
+    consumer = AIOKafkaConsumer(settings.topic_scores, settings.topic_hot, **kafka_kwargs(settings),
                                 group_id=None, auto_offset_reset="latest", enable_auto_commit=False)
     await consumer.start()
     await asyncio.sleep(1)  # let the consumer settle at the end of the topics before traffic starts

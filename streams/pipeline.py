@@ -82,13 +82,15 @@ class Computed:
 
 class EventPipeline:
     def __init__(self, store: LeadStore, scorer: Scorer, *, topic_kinds: dict[str, str], max_event_bytes: int,
-                 dedupe_ids: int = 64, rescore_every_ms: int = 86_400_000, worker_id: str = "w") -> None:
+                 dedupe_ids: int = 64, rescore_every_ms: int = 86_400_000, worker_id: str = "w",
+                 max_future_skew_ms: int | None = None) -> None:
         self.store = store
         self.scorer = scorer
         self.topic_kinds = topic_kinds  # input topic name -> "web" | "crm"
         self.max_event_bytes = max_event_bytes
         self.dedupe_ids = dedupe_ids
         self.rescore_every_ms = rescore_every_ms
+        self.max_future_skew_ms = max_future_skew_ms  # None: no bound on event time ahead of the clock
         self.counts: Counter[str] = Counter()
         self._worker_id = worker_id
         self._batches = 0
@@ -107,7 +109,8 @@ class EventPipeline:
         for msg in msgs:
             try:
                 event = parse_event(msg.key, msg.value, topic_kind=self.topic_kinds[msg.topic],
-                                    max_bytes=self.max_event_bytes)
+                                    max_bytes=self.max_event_bytes, now_ms=now_ms,
+                                    max_future_skew_ms=self.max_future_skew_ms)
             except RejectedEvent as exc:
                 self.counts["dead_letter"] += 1
                 outs.append(dead_letter(msg, str(exc), now_ms))

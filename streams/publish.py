@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError
 from models.events import parse_ts, topic_kind_of
 from models.history import BAD_LINE, MappingError, RowResult, load_mapping, read_rows, rows_to_events
 from models.simulate import simulate
+from streams.clients import kafka_kwargs
 from streams.settings import Settings
 from streams.topics import ensure_topics
 
@@ -52,7 +53,7 @@ async def publish_events(settings: Settings, events: Iterable[dict[str, Any]], r
         Where a progress line goes every few seconds.
     """
     await ensure_topics(settings, {settings.topic_web: settings.partitions, settings.topic_crm: settings.partitions})
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(**kafka_kwargs(settings), acks="all", linger_ms=5)
     await producer.start()
     counts: Counter[str] = Counter()
     pending: list[tuple[str, asyncio.Future[Any]]] = []

@@ -13,7 +13,8 @@ import redis.asyncio as aioredis
 
 from models.features import features
 from models.rules import load_rules
-from streams.settings import Settings
+from streams.clients import redis_client
+from streams.settings import Settings, redact_url
 from streams.state import LeadStore, ModelStore
 from streams.views import Views
 
@@ -21,7 +22,7 @@ from streams.views import Views
 @contextlib.asynccontextmanager
 async def _redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
     """A client for one report: opened, used, closed."""
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     try:
         yield client
     finally:
@@ -45,7 +46,7 @@ async def lead_view(settings: Settings, lead_id: str) -> dict | None:
 def print_lead(settings: Settings, lead_id: str) -> int:
     view = asyncio.run(lead_view(settings, lead_id))
     if view is None:
-        print(f"leadstream: no lead {lead_id!r} in {settings.redis_url}", file=sys.stderr)
+        print(f"leadstream: no lead {lead_id!r} in {redact_url(settings.redis_url)}", file=sys.stderr)
         return 1
     sys.stdout.write(orjson.dumps(view, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
@@ -59,7 +60,7 @@ async def model_report(settings: Settings) -> dict | None:
 def print_model(settings: Settings) -> int:
     report = asyncio.run(model_report(settings))
     if report is None:
-        print(f"leadstream: no model yet in {settings.redis_url}: it appears with the first closed deal", file=sys.stderr)
+        print(f"leadstream: no model yet in {redact_url(settings.redis_url)}: it appears with the first closed deal", file=sys.stderr)
         return 1
     sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0

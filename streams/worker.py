@@ -8,6 +8,7 @@ import faust
 
 from streams.agents import register_agents
 from streams.app import create_app
+from streams.clients import check_connections
 from streams.settings import Settings
 from streams.topics import ensure_topics
 
@@ -20,6 +21,7 @@ def build_app(settings: Settings) -> faust.App:
 
 def run_worker(settings: Settings, loglevel: str = "info") -> int:
     (settings.home / "worker-data").mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
+    asyncio.run(check_connections(settings))  # a wrong password or CA: one clear line, not a retry loop
     asyncio.run(ensure_topics(settings))
     app = build_app(settings)
     worker = faust.Worker(app, loglevel=loglevel)

@@ -14,7 +14,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from streams import demo
-from streams.settings import SETTINGS, Settings
+from streams.settings import Settings
 from tests.conftest import redis_test_url
 
 
@@ -41,10 +41,7 @@ async def pipeline_settings(stack: Settings, kafka_admin: AIOKafkaAdminClient) -
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    for attr, s in SETTINGS.items():
-        env[s.env] = str(getattr(settings, attr))
-    return env
+    return dict(os.environ) | settings.to_env()
 
 
 StartWorker = Callable[..., subprocess.Popen]
