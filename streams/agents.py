@@ -94,7 +94,7 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
 
     @app.timer(interval=settings.rescore_poll_s)
     async def rescore() -> None:
-        await pipeline.flush_acked()
+        await with_retry(pipeline.flush_acked, "dropping acknowledged re-send material")
         await with_retry(rescorer.tick, "rescoring")
 
     @app.page("/model")

@@ -110,11 +110,11 @@ async def _publish_burst(producer: AIOKafkaProducer, records: list[tuple[str, by
     return t0
 
 
-async def _collect(bootstrap: str, topic: str, n: int, timeout_s: float, prefix: bytes | None = None,
+async def _collect(settings: Settings, topic: str, n: int, timeout_s: float, prefix: bytes | None = None,
                    on_record: Callable[[Any, float], None] | None = None) -> float:
     """Consume ``topic`` from its start until ``n`` records arrived (with ``prefix``: only the event
     scores and tombstones of leads whose id starts with it); returns when the last one did."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
+    consumer = AIOKafkaConsumer(topic, **kafka_kwargs(settings), group_id=None, auto_offset_reset="earliest",
                                 enable_auto_commit=False, fetch_max_bytes=50 * 1024 * 1024)
     await consumer.start()
     seen, last = 0, time.perf_counter()
@@ -168,7 +168,7 @@ async def bench_passthrough(settings: Settings, events: list[dict[str, Any]]) ->
                 done += len(batch)
 
     task = asyncio.create_task(forward())
-    collector = asyncio.create_task(_collect(settings.kafka_bootstrap, dst, n, 300))
+    collector = asyncio.create_task(_collect(settings, dst, n, 300))
     t0 = await _publish_burst(producer, [(src, key, value) for _, key, value in _records(settings, events)])
     last = await collector
     await task
@@ -191,7 +191,7 @@ async def bench_burst(settings: Settings, events: list[dict[str, Any]]) -> Figur
         latencies.append(now - sent_at.get(event_id, now))
 
     prefix = events[0]["lead_id"].split("-", 1)[0].encode() + b"-"
-    collector = asyncio.create_task(_collect(settings.kafka_bootstrap, settings.topic_scores, len(events), 600,
+    collector = asyncio.create_task(_collect(settings, settings.topic_scores, len(events), 600,
                                              prefix, on_record))
     records = _records(settings, events)
     now = time.perf_counter()
@@ -221,7 +221,7 @@ async def bench_latency(settings: Settings, events: list[dict[str, Any]], rate: 
                 latencies.append(now - sent_at[event_id])
 
     prefix = events[0]["lead_id"].split("-", 1)[0].encode() + b"-"
-    collector = asyncio.create_task(_collect(settings.kafka_bootstrap, settings.topic_scores, n, seconds + 120,
+    collector = asyncio.create_task(_collect(settings, settings.topic_scores, n, seconds + 120,
                                              prefix, on_record))
     stop_reader = asyncio.Event()
 

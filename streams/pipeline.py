@@ -135,8 +135,7 @@ class EventPipeline:
     async def flush_acked(self) -> None:
         """Drop acknowledged re-send material now (the next batch's load does it otherwise)."""
         if self._acked:
-            acked, self._acked = self._acked, []
-            await self.store.load_many([], acked=acked)
+            await self._load({}, self._take_acked())
 
     # ---- rescoring without events ------------------------------------------------------------
 
@@ -168,7 +167,7 @@ class EventPipeline:
         outs: list[Out] = []
         todo = dict(by_lead)
         for attempt in range(MAX_CAS_RETRIES):
-            records = await self.store.load_many(todo, acked=self._take_acked())
+            records = await self._load(todo, self._take_acked())
             computed = {lead: compute(records[lead], todo[lead]) for lead in todo}
             writes = [(lead, c.write) for lead, c in computed.items() if c.write is not None]
             statuses = await self.store.write_many([w for _, w in writes])
