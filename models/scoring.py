@@ -178,11 +178,11 @@ def _apply_score(state: State, scored: Scored, rules: Rules, was_hot: bool, mess
     hot_now = scored.score >= (rules.hot_rearm_below if was_hot else rules.hot_threshold)
     state["hot"] = hot_now
     state["score"], state["grade"], state["source"] = message["score"], scored.grade, scored.source
-    state["reasons"] = scored.reasons
+    state["reasons"] = [{"feature": r["feature"], "contribution": r["contribution"]} for r in scored.reasons]
     state["model_version"] = scored.model_version
     state["scored_at"] = scored_at_ms
     history = state.setdefault("history", [])
-    history.append([scored_at_ms, message["score"], scored.grade, trigger])
+    history.append([scored_at_ms, round(message["score"], 4), scored.grade, trigger])
     del history[:-MAX_HISTORY]
     return {**message, "threshold": rules.hot_threshold} if hot_now and not was_hot else None
 

@@ -185,7 +185,14 @@ class EventPipeline:
             await asyncio.sleep(random.uniform(0, 0.001 * (attempt + 1)))  # let the other writer finish
         raise ContentionError(f"leads {sorted(todo)[:5]}: state kept changing under {MAX_CAS_RETRIES} retries")
 
-    def _take_acked(self) -> list[tuple[str, str]]:
+    async def _load(self, leads: dict[str, Any], acked: list[tuple[str, list[str]]]) -> dict[str, LeadRecord]:
+        try:
+            return await self.store.load_many(leads, acked=acked)
+        except BaseException:
+            self._acked = acked + self._acked  # the clean-up did not happen: keep it for the next trip
+            raise
+
+    def _take_acked(self) -> list[tuple[str, list[str]]]:
         acked, self._acked = self._acked, []
         return acked
 
