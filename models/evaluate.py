@@ -34,6 +34,7 @@ from models.events import Event, RejectedEvent, parse_event, topic_kind_of
 from models.history import BAD_LINE, MappingError, load_mapping, read_rows, rows_to_events
 from models.learner import Trainer
 from models.metrics import log_loss, roc_auc
+from models.fields import Encoder
 from models.rules import ConfigError, Rules, load_rules
 from models.scoring import MAX_STAGE_SNAPSHOTS, Scorer, step
 
@@ -234,7 +235,7 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
     >>> result.metrics()["rules"]["roc_auc"], result.report()["deals"]["n"]
     (1.0, 4)
     """
-    trainer = Trainer(min_outcomes=min_outcomes, kind=model_kind)
+    trainer = Trainer(min_outcomes=min_outcomes, kind=model_kind, encoder=Encoder(rules.fields))
     scorer = Scorer(rules, trainer.serving())
     states: dict[str, dict[str, Any]] = {}
     stage_snaps: dict[str, list[dict[str, Any]]] = {}

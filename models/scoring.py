@@ -20,6 +20,7 @@ from typing import Any
 
 from models.events import Event
 from models.features import Features, State, features, fold, new_state
+from models.fields import public
 from models.learner import ServingModel
 from models.rules import Rules
 
@@ -91,7 +92,8 @@ def step(state: State | None, event: Event, scorer: Scorer, *, scored_at_ms: int
         return StepResult(None, None, deleted_ts=max(event.ts_ms, deleted_ts or event.ts_ms))
     before = state if state is not None else new_state(event.lead_id)
     after = fold(before, event, half_life_s=scorer.rules.half_life_s)
-    f = features(after, after["last_ts"], half_life_s=scorer.rules.half_life_s)
+    # Private fields (see models/fields.py) never become features: not in snapshots, not learned.
+    f = public(features(after, after["last_ts"], half_life_s=scorer.rules.half_life_s), scorer.rules.fields)
     scored = scorer.score(f)
     was_hot = before.get("hot", False)
     # Hysteresis: a hot lead stays hot until it falls below the re-arm level, so a score wobbling

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from models.features import features
 from models.funnel import funnel_report
+from models.fields import public
 from models.rules import load_rules
 from streams.settings import Settings
 from streams.state import LeadStore, ModelStore
@@ -40,7 +41,7 @@ async def lead_view(settings: Settings, lead_id: str) -> dict | None:
         "score": float(stored["score"]), "grade": stored["grade"], "source": stored["source"],
         "stage": stored["stage"] or None, "reasons": state.get("reasons", []),
         "hot": state.get("hot", False), "outcome": state.get("outcome"),
-        "features_now": features(state, int(time.time() * 1000), half_life_s=rules.half_life_s),
+        "features_now": public(features(state, int(time.time() * 1000), half_life_s=rules.half_life_s), rules.fields),
         "counts": state["counts"], "fields": state["fields"],
         "stage_snapshots": stored["stage_snapshots"], "version": int(stored["v"]),
     }
