@@ -139,14 +139,16 @@ class TopValues:
     capacity: int
     counts: dict[str, int] = field(default_factory=dict)
 
-    def add(self, value: str) -> None:
+    def add(self, value: str) -> str | None:
+        """Count ``value``; returns the value evicted to make room, if any."""
         if value in self.counts or len(self.counts) < self.capacity:
             self.counts[value] = self.counts.get(value, 0) + 1
-            return
+            return None
         # Full: the least frequent value makes room, and the newcomer inherits its count (+1), which
         # over-estimates it; a value that keeps coming back climbs, one-offs keep replacing each other.
         evicted = min(self.counts.items(), key=itemgetter(1))[0]  # the oldest of the least frequent
         self.counts[value] = self.counts.pop(evicted) + 1
+        return evicted
 
     def top(self, n: int, min_count: int) -> list[str]:
         ranked = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -217,8 +219,12 @@ class Encoder:
             if spec.kind != "categorical" or spec.values is not None or f"f_{name}" not in f:
                 continue
             counter = self.counters.setdefault(name, TopValues(capacity=max(4 * spec.top, 64)))
-            counter.add(str(f[f"f_{name}"]).strip().lower())
-            self.vocab[name] = frozenset(counter.top(spec.top, spec.min_count))
+            value = str(f[f"f_{name}"]).strip().lower()
+            evicted = counter.add(value)
+            vocab = self.vocab.get(name, frozenset())
+            # Membership can only change if the counted value is not in it yet, or a member left.
+            if (value not in vocab and counter.counts[value] >= spec.min_count) or evicted in vocab:
+                self.vocab[name] = frozenset(counter.top(spec.top, spec.min_count))
 
 
 def _number(v: Any) -> float | None:
