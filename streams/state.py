@@ -13,7 +13,9 @@ Key layout (every key of a lead shares the hash tag ``{<lead_id>}``, so it is Re
 ``lead:{ID}:snaps``  list, the feature snapshots at each stage entry (bounded; deleted at close).
 ``model:serving`` / ``model:version`` / ``model:trainer`` / ``model:report``
     the serving checkpoint (pickle), its version, the trainer's full state (pickle, with the
-    offset of the last training message it applied) and its metrics (JSON).
+    offset of the last training message it applied) and its metrics (JSON), saved together every
+    ``LEADSTREAM_CHECKPOINT_EVERY_DEALS`` deals or ``LEADSTREAM_CHECKPOINT_EVERY_SECONDS``. They hold
+    aggregate weights over bounded features only: no private field's value (``models/fields.py``).
 
 Every event is one read round trip and one atomic write (a Lua script): the write only applies if
 ``v`` is still the version that was read and the event_id is not yet in ``seen``.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -141,21 +144,34 @@ class ModelStore:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
+        self.load_ms: float | None = None  # unpickling time of the last trainer loaded
 
-    async def save(self, trainer: Trainer, learned_event_id: str | None = None) -> None:
+    async def save(self, trainer: Trainer, **extra: Any) -> dict[str, Any]:
+        """Write the trainer (with its ``last_offset``), the serving model, the version and the report
+        in one transaction; returns the checkpoint's figures (also in the report's ``checkpoint``)."""
+        started = time.perf_counter()
+        trainer_bytes = pickle.dumps(trainer)
+        serving_bytes = pickle.dumps(trainer.serving())
+        figures = {"trainer_bytes": len(trainer_bytes), "serving_bytes": len(serving_bytes),
+                   "offset": trainer.last_offset, "saved_at_ms": int(time.time() * 1000),
+                   "load_ms": self.load_ms, **extra}
         pipe = self.client.pipeline(transaction=True)  # version, checkpoint and trainer move together
-        if learned_event_id is not None:
-            pipe.sadd("model:learned", learned_event_id)
-        pipe.set("model:trainer", pickle.dumps(trainer))
-        pipe.set("model:serving", pickle.dumps(trainer.serving()))
+        pipe.set("model:trainer", trainer_bytes)
+        pipe.set("model:serving", serving_bytes)
         pipe.set("model:version", trainer.version)
-        pipe.set("model:report", orjson.dumps(trainer.report()))
+        report = trainer.report()
+        figures["save_ms"] = round((time.perf_counter() - started) * 1000, 2)  # pickling; the write follows
+        pipe.set("model:report", orjson.dumps(report | {"checkpoint": figures}))
         await pipe.execute()
+        figures["save_ms_with_write"] = round((time.perf_counter() - started) * 1000, 2)
+        return figures
 
     async def load_trainer(self) -> Trainer | None:
         """The saved trainer, or None when there is none or it is of an older model format."""
         raw = await self.client.get("model:trainer")
+        started = time.perf_counter()
         trainer = pickle.loads(raw) if raw else None
+        self.load_ms = round((time.perf_counter() - started) * 1000, 2) if raw else None
         if trainer is not None and _format(trainer) != MODEL_FORMAT:
             log.warning("model:trainer has format %s, not %s: starting a new model", _format(trainer), MODEL_FORMAT)
             return None
