@@ -19,6 +19,8 @@ only function here that reads files or prints.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import sys
 import time
@@ -371,6 +373,7 @@ def run_evaluate(file: str | Path, mapping: str | Path, scoring_config_path: str
     except (ConfigError, MappingError, OSError, ValueError) as exc:
         print(f"leadstream evaluate: {exc}", file=sys.stderr)
         return 2
+    rules = dataclasses.replace(rules, fields=rules.fields.with_private(parsed.private_fields))
     columns = {c for _, row in rows if BAD_LINE not in row for c in row}
     absent = sorted(parsed.columns - columns)
     if rows and absent:
