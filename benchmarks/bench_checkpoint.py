@@ -9,8 +9,11 @@ import pickle
 import random
 import sys
 import time
+from pathlib import Path
 
-from models.fields import Encoder
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models.fields import Encoder  # noqa: E402
 from models.learner import Trainer
 from models.rules import DEFAULT_CONFIG, load_rules
 from tests.test_fields import snapshot
