@@ -129,7 +129,7 @@ class TopValues:
 
     >>> t = TopValues(capacity=3)
     >>> for v in ["a", "a", "a", "b", "b", "c", "d", "e"]:
-    ...     t.add(v)
+    ...     _ = t.add(v)
     >>> t.top(2, min_count=2)
     ['a', 'e']
     >>> len(t.counts) <= 3
