@@ -19,6 +19,8 @@ only function here that reads files or prints.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import sys
 import time
@@ -34,6 +36,7 @@ from models.events import Event, RejectedEvent, parse_event, topic_kind_of
 from models.history import BAD_LINE, MappingError, load_mapping, read_rows, rows_to_events
 from models.learner import Trainer
 from models.metrics import log_loss, roc_auc
+from models.fields import Encoder
 from models.rules import ConfigError, Rules, load_rules
 from models.scoring import MAX_STAGE_SNAPSHOTS, Scorer, step
 
@@ -234,7 +237,7 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
     >>> result.metrics()["rules"]["roc_auc"], result.report()["deals"]["n"]
     (1.0, 4)
     """
-    trainer = Trainer(min_outcomes=min_outcomes, kind=model_kind)
+    trainer = Trainer(min_outcomes=min_outcomes, kind=model_kind, encoder=Encoder(rules.fields))
     scorer = Scorer(rules, trainer.serving())
     states: dict[str, dict[str, Any]] = {}
     stage_snaps: dict[str, list[dict[str, Any]]] = {}
@@ -366,6 +369,7 @@ def run_evaluate(file: str | Path, mapping: str | Path, scoring_config_path: str
     except (ConfigError, MappingError, OSError, ValueError) as exc:
         print(f"leadstream evaluate: {exc}", file=sys.stderr)
         return 2
+    rules = dataclasses.replace(rules, fields=rules.fields.with_private(parsed.private_fields))
     columns = {c for _, row in rows if BAD_LINE not in row for c in row}
     absent = sorted(parsed.columns - columns)
     if rows and absent:

@@ -35,35 +35,47 @@ from river import base, compose, drift, forest, linear_model, naive_bayes, optim
 
 from models.events import STAGES
 from models.features import Features
+from models.fields import Encoder
 from models.metrics import Prequential
 
 MODEL_KINDS = ("logreg", "hoeffding", "forest", "naive_bayes")
 # Bumped whenever features or the model pipeline change incompatibly: a checkpoint of another
 # format is not loaded (the trainer starts afresh) instead of serving a model fed the wrong inputs.
-MODEL_FORMAT = 2
+MODEL_FORMAT = 3  # 3: field policy, bounded (hashed / vocabulary) feature space
 # Numeric features spanning orders of magnitude: log-scaled so SGD sees comparable ranges.
 _LOG_PREFIXES = ("n_", "d_", "age_days", "recency_s", "time_in_stage_s", "visit_duration_s", "distinct_pages",
                  "sessions", "events_total")
 
 
-def vectorize(f: Features, stage_rates: StageRates | None = None) -> dict[str, float]:
+def vectorize(f: Features, stage_rates: StageRates | None = None, encoder: Encoder | None = None) -> dict[str, float]:
     """Numbers for the model: categories one-hot (``"stage=proposal": 1``), counts log-scaled.
 
-    >>> vectorize({"stage": "new", "n_click": 3.0, "f_age": 30.0})
-    {'stage=new': 1.0, 'n_click': 1.3862943611198906, 'f_age': 30.0}
+    Explicit fields go through the ``encoder``'s field policy (:mod:`models.fields`; default: the
+    default policy), so the feature space is bounded whatever the input.
+
+    >>> vectorize({"stage": "new", "n_click": 3.0, "f_email": "maria@example.com", "f_city": "berlin"})
+    {'stage=new': 1.0, 'n_click': 1.3863, 'h=211': 1.0}
     """
+    return vectorize_labelled(f, stage_rates, encoder)[0]
+
+
+def vectorize_labelled(f: Features, stage_rates: StageRates | None = None,
+                       encoder: Encoder | None = None) -> tuple[dict[str, float], dict[str, str]]:
+    """:func:`vectorize`, plus the readable name of each hashed key (for this lead's reasons)."""
+    encoded, labels = (encoder or _DEFAULT_ENCODER).encode(f)
     x: dict[str, float] = {}
     log1p = math.log1p
-    for k, v in f.items():
-        if v.__class__ is str:
-            x[f"{k}={v}"] = 1.0
-        elif k.startswith(_LOG_PREFIXES):
+    for k, v in encoded.items():
+        if k.startswith(_LOG_PREFIXES):
             x[k] = log1p(v) if v > 0.0 else 0.0
         else:
             x[k] = float(v)
     if stage_rates is not None and isinstance(f.get("stage"), str):
         x["stage_win_rate"] = stage_rates.rate(f["stage"])
-    return x
+    return x, labels
+
+
+_DEFAULT_ENCODER = Encoder()
 
 
 def _numeric(x: dict[str, float]) -> dict[str, float]:
@@ -102,12 +114,15 @@ def make_model(kind: str = "logreg") -> base.Classifier:
     raise ValueError(f"model kind {kind!r}: expected one of {', '.join(MODEL_KINDS)}")
 
 
-def explain(model: base.Classifier, x: dict[str, float], top: int = 5) -> list[dict[str, Any]]:
-    """Largest signed contributions (weight x scaled value, in log-odds) of a linear model."""
-    return predict_explain(model, x, top)[1]
+def explain(model: base.Classifier, x: dict[str, float], top: int = 5,
+            labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Largest signed contributions (weight x scaled value, in log-odds) of a linear model; hashed
+    keys are shown by the lead's own readable ``labels`` (e.g. ``f_city=berlin``)."""
+    return predict_explain(model, x, top, labels)[1]
 
 
-def predict_explain(model: base.Classifier, x: dict[str, float], top: int = 5) -> tuple[float, list[dict[str, Any]]]:
+def predict_explain(model: base.Classifier, x: dict[str, float], top: int = 5,
+                    labels: dict[str, str] | None = None) -> tuple[float, list[dict[str, Any]]]:
     """P(won) and, for the linear pipeline, its largest contributions; the features are scaled once."""
     steps = list(model.steps.values()) if isinstance(model, compose.Pipeline) else []
     if len(steps) != 2 or not isinstance(steps[-1], linear_model.LogisticRegression):
@@ -117,7 +132,8 @@ def predict_explain(model: base.Classifier, x: dict[str, float], top: int = 5) -
     weights = steps[-1].weights
     contrib = [(k, weights.get(k, 0.0) * v) for k, v in scaled.items()]
     ranked = heapq.nsmallest(top, (kv for kv in contrib if kv[1]), key=lambda kv: (-abs(kv[1]), kv[0]))
-    return p, [{"feature": k, "contribution": round(v, 4)} for k, v in ranked]
+    labels = labels or {}
+    return p, [{"feature": labels.get(k, k), "contribution": round(v, 4)} for k, v in ranked]
 
 
 @dataclass
@@ -148,6 +164,7 @@ class ServingModel:
     n_won: int
     n_lost: int
     min_outcomes: int
+    encoder: Encoder = field(default_factory=Encoder)
     format: int = MODEL_FORMAT
 
     def ready(self) -> bool:
@@ -159,7 +176,8 @@ class ServingModel:
         return 0.0 if n < self.min_outcomes else min(1.0, n / (2 * self.min_outcomes))
 
     def predict(self, f: Features) -> tuple[float, list[dict[str, Any]]]:
-        return predict_explain(self.model, vectorize(f, self.stage_rates))
+        x, labels = vectorize_labelled(f, self.stage_rates, self.encoder)
+        return predict_explain(self.model, x, labels=labels)
 
 
 @dataclass
@@ -183,6 +201,7 @@ class Trainer:
     drifts: int = 0
     rejected_promotions: int = 0
     last_offset: int = -1  # offset of the last training message applied (guards redelivery)
+    encoder: Encoder = field(default_factory=Encoder)  # field policy + learned vocabularies (bounded)
     format: int = MODEL_FORMAT
 
     def __post_init__(self) -> None:
@@ -191,13 +210,21 @@ class Trainer:
             self.champion = copy.deepcopy(self.challenger)
 
     def learn(self, snapshots: list[dict[str, Any]], won: bool) -> bool:
-        """Evaluate each snapshot with the current models, then learn; returns True on promotion."""
+        """Evaluate each snapshot with the current models, then learn; returns True on promotion.
+
+        Every snapshot of the deal is scored before the challenger learns any of them (they share
+        the label). The promotion is decided on those test-then-train metrics, so it is known
+        before learning: a promoted challenger simply *becomes* the champion (no copy); only a
+        refused promotion keeps a copy of the champion (copying after every deal cost ~1 ms).
+        """
         y = int(won)
         drifted = False
+        xs = []
         for snap in snapshots:
-            x = vectorize(snap["features"], self.stage_rates)
-            p_champion = self.champion.predict_proba_one(x).get(True, 0.5)
+            x = vectorize(snap["features"], self.stage_rates, self.encoder)
             p_challenger = self.challenger.predict_proba_one(x).get(True, 0.5)
+            p_champion = p_challenger if self.champion is self.challenger else \
+                self.champion.predict_proba_one(x).get(True, 0.5)
             self.rules_metrics.update(snap["rules_score"], y)
             self.champion_metrics.update(p_champion, y)
             self.challenger_metrics.update(p_challenger, y)
@@ -207,31 +234,37 @@ class Trainer:
             per["model"].update(p_champion, y)
             self.drift_detector.update(abs(y - p_champion))
             drifted = drifted or self.drift_detector.drift_detected
+            xs.append(x)
+        if drifted:
+            self.drifts += 1
+        promote = self._promotion_ok() or drifted
+        if not promote:
+            self.rejected_promotions += 1
+            if self.champion is self.challenger:  # keep the champion as it is before this deal
+                self.champion = copy.deepcopy(self.challenger)
+        for x in xs:
             self.challenger.learn_one(x, bool(y))
         stages = [s["stage"] for s in snapshots if s.get("stage")]
         self.stage_rates.update(stages, won)
+        if snapshots:  # one count per deal, from the last features before the outcome
+            self.encoder.learn(snapshots[-1]["features"])
         self.n_won += y
         self.n_lost += 1 - y
-        if drifted:
-            self.drifts += 1
-        return self._maybe_promote(force=drifted)
+        if promote:
+            self.champion = self.challenger
+            self.champion_metrics = self.challenger_metrics.copy()
+            self.version += 1
+        return promote
 
-    def _maybe_promote(self, force: bool) -> bool:
+    def _promotion_ok(self) -> bool:
         """Champion/challenger: promote when the challenger's AUC is >= 95% of the champion's."""
         champion_auc = self.champion_metrics.auc()
         challenger_auc = self.challenger_metrics.auc()
-        ok = champion_auc is None or (challenger_auc is not None and challenger_auc >= self.promote_ratio * champion_auc)
-        if not (ok or force):
-            self.rejected_promotions += 1
-            return False
-        self.champion = copy.deepcopy(self.challenger)
-        self.champion_metrics = copy.deepcopy(self.challenger_metrics)
-        self.version += 1
-        return True
+        return champion_auc is None or (challenger_auc is not None and challenger_auc >= self.promote_ratio * champion_auc)
 
     def serving(self) -> ServingModel:
         return ServingModel(self.version, copy.deepcopy(self.champion), copy.deepcopy(self.stage_rates),
-                            self.n_won, self.n_lost, self.min_outcomes)
+                            self.n_won, self.n_lost, self.min_outcomes, copy.deepcopy(self.encoder))
 
     def report(self) -> dict[str, Any]:
         return {

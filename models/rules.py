@@ -23,6 +23,7 @@ from typing import Any
 
 from models.events import STAGES
 from models.features import Features
+from models.fields import FieldPolicy, PolicyError, parse_policy
 from models.grading import Grades
 
 DEFAULT_CONFIG = Path(__file__).with_name("scoring.toml")
@@ -83,6 +84,7 @@ class Rules:
     activities: dict[str, Capped]
     explicit: dict[str, list[ValueRule]] = field(default_factory=dict)
     by_feature: dict[str, list[ValueRule]] = field(default_factory=dict)  # [features.NAME]: any feature
+    fields: FieldPolicy = field(default_factory=FieldPolicy)  # [fields]: what the model may learn from
 
     def points(self, f: Features) -> dict[str, float]:
         """Every non-zero contribution in points, keyed by a readable reason name."""
@@ -184,6 +186,14 @@ def load_rules(text: str) -> Rules:
         name: [_value_rule(f"features.{name}", key, pts) for key, pts in values.items()]
         for name, values in cfg.get("features", {}).items()
     }
+    try:
+        policy = parse_policy(cfg.get("fields", {}))
+    except PolicyError as exc:
+        raise ConfigError(str(exc)) from None
+    for name in explicit:
+        if policy.is_private(name):
+            raise ConfigError(f"scoring config [explicit.{name}]: field {name!r} is private (never a feature, see "
+                              f"[fields]); remove these points or declare the field in [fields.declared]")
     grades_cfg = cfg.get("grades")
     if not isinstance(grades_cfg, dict):
         raise ConfigError("scoring config [grades]: missing; expected a table like \"A+\" = 0.9, A = 0.8, ...")
@@ -200,5 +210,5 @@ def load_rules(text: str) -> Rules:
         grades=Grades.from_config(grades_cfg),
         hot_threshold=hot, hot_rearm_below=rearm,
         behaviour=behaviour, recency=recency, stage=stage, activities=activities, explicit=explicit,
-        by_feature=by_feature,
+        by_feature=by_feature, fields=policy,
     )

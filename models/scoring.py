@@ -22,6 +22,7 @@ from typing import Any
 
 from models.events import Event
 from models.features import Features, State, features, fold, new_state
+from models.fields import public
 from models.learner import ServingModel
 from models.rules import Rules
 
@@ -122,7 +123,8 @@ def step(state: State | None, event: Event, scorer: Scorer, *, scored_at_ms: int
     was_hot = bool(state and state.get("hot"))
     stage_before = state.get("stage") if state else None
     after = fold(state if state is not None else new_state(event.lead_id), event, half_life_s=half_life_s, copy=copy)
-    f = features(after, after["last_ts"], half_life_s=half_life_s)
+    # Private fields (see models/fields.py) never become features: not in snapshots, not learned.
+    f = public(features(after, after["last_ts"], half_life_s=half_life_s), scorer.rules.fields)
     scored = scorer.score(f)
     result = StepResult(after, _score_message(event.lead_id, event.event_id, event.type, event.ts_ms, after, scored,
                                               scored_at_ms, "event"))
@@ -157,7 +159,7 @@ def rescore(state: State, scorer: Scorer, *, now_ms: int, trigger: str) -> StepR
     """
     was_hot = bool(state.get("hot"))
     at = max(now_ms, state["last_ts"] or now_ms)
-    f = features(state, at, half_life_s=scorer.rules.half_life_s)
+    f = public(features(state, at, half_life_s=scorer.rules.half_life_s), scorer.rules.fields)
     scored = scorer.score(f)
     message = _score_message(state["lead_id"], None, None, at, state, scored, now_ms, trigger)
     result = StepResult(state, message)
@@ -166,7 +168,7 @@ def rescore(state: State, scorer: Scorer, *, now_ms: int, trigger: str) -> StepR
 
 
 def _snapshot(state: State, at_ms: int, rules: Rules) -> dict[str, Any]:
-    f = features(state, at_ms, half_life_s=rules.half_life_s)
+    f = public(features(state, at_ms, half_life_s=rules.half_life_s), rules.fields)
     return {"ts": at_ms, "stage": f.get("stage"), "features": f, "rules_score": round(rules.score(f).score, 6)}
 
 

@@ -6,32 +6,28 @@ events by lead_id, so no repartitioning (group_by) is needed.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 import faust
-import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from models.learner import Trainer
 from models.rules import load_rules
 from models.scoring import Scorer
 from streams.clients import redis_client
 from streams.dashboard import dashboard_data, render_dashboard
 from streams.reports import funnel
-from streams.pipeline import ContentionError, EventPipeline, Message, dead_letter
+from streams.pipeline import EventPipeline, Message, dead_letter
 from streams.rescoring import Rescorer, Sender
+from streams.retry import with_retry
 from streams.settings import Settings
+from streams.training import TrainingLoop
 from streams.state import LeadStore, ModelStore
 from streams.topics import declare_topics
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
@@ -59,22 +55,25 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
             await sender.send_all(outs)
             pipeline.acknowledged()
 
+    async def dead_letter_training(m: Message, exc: Exception) -> None:
+        log.error("trainer: could not learn from %s/%s/%s: %r", m.topic, m.partition, m.offset, exc)
+        doc = dead_letter(m, f"trainer could not learn from it: {exc!r}", int(time.time() * 1000))
+        await topics.dead_letter.send(key=doc.key, value=doc.value)
+
+    training = TrainingLoop(models, settings, scorer.rules.fields, dead_letter_training)
+
     @app.agent(topics.training, concurrency=1)
     async def train(stream: faust.StreamT) -> None:
-        # A new trainer continues the version numbers, so consumers always see them rise.
-        trainer = await models.load_trainer() or Trainer(min_outcomes=settings.model_min_outcomes,
-                                                         version=await models.version())
-        trainer.min_outcomes = settings.model_min_outcomes  # the setting wins over the checkpoint's
-        log.info("trainer: resuming at model version %d (offset %d)", trainer.version, trainer.last_offset)
+        # Faust's assignment makes one worker the trainer; which deals to learn is decided by the
+        # offset saved in the checkpoint, not by Faust's committed offset (see TrainingLoop).
         async for event in stream.events():
             m = event.message
-            try:
-                await with_retry(lambda: learn_one(trainer, models, m.offset, m.value), f"{m.topic}/{m.offset}")
-            except Exception as exc:  # a training message the trainer cannot use: keep it, keep learning
-                log.exception("trainer: could not learn from %s/%s/%s", m.topic, m.partition, m.offset)
-                doc = dead_letter(Message(m.topic, m.partition, m.offset, m.key, m.value),
-                                  f"trainer could not learn from it: {exc!r}", int(time.time() * 1000))
-                await topics.dead_letter.send(key=doc.key, value=doc.value)
+            await training.handle(Message(m.topic, m.partition, m.offset, m.key, m.value))
+
+    @app.timer(interval=min(1.0, settings.checkpoint_every_s))
+    async def checkpoint_when_due() -> None:
+        owns = any(tp.topic == settings.topic_training for tp in app.consumer.assignment())
+        await training.tick(owns)
 
     checked = {"version": -1}  # the last checkpoint version looked at, loadable or not
 
@@ -115,39 +114,3 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
         return web.json({"ok": True, "counts": dict(pipeline.counts)})
 
     return pipeline
-
-
-async def with_retry(attempt: Callable[[], Awaitable[T]], what: str, max_backoff_s: float = 30.0) -> T:
-    """Run ``attempt`` until it gets through Redis outages and lead contention: a message is never
-    skipped because of them (no data lost); the partition waits instead."""
-    backoff = 0.1
-    while True:
-        try:
-            return await attempt()
-        except (RedisConnectionError, RedisTimeoutError, ContentionError) as exc:
-            log.warning("%s: %r; retrying in %.1f s", what, exc, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(2 * backoff, max_backoff_s)
-
-
-async def learn_one(trainer: Trainer, models: ModelStore, offset: int, value: bytes) -> bool:
-    """Learn from one closed deal unless this offset or this deal was already learned.
-
-    The trainer's state, including ``last_offset``, and the deal's id are saved in one
-    transaction, so a restart resumes exactly after the last deal learned.
-    """
-    if offset <= trainer.last_offset:
-        return False
-    example = orjson.loads(value)
-    trainer.last_offset = offset
-    if await models.client.sismember("model:learned", example["event_id"]):
-        await models.save(trainer)
-        return False
-    drifts = trainer.drifts
-    promoted = trainer.learn(example["snapshots"], example["won"])
-    await models.save(trainer, learned_event_id=example["event_id"])
-    if trainer.drifts > drifts:
-        log.warning("trainer: drift in the serving model's error (drift #%d); the challenger takes over", trainer.drifts)
-    if promoted:
-        log.info("trainer: model version %d promoted", trainer.version)
-    return True

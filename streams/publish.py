@@ -20,6 +20,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from models.events import parse_ts, topic_kind_of
+from models.fields import FieldPolicy
+from models.rules import load_rules
 from models.history import BAD_LINE, MappingError, RowResult, load_mapping, read_rows, rows_to_events
 from models.simulate import simulate
 from streams.clients import kafka_kwargs
@@ -122,7 +124,7 @@ def run_simulation(settings: Settings, leads: int, rate: float, seed: int, speed
     return _publish(settings, events, rate, speedup)
 
 
-def convert_file(file: str | Path, mapping_path: str | Path) -> tuple[list[RowResult], list[str]]:
+def convert_file(file: str | Path, mapping_path: str | Path, policy: FieldPolicy | None = None) -> tuple[list[RowResult], list[str]]:
     """Read ``file`` with the mapping at ``mapping_path``: (row results, warnings).
 
     Raises ``MappingError`` for a bad mapping or one naming columns the file lacks, ``OSError`` or
@@ -137,6 +139,12 @@ def convert_file(file: str | Path, mapping_path: str | Path) -> tuple[list[RowRe
     absent = sorted(mapping.columns - columns)
     if rows and absent:
         raise MappingError(f"mapping {mapping_path}: columns not in {file}: {', '.join(map(repr, absent))}")
+    if policy is not None:  # the worker learns by its own scoring config: it must agree
+        learnable = [f for f in mapping.private_fields if not policy.is_private(f)]
+        if learnable:
+            raise MappingError(f"mapping {mapping_path} marks {', '.join(map(repr, learnable))} private, but the "
+                               f"scoring config would let the model learn it: add {learnable[0]} = \"private\" to "
+                               f"[fields.declared] (LEADSTREAM_SCORING_CONFIG)")
     unmapped = sorted(columns - mapping.columns - set(mapping.drop))
     warnings = [f"column {c!r} is neither mapped nor in [drop]: ignored" for c in unmapped]
     return list(rows_to_events(rows, mapping)), warnings
@@ -150,7 +158,8 @@ def run_import(settings: Settings, file: str, mapping: str) -> int:
     or the file cannot be used at all.
     """
     try:
-        results, warnings = convert_file(file, mapping)
+        policy = load_rules(settings.scoring_config.read_text()).fields
+        results, warnings = convert_file(file, mapping, policy)
     except (MappingError, OSError, ValueError) as exc:
         print(f"leadstream import: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from models.features import features
+from models.fields import public
 from models.rules import load_rules
 from streams.clients import redis_client
 from streams.settings import Settings, redact_url
@@ -38,7 +39,7 @@ async def lead_view(settings: Settings, lead_id: str) -> dict | None:
     state = stored.pop("state")
     return stored | {
         "outcome": state.get("outcome"),
-        "features_now": features(state, int(time.time() * 1000), half_life_s=rules.half_life_s),
+        "features_now": public(features(state, int(time.time() * 1000), half_life_s=rules.half_life_s), rules.fields),
         "counts": state["counts"], "fields": state["fields"],
     }
 

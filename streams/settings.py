@@ -220,6 +220,11 @@ SETTINGS: dict[str, Setting] = {
                                   "Closed deals of EACH class the model needs before it takes part in scores."),
     "model_poll_s": Setting("LEADSTREAM_MODEL_POLL_SECONDS", "2.0", _positive_float,
                             "How often scorers check Redis for a newer model checkpoint."),
+    "checkpoint_every_deals": Setting("LEADSTREAM_CHECKPOINT_EVERY_DEALS", "100", _int(1),
+                                      "The trainer saves its checkpoint (and the serving model) after this many "
+                                      "closed deals, with the training offset: a crash replays the deals since."),
+    "checkpoint_every_s": Setting("LEADSTREAM_CHECKPOINT_EVERY_SECONDS", "10.0", _positive_float,
+                                  "... or this many seconds after the first deal not yet saved, whichever is first."),
     "session_timeout_s": Setting("LEADSTREAM_SESSION_TIMEOUT_SECONDS", "30", _int(6),
                                  "Kafka consumer session timeout: how soon a crashed worker's partitions move."),
     "home": Setting("LEADSTREAM_HOME", str(Path("~/.cache/leadstream").expanduser()), _path,
@@ -279,6 +284,8 @@ class Settings:
     rescore_poll_s: float
     model_min_outcomes: int
     model_poll_s: float
+    checkpoint_every_deals: int
+    checkpoint_every_s: float
     session_timeout_s: int
     home: Path
     kafka_security_protocol: str

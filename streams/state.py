@@ -20,7 +20,11 @@ script over several leads.
 ``view:{NN}:NAME``  sorted sets, member = lead id: ``lb`` open leads by score, ``lb:STAGE``,
     ``lbo:OWNER``, ``hot``; ``st:STAGE`` / ``sto:OWNER`` open leads by stage entry time;
     ``due`` open leads by next rescoring time; ``dtc`` closed leads by days to close.
-``model:*``  the checkpoints: see :class:`ModelStore`.
+``model:serving`` / ``model:version`` / ``model:trainer`` / ``model:report``
+    the serving checkpoint (pickle), its version, the trainer's full state (pickle, with the
+    offset of the last training message it applied) and its metrics (JSON), saved together every
+    ``LEADSTREAM_CHECKPOINT_EVERY_DEALS`` deals or ``LEADSTREAM_CHECKPOINT_EVERY_SECONDS``. They hold
+    aggregate weights over bounded features only: no private field's value (``models/fields.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
+import time
 import zlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -273,26 +278,39 @@ class ModelStore:
 
     ``model:version`` (string), ``model:serving`` (pickle: the serving checkpoint), ``model:trainer``
     (pickle: the trainer's whole state with the offset of the last training message applied),
-    ``model:report`` (JSON), ``model:learned`` (set of learned deal event ids).
+    ``model:report`` (JSON, with the checkpoint's size and save/load times).
     """
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
+        self.load_ms: float | None = None  # unpickling time of the last trainer loaded
 
-    async def save(self, trainer: Trainer, learned_event_id: str | None = None) -> None:
+    async def save(self, trainer: Trainer, **extra: Any) -> dict[str, Any]:
+        """Write the trainer (with its ``last_offset``), the serving model, the version and the report
+        in one transaction; returns the checkpoint's figures (also in the report's ``checkpoint``)."""
+        started = time.perf_counter()
+        trainer_bytes = pickle.dumps(trainer)
+        serving_bytes = pickle.dumps(trainer.serving())
+        figures = {"trainer_bytes": len(trainer_bytes), "serving_bytes": len(serving_bytes),
+                   "offset": trainer.last_offset, "saved_at_ms": int(time.time() * 1000),
+                   "load_ms": self.load_ms, **extra}
         pipe = self.client.pipeline(transaction=True)  # version, checkpoint and trainer move together
-        if learned_event_id is not None:
-            pipe.sadd("model:learned", learned_event_id)
-        pipe.set("model:trainer", pickle.dumps(trainer))
-        pipe.set("model:serving", pickle.dumps(trainer.serving()))
+        pipe.set("model:trainer", trainer_bytes)
+        pipe.set("model:serving", serving_bytes)
         pipe.set("model:version", trainer.version)
-        pipe.set("model:report", orjson.dumps(trainer.report()))
+        report = trainer.report()
+        figures["save_ms"] = round((time.perf_counter() - started) * 1000, 2)  # pickling; the write follows
+        pipe.set("model:report", orjson.dumps(report | {"checkpoint": figures}))
         await pipe.execute()
+        figures["save_ms_with_write"] = round((time.perf_counter() - started) * 1000, 2)
+        return figures
 
     async def load_trainer(self) -> Trainer | None:
         """The saved trainer, or None when there is none or it is of an older model format."""
         raw = await self.client.get("model:trainer")
+        started = time.perf_counter()
         trainer = pickle.loads(raw) if raw else None
+        self.load_ms = round((time.perf_counter() - started) * 1000, 2) if raw else None
         if trainer is not None and _format(trainer) != MODEL_FORMAT:
             log.warning("model:trainer has format %s, not %s: starting a new model", _format(trainer), MODEL_FORMAT)
             return None

@@ -45,13 +45,20 @@ def test_trainer_learns_the_pattern_prequentially():
 
 def test_promotion_is_refused_when_challenger_is_much_worse():
     trainer = Trainer(min_outcomes=1)
+    snap = {"features": {"n_download": 2.0, "stage": "new"}, "rules_score": 0.5, "stage": "new"}
+    trainer.learn([snap], True)  # promoted: the champion is the challenger
+    assert trainer.champion is trainer.challenger and trainer.version == 1
     for p, y in [(0.9, 1), (0.1, 0)] * 20:
         trainer.champion_metrics.update(p, y)
         trainer.challenger_metrics.update(1 - p, y)
-    version = trainer.version
-    assert trainer._maybe_promote(force=False) is False and trainer.version == version
+    x = vectorize(snap["features"], trainer.stage_rates, trainer.encoder)
+    before = trainer.champion.predict_proba_one(x)[True]
+    assert trainer.learn([snap], True) is False and trainer.version == 1
     assert trainer.rejected_promotions == 1
-    assert trainer._maybe_promote(force=True) is True  # drift lets the challenger take over
+    # The refused challenger learned; the champion kept its state from before this deal.
+    assert trainer.champion is not trainer.challenger
+    assert trainer.champion.predict_proba_one(x)[True] == before
+    assert trainer.challenger.predict_proba_one(x)[True] > before
 
 
 def test_stage_rates_are_smoothed_per_stage():

@@ -154,7 +154,7 @@ async def test_an_event_the_code_cannot_handle_is_dead_lettered_and_the_rest_of_
 async def test_the_agent_retries_while_redis_is_unreachable(pipeline):
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from streams.agents import with_retry
+    from streams.retry import with_retry
 
     real, calls = pipeline.handle_batch, []
 
@@ -231,10 +231,13 @@ async def test_checkpoints_round_trip_and_an_old_format_is_not_served(redis_clie
 
     store, trainer = ModelStore(redis_client), Trainer(min_outcomes=1)
     trainer.learn([{"features": {"n_click": 1.0}, "rules_score": 0.4, "stage": "new"}], True)
-    await store.save(trainer, learned_event_id="deal-1")
+    trainer.last_offset = 41
+    figures = await store.save(trainer)
     loaded = await store.load_trainer()
-    assert (loaded.version, loaded.n_won, await store.version()) == (1, 1, 1)
-    assert (await store.load_serving()).version == 1 and await redis_client.sismember("model:learned", "deal-1")
+    assert (loaded.version, loaded.n_won, loaded.last_offset, await store.version()) == (1, 1, 41, 1)
+    assert (await store.load_serving()).version == 1
+    assert figures["trainer_bytes"] == len(await redis_client.get("model:trainer")) and store.load_ms is not None
+    assert (await store.report())["checkpoint"]["offset"] == 41
     serving = trainer.serving()
     del vars(trainer)["format"], vars(serving)["format"]  # checkpoints from before the format field
     await redis_client.set("model:trainer", pickle.dumps(trainer))
