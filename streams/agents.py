@@ -21,12 +21,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from models.learner import Trainer
 from models.rules import load_rules
 from models.scoring import Scorer
-from streams.dashboard import dashboard_data, render_dashboard
-from streams.reports import funnel
+from streams import metrics
 from streams.pipeline import ContentionError, EventPipeline, Message, Out, dead_letter
 from streams.settings import Settings
 from streams.state import LeadStore, ModelStore
 from streams.topics import declare_topics
+from streams.web import register_web
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,9 +46,11 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
     async def score_events(stream: faust.StreamT) -> None:
         async for event in stream.events():
             m = event.message
+            started = time.perf_counter()
             outs = await handle_with_retry(pipeline, Message(m.topic, m.partition, m.offset, m.key, m.value))
             for out in outs:
                 await topics.by_kind(out.kind).send(key=out.key, value=out.value)
+            metrics.observe_event(m.topic, outs, pipeline.counts, time.perf_counter() - started, m.timestamp)
 
     @app.agent(topics.training, concurrency=1)
     async def train(stream: faust.StreamT) -> None:
@@ -66,6 +68,7 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
                 doc = dead_letter(Message(m.topic, m.partition, m.offset, m.key, m.value),
                                   f"trainer could not learn from it: {exc!r}", int(time.time() * 1000))
                 await topics.dead_letter.send(key=doc.key, value=doc.value)
+                metrics.observe_dead_letter(f"trainer could not learn from it: {exc!r}")
 
     checked = {"version": -1}  # the last checkpoint version looked at, loadable or not
 
@@ -79,23 +82,7 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
                 scorer.model = serving
                 log.info("scorer: now serving model version %d", serving.version)
 
-    @app.page("/model")
-    async def model_report(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
-        return web.json(await models.report() or {"version": 0})
-
-    @app.page("/funnel")
-    async def funnel_report(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
-        return web.json(await funnel(settings, float(request.query.get("stall_days", 14))))
-
-    @app.page("/dashboard")
-    async def dashboard(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
-        data = await dashboard_data(settings, float(request.query.get("stall_days", 14)))
-        return web.html(render_dashboard(data))
-
-    @app.page("/health")
-    async def health(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
-        return web.json({"ok": True, "counts": dict(pipeline.counts)})
-
+    register_web(app, settings, pipeline, models)
     return pipeline
 
 
@@ -107,6 +94,7 @@ async def with_retry(attempt: Callable[[], Awaitable[T]], what: str, max_backoff
         try:
             return await attempt()
         except (RedisConnectionError, RedisTimeoutError, ContentionError) as exc:
+            metrics.observe_retry(redis_error=not isinstance(exc, ContentionError))
             log.warning("%s: %r; retrying in %.1f s", what, exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(2 * backoff, max_backoff_s)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -92,6 +92,26 @@ def _text(name: str, raw: str) -> str:
     return raw
 
 
+def _token(name: str, raw: str) -> str:
+    if raw and not re.fullmatch(r"[\x21-\x7e]{16,512}", raw):
+        raise SettingsError(f"{name}=<hidden>: expected 16 to 512 printable characters without spaces "
+                            "(e.g. the output of `openssl rand -hex 32`)")
+    return raw
+
+
+def _optional_path(name: str, raw: str) -> Path | None:
+    return Path(raw).expanduser() if raw else None
+
+
+def _choice(*allowed: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        if raw not in allowed:
+            raise SettingsError(f"{name}={raw!r}: expected one of {', '.join(allowed)}")
+        return raw
+
+    return parse
+
+
 @dataclass(frozen=True)
 class Setting:
     env: str
@@ -132,6 +152,21 @@ SETTINGS: dict[str, Setting] = {
                             "How often scorers check Redis for a newer model checkpoint."),
     "session_timeout_s": Setting("LEADSTREAM_SESSION_TIMEOUT_SECONDS", "30", _int(6),
                                  "Kafka consumer session timeout: how soon a crashed worker's partitions move."),
+    "api_port": Setting("LEADSTREAM_API_PORT", "6067", _int(1),
+                        "Port of `leadstream api` (dashboard, read API, webhook ingest, metrics)."),
+    "api_bind": Setting("LEADSTREAM_API_BIND", "127.0.0.1", _text,
+                        "Address `leadstream api` listens on; anything but 127.0.0.1 needs LEADSTREAM_API_TOKEN."),
+    "api_token": Setting("LEADSTREAM_API_TOKEN", "", _token,
+                         "Bearer token every HTTP route except /healthz requires (worker and api). "
+                         "Empty: no authentication, and both listen on 127.0.0.1 only."),
+    "api_token_file": Setting("LEADSTREAM_API_TOKEN_FILE", "", _optional_path,
+                              "A file holding the token instead (e.g. a mounted secret); not with LEADSTREAM_API_TOKEN."),
+    "api_max_body_bytes": Setting("LEADSTREAM_API_MAX_BODY_BYTES", "1048576", _int(1024),
+                                  "Largest webhook request body `POST /events` accepts (larger: 413)."),
+    "api_max_batch": Setting("LEADSTREAM_API_MAX_BATCH", "1000", _int(1),
+                             "Most events one `POST /events` request may carry (more: 413)."),
+    "log_format": Setting("LEADSTREAM_LOG_FORMAT", "text", _choice("text", "json"),
+                          "Log lines of the worker and api: text, or json (one object per line)."),
     "home": Setting("LEADSTREAM_HOME", str(Path("~/.cache/leadstream").expanduser()), _path,
                     "Where `leadstream up` keeps the Kafka jars, data, logs and pid files."),
 }
@@ -157,6 +192,13 @@ class Settings:
     model_min_outcomes: int
     model_poll_s: float
     session_timeout_s: int
+    api_port: int
+    api_bind: str
+    api_token: str = field(repr=False)
+    api_token_file: Path | None
+    api_max_body_bytes: int
+    api_max_batch: int
+    log_format: str
     home: Path
 
     @classmethod
@@ -167,6 +209,7 @@ class Settings:
         for attr, s in SETTINGS.items():
             raw = env.get(s.env)
             values[attr] = s.parse(s.env, s.default if raw is None or raw == "" else raw)
+        values["api_token"] = _resolve_token(values["api_token"], values["api_token_file"])
         return cls(**values)
 
     @staticmethod
@@ -174,6 +217,21 @@ class Settings:
         """Whether the user set ``attr`` explicitly (e.g. to use an existing broker)."""
         env = os.environ if environ is None else environ
         return bool(env.get(SETTINGS[attr].env))
+
+
+def _resolve_token(token: str, path: Path | None) -> str:
+    """The token from LEADSTREAM_API_TOKEN or from the file LEADSTREAM_API_TOKEN_FILE names (not both)."""
+    if path is None:
+        return token
+    if token:
+        raise SettingsError("LEADSTREAM_API_TOKEN and LEADSTREAM_API_TOKEN_FILE are both set: expected only one")
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise SettingsError(f"LEADSTREAM_API_TOKEN_FILE={str(path)!r}: expected a readable file ({exc.strerror})") from None
+    if not text:
+        raise SettingsError(f"LEADSTREAM_API_TOKEN_FILE={str(path)!r}: expected a file holding the token, it is empty")
+    return _token("LEADSTREAM_API_TOKEN_FILE's content", text)
 
 
 assert [f.name for f in fields(Settings)] == list(SETTINGS), "Settings fields and SETTINGS table differ"
