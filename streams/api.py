@@ -322,7 +322,8 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
         return await handler(request)
     query = request.query.get("token")
     if request.method == "GET" and query and _same(query, token):
-        response = web.HTTPFound(request.rel_url.without_query("token"))
+        rest = [(k, v) for k, v in request.query.items() if k != "token"]
+        response = web.Response(status=302, headers={"Location": str(request.rel_url.with_query(rest or None))})
         response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict", path="/")
         return response
     return web.json_response({"error": "missing or wrong token: send Authorization: Bearer <LEADSTREAM_API_TOKEN>"},
@@ -466,7 +467,11 @@ async def get_success_curve(request: web.Request) -> web.Response:
 async def post_events(request: web.Request) -> web.Response:
     """Webhook ingest: validate each event, publish the good ones (acks=all), answer per event."""
     api = request.app[API]
-    body = await request.read()  # aiohttp answers 413 past client_max_size
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return _json({"error": f"body larger than {api.settings.api_max_body_bytes} bytes "
+                               "(LEADSTREAM_API_MAX_BODY_BYTES): send smaller batches"}, status=413)
     try:
         items = split_events(body, api.settings.api_max_batch)
     except BadBody as exc:

@@ -26,10 +26,14 @@ def _down(args: argparse.Namespace, settings: Settings) -> int:
 def _run(func: Callable[[argparse.Namespace, Settings], int], args: argparse.Namespace, settings: Settings) -> int:
     """Known failures (a service that does not start, a bad scoring config) as one clear line, no traceback."""
     from models.rules import ConfigError
+    from streams.settings import SettingsError
     from streams.stack import StackError
 
     try:
         return int(func(args, settings) or 0)
+    except SettingsError as exc:
+        print(f"leadstream {args.command}: bad setting: {exc}", file=sys.stderr)
+        return 2
     except StackError as exc:
         print(f"leadstream {args.command}: {exc}", file=sys.stderr)
     except ConfigError as exc:
@@ -42,6 +46,12 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from streams.worker import run_worker
 
     return run_worker(settings, loglevel=args.loglevel)
+
+
+def _api(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.api import run_api
+
+    return run_api(settings)
 
 
 def _lead(args: argparse.Namespace, settings: Settings) -> int:
@@ -110,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("down", _down, "Stop what `leadstream up` started (by its pid files).")
     w = add("worker", _worker, "Run the scoring and training agents.")
     w.add_argument("--loglevel", default="info")
+    add("api", _api, "Serve the dashboard, the read API, webhook ingest (POST /events) and metrics "
+                     "on LEADSTREAM_API_PORT (docs/api.md).")
     lead = add("lead", _lead, "Print a lead's state, score, grade and reasons from Redis.")
     lead.add_argument("lead_id")
     sim = add("simulate", _simulate, "Publish a realistic simulated event stream (deterministic for a seed).")

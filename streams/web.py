@@ -114,8 +114,8 @@ def register_web(app: faust.App, settings: Settings, pipeline: EventPipeline, mo
         except RedisError:
             metrics.observe_redis_error(retry=False)
         body, content_type = metrics.render()
-        return web.bytes(body, content_type=content_type.split(";")[0].strip(),
-                         headers={"Content-Type": content_type})
+        # text/plain is Prometheus' text format (aiohttp refuses the full content type with its parameters).
+        return web.bytes(body, content_type=content_type.split(";")[0].strip())
 
     @page("/model")
     async def model_report(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
