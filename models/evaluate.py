@@ -1,7 +1,7 @@
 """Offline evaluation: replay a history through the stream's own code, test-then-train.
 
-:func:`evaluate_events` is pure. It keeps per-lead state, stage-entry snapshots and the last
-snapshot exactly as the stream keeps them in Redis, runs :func:`models.scoring.step` on every
+:func:`evaluate_events` is pure. It keeps per-lead state and stage-entry snapshots exactly as
+the stream keeps them in Redis, runs :func:`models.scoring.step` on every
 event in arrival order with a :class:`~models.scoring.Scorer`, and hands every training example
 to one :class:`~models.learner.Trainer`, whose serving model the scorer picks up right after each
 learned deal (the stream's scorers pick up checkpoints the same way, a poll interval later).
@@ -238,7 +238,6 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
     scorer = Scorer(rules, trainer.serving())
     states: dict[str, dict[str, Any]] = {}
     stage_snaps: dict[str, list[dict[str, Any]]] = {}
-    last_snap: dict[str, dict[str, Any]] = {}
     deleted: dict[str, int] = {}  # when a lead was deleted: older events must not bring it back
     seen: set[tuple[str, str]] = set()
     leads: set[str] = set()
@@ -260,21 +259,18 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
         closing = event.type in ("deal_won", "deal_lost")
         first_close = closing and (before is None or before.get("outcome") is None)
         r = step(before, event, scorer, scored_at_ms=event.ts_ms, stage_snapshots=stage_snaps.get(lead),
-                 last_snapshot=last_snap.get(lead), deleted_ts=deleted.get(lead))
+                 deleted_ts=deleted.get(lead), copy=False)
         if r.state is None:  # deleted: the stream drops the state and both kinds of snapshot, keeps deleted_ts
             if r.deleted_ts is not None:
                 deleted[lead] = r.deleted_ts
             states.pop(lead, None)
             stage_snaps.pop(lead, None)
-            last_snap.pop(lead, None)
         else:
             states[lead] = r.state
-            if r.snapshot is not None:
-                last_snap[lead] = r.snapshot
-                if r.stage_snapshot:
-                    kept = stage_snaps.setdefault(lead, [])
-                    kept.append(r.snapshot)
-                    del kept[:-MAX_STAGE_SNAPSHOTS]
+            if r.stage_snapshot:
+                kept = stage_snaps.setdefault(lead, [])
+                kept.append(r.snapshot)
+                del kept[:-MAX_STAGE_SNAPSHOTS]
             if closing:  # the stream deletes the stage snapshots at close
                 stage_snaps.pop(lead, None)
         if first_close and r.training is None and r.state is not None:  # an outcome with nothing before it

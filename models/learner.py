@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import copy
+import heapq
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,16 +103,20 @@ def make_model(kind: str = "logreg") -> base.Classifier:
 
 def explain(model: base.Classifier, x: dict[str, float], top: int = 5) -> list[dict[str, Any]]:
     """Largest signed contributions (weight x scaled value, in log-odds) of a linear model."""
-    if not isinstance(model, base.Estimator) or not hasattr(model, "steps"):
-        return []
-    steps = list(model.steps.values())
-    if not isinstance(steps[-1], linear_model.LogisticRegression):
-        return []
-    scaled = steps[0].transform_one(x) if len(steps) > 1 else x
+    return predict_explain(model, x, top)[1]
+
+
+def predict_explain(model: base.Classifier, x: dict[str, float], top: int = 5) -> tuple[float, list[dict[str, Any]]]:
+    """P(won) and, for the linear pipeline, its largest contributions; the features are scaled once."""
+    steps = list(model.steps.values()) if isinstance(model, compose.Pipeline) else []
+    if len(steps) != 2 or not isinstance(steps[-1], linear_model.LogisticRegression):
+        return model.predict_proba_one(x).get(True, 0.0), []
+    scaled = steps[0].transform_one(x)
+    p = steps[-1].predict_proba_one(scaled).get(True, 0.0)
     weights = steps[-1].weights
-    contrib = {k: weights.get(k, 0.0) * v for k, v in scaled.items()}
-    ranked = sorted((kv for kv in contrib.items() if kv[1]), key=lambda kv: (-abs(kv[1]), kv[0]))[:top]
-    return [{"feature": k, "contribution": round(v, 4)} for k, v in ranked]
+    contrib = [(k, weights.get(k, 0.0) * v) for k, v in scaled.items()]
+    ranked = heapq.nsmallest(top, (kv for kv in contrib if kv[1]), key=lambda kv: (-abs(kv[1]), kv[0]))
+    return p, [{"feature": k, "contribution": round(v, 4)} for k, v in ranked]
 
 
 @dataclass
@@ -153,9 +158,7 @@ class ServingModel:
         return 0.0 if n < self.min_outcomes else min(1.0, n / (2 * self.min_outcomes))
 
     def predict(self, f: Features) -> tuple[float, list[dict[str, Any]]]:
-        x = vectorize(f, self.stage_rates)
-        p = self.model.predict_proba_one(x).get(True, 0.0)
-        return p, explain(self.model, x)
+        return predict_explain(self.model, vectorize(f, self.stage_rates))
 
 
 @dataclass

@@ -88,7 +88,7 @@ class Rules:
         """Every non-zero contribution in points, keyed by a readable reason name."""
         out: dict[str, float] = {}
         for event_type, rule in self.behaviour.items():
-            count = f.get(f"d_{event_type}")
+            count = f.get("d_" + event_type)
             if isinstance(count, float) and count > 0:
                 out[event_type] = rule.apply(count)
         recency = f.get("recency_s")
@@ -100,17 +100,19 @@ class Rules:
         if isinstance(stage, str) and self.stage.get(stage):
             out[f"stage={stage}"] = self.stage[stage]
         for status, rule in self.activities.items():
-            n = f.get(f"activities_{status}")
+            n = f.get("activities_" + status)
             if isinstance(n, float) and n > 0:
                 out[f"activities_{status}"] = rule.apply(n)
         for prefix, table in (("f_", self.explicit), ("", self.by_feature)):
             for name, value_rules in table.items():
-                value = f.get(f"{prefix}{name}")
+                value = f.get(prefix + name)
                 if value is None:
                     continue
-                hit = next((r for r in value_rules if r.matches(value)), None)
-                if hit is not None and hit.points:
-                    out[f"{name}={value}" if hit.key == value else f"{name} in {hit.key}"] = hit.points
+                for rule in value_rules:  # the first matching rule wins
+                    if rule.matches(value):
+                        if rule.points:
+                            out[f"{name}={value}" if rule.key == value else f"{name} in {rule.key}"] = rule.points
+                        break
         return {k: v for k, v in out.items() if v}
 
     def score(self, f: Features, max_reasons: int = 5) -> RuleScore:

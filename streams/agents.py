@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -22,7 +23,8 @@ from models.learner import Trainer
 from models.rules import load_rules
 from models.scoring import Scorer
 from streams import metrics
-from streams.pipeline import ContentionError, EventPipeline, Message, Out, dead_letter
+from streams.pipeline import ContentionError, EventPipeline, Message, dead_letter
+from streams.rescoring import Rescorer, Sender
 from streams.settings import Settings
 from streams.state import LeadStore, ModelStore
 from streams.topics import declare_topics
@@ -33,24 +35,30 @@ T = TypeVar("T")
 
 
 def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
-    """Declare topics, agents, the checkpoint poller and the web views on ``app``."""
+    """Declare topics, agents, the checkpoint poller, the rescoring timer and the web views on ``app``."""
     topics = declare_topics(app, settings)
     client = aioredis.Redis.from_url(settings.redis_url)
     models = ModelStore(client)
     scorer = Scorer(load_rules(settings.scoring_config.read_text()))
-    pipeline = EventPipeline(LeadStore(client, settings.dedupe_ttl_s), scorer,
+    pipeline = EventPipeline(LeadStore(client, settings.tombstone_ttl_s), scorer,
                              topic_kinds={settings.topic_web: "web", settings.topic_crm: "crm"},
-                             max_event_bytes=settings.max_event_bytes)
+                             max_event_bytes=settings.max_event_bytes, dedupe_ids=settings.dedupe_ids,
+                             rescore_every_ms=settings.rescore_every_s * 1000, worker_id=uuid.uuid4().hex[:8])
+    sender = Sender(app, topics)
+    rescorer = Rescorer(app, settings, pipeline, client, sender)
 
     @app.agent(topics.inputs, concurrency=1)
     async def score_events(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            m = event.message
+        # A micro-batch per take: Faust acks (and so commits) its offsets only after this body
+        # returns, i.e. after Kafka acknowledged every output of the batch.
+        async for events in stream.take_events(settings.batch_max_events, within=settings.batch_wait_s):
+            msgs = [Message(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.message.value)
+                    for e in events]
             started = time.perf_counter()
-            outs = await handle_with_retry(pipeline, Message(m.topic, m.partition, m.offset, m.key, m.value))
-            for out in outs:
-                await topics.by_kind(out.kind).send(key=out.key, value=out.value)
-            metrics.observe_event(m.topic, outs, pipeline.counts, time.perf_counter() - started, m.timestamp)
+            outs = await with_retry(lambda: pipeline.handle_batch(msgs), f"batch of {len(msgs)}")
+            await sender.send_all(outs)
+            pipeline.acknowledged()
+            metrics.observe_batch([e.message for e in events], outs, pipeline.counts, time.perf_counter() - started)
 
     @app.agent(topics.training, concurrency=1)
     async def train(stream: faust.StreamT) -> None:
@@ -80,7 +88,13 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
             serving = await models.load_serving()
             if serving is not None:
                 scorer.model = serving
+                rescorer.model_changed()
                 log.info("scorer: now serving model version %d", serving.version)
+
+    @app.timer(interval=settings.rescore_poll_s)
+    async def rescore() -> None:
+        await pipeline.flush_acked()
+        await with_retry(rescorer.tick, "rescoring")
 
     register_web(app, settings, pipeline, models)
     return pipeline
@@ -98,10 +112,6 @@ async def with_retry(attempt: Callable[[], Awaitable[T]], what: str, max_backoff
             log.warning("%s: %r; retrying in %.1f s", what, exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(2 * backoff, max_backoff_s)
-
-
-async def handle_with_retry(pipeline: EventPipeline, msg: Message) -> list[Out]:
-    return await with_retry(lambda: pipeline.handle(msg), f"{msg.topic}/{msg.partition}/{msg.offset}")
 
 
 async def learn_one(trainer: Trainer, models: ModelStore, offset: int, value: bytes) -> bool:

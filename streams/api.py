@@ -26,11 +26,14 @@ from redis.exceptions import RedisError
 
 from models.events import STAGES, RejectedEvent, parse_event, topic_kind_of
 from models.grading import GRADE_NAMES
+from models.readmodel import owner_of
+from models.rules import load_rules
 from streams import charts, metrics
 from streams.publish import topic_for
 from streams.settings import Settings
 from streams.state import LeadStore, ModelStore
 from streams.topics import ensure_topics
+from streams.views import Views
 
 log = logging.getLogger("leadstream.api")
 
@@ -225,27 +228,15 @@ def render(template: str, **context: Any) -> str:
 
 # ---------------------------------------------------------------- the application
 
-def _views(client: aioredis.Redis) -> Any:
-    """The read models; the interim scanning ones until ``streams.views`` exists."""
-    try:
-        from streams.views import Views
-    except ImportError:
-        from streams.views_scan import ScanViews
-
-        log.warning("streams.views is not there yet: using the interim read models, which scan every lead")
-        return ScanViews(client)
-    return Views(client)
-
-
 class Api:
     """The process's shared things: settings, Redis, the read models, a Kafka producer (lazy)."""
 
     def __init__(self, settings: Settings, client: aioredis.Redis) -> None:
         self.settings = settings
         self.client = client
-        self.views = _views(client)
+        self.views = Views(client, load_rules(settings.scoring_config.read_text()).grades)
         self.models = ModelStore(client)
-        self.leads = LeadStore(client, settings.dedupe_ttl_s)
+        self.leads = LeadStore(client)
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
 
@@ -274,14 +265,13 @@ class Api:
         report = await self.models.report() or {}
         state = stored["state"]
         return {
-            "lead_id": lead_id, "score": float(stored["score"]), "grade": stored["grade"],
-            "stage": stored.get("stage") or None, "source": stored.get("source"),
-            "owner": (state.get("fields") or {}).get("owner"), "hot": bool(state.get("hot")),
-            "outcome": state.get("outcome"), "updated_at": int(stored.get("updated_at") or 0),
-            "model_version": report.get("version", 0), "reasons": state.get("reasons", []),
+            "lead_id": lead_id, "score": stored["score"], "grade": stored["grade"], "stage": stored["stage"],
+            "source": stored["source"], "owner": owner_of(state), "hot": bool(stored["hot"]),
+            "outcome": state.get("outcome"), "updated_at": stored["updated_at"],
+            "model_version": stored["model_version"], "reasons": stored["reasons"],
             # Until per-stage models exist: the learned win rate of the leads that reached each stage.
             "stage_probabilities": {s: r["win_rate"] for s, r in report.get("stage_rates", {}).items()},
-            "history": stored.get("history", []),
+            "history": stored["history"],
             "fields": state.get("fields", {}), "counts": state.get("counts", {}), "state": state,
         }
 
@@ -434,7 +424,10 @@ async def get_lead(request: web.Request) -> web.Response:
 
 async def list_leads(request: web.Request) -> web.Response:
     f = _filters(request)
-    page, cursor = await request.app[API].views.leaderboard(**f)
+    try:
+        page, cursor = await request.app[API].views.leaderboard(**f)
+    except ValueError as exc:  # a cursor that no page handed out
+        raise _bad(str(exc)) from None
     return _json({"leads": page, "next_cursor": cursor})
 
 

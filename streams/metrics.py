@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -97,43 +97,47 @@ def observe_scored(trigger: str = "event", n: int = 1) -> None:
     SCORED.labels(trigger).inc(n)
 
 
-def observe_latency(step_seconds: float, kafka_ts_s: float | None, now_s: float) -> None:
-    """One event's processing time and, when its Kafka timestamp is known, its end-to-end latency."""
-    STEP_SECONDS.observe(step_seconds)
-    if kafka_ts_s:
-        EVENT_TO_SCORE.observe(max(0.0, now_s - kafka_ts_s))
+def observe_batch(messages: Sequence[Any], outs: Iterable[Any], counts: Mapping[str, int],
+                  seconds: float) -> None:
+    """One micro-batch of the scoring loop, once Kafka acknowledged its outputs.
 
-
-def observe_batch(size: int, step_seconds_per_event: float, kafka_ts_s: Iterable[float] = (),
-                  now_s: float | None = None) -> None:
-    """For the batch loop: a batch of ``size`` events took ``step_seconds_per_event`` each;
-    ``kafka_ts_s`` are its messages' Kafka timestamps (end-to-end latency up to ``now_s``)."""
-    BATCH_SIZE.observe(size)
-    for _ in range(size):
-        STEP_SECONDS.observe(step_seconds_per_event)
-    for ts in kafka_ts_s:
-        if now_s is not None and ts:
-            EVENT_TO_SCORE.observe(max(0.0, now_s - ts))
-
-
-_seen_counts: dict[str, int] = {}  # the pipeline's counters at the last observe_event
-
-
-def observe_event(topic: str, outs: Iterable[Any], counts: Mapping[str, int], step_seconds: float,
-                  kafka_ts_s: float | None) -> None:
-    """One input message handled by the per-event loop: ``outs`` are the records it produced
-    (``streams.pipeline.Out``), ``counts`` the pipeline's running counters."""
-    observe_in(topic)
+    ``messages`` have ``topic`` and ``timestamp`` (Kafka's, epoch seconds; Faust's messages),
+    ``outs`` are the records sent (``streams.pipeline.Out``), ``counts`` the pipeline's running
+    counters, ``seconds`` the batch's processing time (spread evenly over its events).
+    """
+    n = len(messages)
+    BATCH_SIZE.observe(n)
+    now = time.time()
+    for m in messages:
+        EVENTS_IN.labels(m.topic).inc()
+        STEP_SECONDS.observe(seconds / n)
+        if m.timestamp:
+            EVENT_TO_SCORE.observe(max(0.0, now - m.timestamp))
     for out in outs:
         if out.kind == "dead_letter":
             observe_dead_letter(orjson.loads(out.value).get("error", ""))
-    delta = {k: counts.get(k, 0) - _seen_counts.get(k, 0) for k in ("scored", "duplicate", "redelivered")}
-    _seen_counts.update({k: counts.get(k, 0) for k in delta})
-    if delta["scored"] > 0:
-        observe_scored("event", delta["scored"])
-        observe_latency(step_seconds, kafka_ts_s, time.time())
-    DUPLICATES.inc(max(0, delta["duplicate"]))
-    REDELIVERED.inc(max(0, delta["redelivered"]))
+    sync_counts(counts)
+
+
+_seen_counts: dict[str, int] = {}  # the pipeline's counters at the last sync
+_COUNTED = {"scored": lambda n: SCORED.labels("event").inc(n), "rescored_decay": lambda n: SCORED.labels("decay").inc(n),
+            "rescored_model": lambda n: SCORED.labels("model").inc(n), "duplicate": DUPLICATES.inc,
+            "redelivered": REDELIVERED.inc}
+
+
+def sync_counts(counts: Mapping[str, int]) -> None:
+    """Bring the counters kept by the pipeline (scored, rescored, duplicates, redeliveries) up to date.
+
+    >>> before = SCORED.labels("decay")._value.get()
+    >>> sync_counts({"rescored_decay": 3}); sync_counts({"rescored_decay": 5})
+    >>> SCORED.labels("decay")._value.get() - before
+    5.0
+    """
+    for name, inc in _COUNTED.items():
+        delta = counts.get(name, 0) - _seen_counts.get(name, 0)
+        if delta > 0:
+            inc(delta)
+            _seen_counts[name] = counts.get(name, 0)
 
 
 def observe_retry(redis_error: bool) -> None:

@@ -12,10 +12,10 @@ import orjson
 import redis.asyncio as aioredis
 
 from models.features import features
-from models.funnel import funnel_report
 from models.rules import load_rules
 from streams.settings import Settings
 from streams.state import LeadStore, ModelStore
+from streams.views import Views
 
 
 @contextlib.asynccontextmanager
@@ -30,19 +30,15 @@ async def _redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
 
 async def lead_view(settings: Settings, lead_id: str) -> dict | None:
     async with _redis(settings) as client:
-        stored = await LeadStore(client, settings.dedupe_ttl_s).get(lead_id)
+        stored = await LeadStore(client).get(lead_id)
     if stored is None:
         return None
     rules = load_rules(settings.scoring_config.read_text())
-    state = stored["state"]
-    return {
-        "lead_id": lead_id,
-        "score": float(stored["score"]), "grade": stored["grade"], "source": stored["source"],
-        "stage": stored["stage"] or None, "reasons": state.get("reasons", []),
-        "hot": state.get("hot", False), "outcome": state.get("outcome"),
+    state = stored.pop("state")
+    return stored | {
+        "outcome": state.get("outcome"),
         "features_now": features(state, int(time.time() * 1000), half_life_s=rules.half_life_s),
         "counts": state["counts"], "fields": state["fields"],
-        "stage_snapshots": stored["stage_snapshots"], "version": int(stored["v"]),
     }
 
 
@@ -69,24 +65,14 @@ def print_model(settings: Settings) -> int:
     return 0
 
 
-async def leads_and_model(settings: Settings) -> tuple[list[dict], dict | None]:
-    """Every lead's state and the model report, for the funnel and the dashboard."""
+async def funnel(settings: Settings, stall_days: float) -> dict:
+    """The funnel report from the read models (never a scan), with the model's learned win rate per stage."""
     async with _redis(settings) as client:
-        states = [st async for st in LeadStore(client, settings.dedupe_ttl_s).states()]
-        return states, await ModelStore(client).report()
-
-
-def funnel_with_rates(states: list[dict], model: dict | None, stall_days: float) -> dict:
-    """The funnel report, with the model's learned win rate of each stage when there is a model."""
-    report = funnel_report(states, int(time.time() * 1000), stall_days)
+        report = await Views(client).funnel(now_ms=int(time.time() * 1000), stall_days=stall_days)
+        model = await ModelStore(client).report()
     for stage, rates in (model or {}).get("stage_rates", {}).items():
         report["stages"][stage]["learned_win_rate"] = rates["win_rate"]
     return report
-
-
-async def funnel(settings: Settings, stall_days: float) -> dict:
-    states, model = await leads_and_model(settings)
-    return funnel_with_rates(states, model, stall_days)
 
 
 def print_funnel(settings: Settings, stall_days: float, as_json: bool) -> int:

@@ -144,8 +144,22 @@ SETTINGS: dict[str, Setting] = {
                               "Path of the points/grades/threshold config (TOML)."),
     "max_event_bytes": Setting("LEADSTREAM_MAX_EVENT_BYTES", "65536", _int(256),
                                "Larger input values are rejected to the dead-letter topic."),
-    "dedupe_ttl_s": Setting("LEADSTREAM_DEDUPE_TTL_SECONDS", "604800", _int(1),
-                            "How long a lead's seen event ids are kept (re-armed on every event of the lead)."),
+    "dedupe_ids": Setting("LEADSTREAM_DEDUPE_IDS", "64", _int(1),
+                          "How many of a lead's latest event ids are remembered (8-byte digests) to ignore a "
+                          "repeated event_id; a Kafka redelivery is recognised by its offset whatever this is."),
+    "tombstone_ttl_s": Setting("LEADSTREAM_TOMBSTONE_TTL_SECONDS", "2592000", _int(1),
+                               "How long a deleted lead's tombstone is kept: late events from before the deletion "
+                               "get a tombstone instead of bringing the lead back."),
+    "batch_max_events": Setting("LEADSTREAM_BATCH_MAX_EVENTS", "500", _int(1),
+                                "Most input messages the scoring agent takes in one micro-batch."),
+    "batch_wait_s": Setting("LEADSTREAM_BATCH_WAIT_SECONDS", "0.005", _positive_float,
+                            "Longest wait for a micro-batch to fill before it is processed (adds to latency)."),
+    "rescore_every_s": Setting("LEADSTREAM_RESCORE_EVERY_SECONDS", "86400", _int(1),
+                               "An open lead with no event is rescored (time decay) this long after its last score."),
+    "rescore_rate": Setting("LEADSTREAM_RESCORE_RATE", "2000", _int(1),
+                            "Most leads per second one worker rescores without events (decay, new model)."),
+    "rescore_poll_s": Setting("LEADSTREAM_RESCORE_POLL_SECONDS", "1.0", _positive_float,
+                              "How often a worker looks for leads due for rescoring."),
     "model_min_outcomes": Setting("LEADSTREAM_MODEL_MIN_OUTCOMES", "50", _int(1),
                                   "Closed deals of EACH class the model needs before it takes part in scores."),
     "model_poll_s": Setting("LEADSTREAM_MODEL_POLL_SECONDS", "2.0", _positive_float,
@@ -188,7 +202,13 @@ class Settings:
     web_bind: str
     scoring_config: Path
     max_event_bytes: int
-    dedupe_ttl_s: int
+    dedupe_ids: int
+    tombstone_ttl_s: int
+    batch_max_events: int
+    batch_wait_s: float
+    rescore_every_s: int
+    rescore_rate: int
+    rescore_poll_s: float
     model_min_outcomes: int
     model_poll_s: float
     session_timeout_s: int

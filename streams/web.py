@@ -109,6 +109,7 @@ def register_web(app: faust.App, settings: Settings, pipeline: EventPipeline, mo
 
     @page("/metrics")
     async def metrics_view(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
+        metrics.sync_counts(pipeline.counts)  # rescoring runs between batches
         try:
             metrics.set_model_report(await models.report())
         except RedisError:
