@@ -127,16 +127,16 @@ async def test_api_answers_match_redis_and_metrics_parse(pipeline_settings, star
 
     for lead in owners:
         got = (await call("GET", f"{base}/leads/{lead}")).json()
-        stored = await redis_client.hgetall(lead_key(lead))
-        assert got["score"] == float(stored[b"score"]) and got["grade"] == stored[b"grade"].decode()
-        assert (got["stage"] or "") == stored[b"stage"].decode() and got["owner"] == owners[lead]
-        assert got["state"] == orjson.loads(stored[b"state"])
+        stored = orjson.loads(await redis_client.hget(lead_key(lead), "s"))  # the raw state in Redis
+        assert (got["score"], got["grade"], got["stage"]) == (stored["score"], stored["grade"], stored["stage"])
+        assert got["owner"] == owners[lead] and got["state"] == stored and got["reasons"] == stored["reasons"]
+        assert [h["score"] for h in got["history"]] == [h[1] for h in stored["history"]]
         assert set(got["stage_probabilities"]) <= {"new", "contacted", "engaged", "qualified", "proposal",
                                                    "negotiation", "closing"}
     assert (await call("GET", f"{base}/leads/nobody")).status == 404
 
     # Ranked open leads of one owner, as Redis has them; lead-4's deal is closed, so it is not open.
-    scores = {lead: float(await redis_client.hget(lead_key(lead), "score")) for lead in owners}
+    scores = {lead: orjson.loads(await redis_client.hget(lead_key(lead), "s"))["score"] for lead in owners}
     page = (await call("GET", f"{base}/leads?owner=Ben")).json()
     assert [row["lead_id"] for row in page["leads"]] == ["lead-3"]
     page = (await call("GET", f"{base}/leads?limit=2")).json()
