@@ -156,7 +156,7 @@ def funnel_chart(stages: dict[str, dict]) -> Chart:
 
 def grade_mix_chart(grade_mix: dict[str, int], grades: Sequence[str]) -> Chart:
     return bar_chart([(g, grade_mix.get(g, 0), f"{g}: {grade_mix.get(g, 0)} open leads") for g in grades],
-                     title="Open leads per grade")
+                     title="Open leads per grade", fmt=".3g")
 
 
 def success_chart(rows: Sequence[tuple[str, dict]], title: str) -> Chart:
