@@ -50,14 +50,15 @@ def vectorize(f: Features, stage_rates: StageRates | None = None) -> dict[str, f
     """Numbers for the model: categories one-hot (``"stage=proposal": 1``), counts log-scaled.
 
     >>> vectorize({"stage": "new", "n_click": 3.0, "f_age": 30.0})
-    {'stage=new': 1.0, 'n_click': 1.3863, 'f_age': 30.0}
+    {'stage=new': 1.0, 'n_click': 1.3862943611198906, 'f_age': 30.0}
     """
     x: dict[str, float] = {}
+    log1p = math.log1p
     for k, v in f.items():
-        if isinstance(v, str):
+        if v.__class__ is str:
             x[f"{k}={v}"] = 1.0
         elif k.startswith(_LOG_PREFIXES):
-            x[k] = round(math.log1p(max(v, 0.0)), 4)
+            x[k] = log1p(v) if v > 0.0 else 0.0
         else:
             x[k] = float(v)
     if stage_rates is not None and isinstance(f.get("stage"), str):

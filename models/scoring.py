@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from models.events import Event
@@ -27,6 +28,11 @@ from models.rules import Rules
 MAX_STAGE_SNAPSHOTS = 12  # bounded per lead: one per stage entry, the oldest dropped first
 MAX_HISTORY = 10  # the last scores kept in the state, for the lead page: [ts_ms, score, grade, trigger]
 TRIGGERS = ("event", "decay", "model")
+
+
+@lru_cache(maxsize=256)  # a batch scores many events at one time: the same string each time
+def _rfc3339_cached(ms: int) -> str:
+    return rfc3339(ms)
 
 
 def rfc3339(ms: int) -> str:
@@ -194,6 +200,6 @@ def _score_message(lead_id: str, event_id: str | None, event_type: str | None, e
         "model_version": scored.model_version,
         "reasons": scored.reasons,
         "event_ts": rfc3339(event_ts),
-        "scored_at": rfc3339(scored_at_ms),
+        "scored_at": _rfc3339_cached(scored_at_ms),
         "trigger": trigger,
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from streams.settings import Settings, SettingsError, describe
 
@@ -102,6 +103,32 @@ def _funnel(args: argparse.Namespace, settings: Settings) -> int:
     return print_funnel(settings, args.stall_days, args.json)
 
 
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    from streams import bench
+
+    return bench.main(args, settings)
+
+
+def _rebuild_views(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from streams.views import rebuild_views
+
+    async def run() -> dict:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        try:
+            return await rebuild_views(client, settings.rescore_every_s * 1000)
+        finally:
+            await client.aclose()
+
+    result = asyncio.run(run())
+    print(f"rebuilt the read models of {result['leads']} leads over {result['shards']} shards "
+          f"({result['view_keys_deleted']} view keys replaced)")
+    return 0
+
+
 def _settings(args: argparse.Namespace, settings: Settings) -> int:
     print(describe())
     return 0
@@ -149,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
                                  "stage, learned win rates, reply rate, time to close.")
     fun.add_argument("--stall-days", type=float, default=14.0, help="no stage move for this long = stalled")
     fun.add_argument("--json", action="store_true")
+    b = add("bench", _bench, "Measure throughput (against a plain aiokafka passthrough in the same run), latency, "
+                             "the pure step, Redis memory per lead and read times, against the running stack.")
+    b.add_argument("--leads", type=int, default=1000, help="simulated leads of the burst (about 30 events each)")
+    b.add_argument("--rates", default="500,2000,5000", help="steady offered rates (events/s) for the latency runs")
+    b.add_argument("--seconds", type=float, default=8.0, help="length of each latency run")
+    b.add_argument("--memory-leads", type=int, default=10_000, help="leads written for the memory and read runs")
+    b.add_argument("--redis-db", type=int, default=14, help="Redis database the benchmark uses and flushes")
+    b.add_argument("--only", default="step,pipeline,memory", help="parts to run: step, pipeline, memory")
+    b.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    add("rebuild-views", _rebuild_views, "Recompute every read model (leaderboards, funnel, owners) from the lead "
+                                         "hashes: repair after a bug or a restore.")
     add("settings", _settings, "List every LEADSTREAM_* setting with its default.")
     return parser
 
