@@ -42,7 +42,7 @@ from models.learner import Trainer
 from models.rules import load_rules
 from models.scoring import Scorer, step
 from models.simulate import simulate
-from streams.demo import start_worker, stop_worker
+from streams.demo import start_api, start_worker, stop_worker
 from streams.pipeline import EventPipeline, Message
 from streams.publish import topic_for
 from streams.settings import SETTINGS, Settings
@@ -58,11 +58,12 @@ def bench_settings(base: Settings, redis_db: int, tag: str) -> Settings:
     return dataclasses.replace(
         base, app_id=f"bench-{tag}", topic_web=f"bench-web-{tag}", topic_crm=f"bench-crm-{tag}",
         topic_scores=f"bench-scores-{tag}", topic_hot=f"bench-hot-{tag}", topic_dead_letter=f"bench-dlq-{tag}",
-        topic_training=f"bench-training-{tag}", redis_url=redis_url, web_port=base.web_port + 100)
+        topic_training=f"bench-training-{tag}", redis_url=redis_url, web_port=base.web_port + 100,
+        api_port=base.api_port + 100)
 
 
 def _env(settings: Settings) -> dict[str, str]:
-    return {s.env: str(getattr(settings, attr)) for attr, s in SETTINGS.items()}
+    return {s.env: str(getattr(settings, attr)) for attr, s in SETTINGS.items() if getattr(settings, attr) is not None}
 
 
 # ---- the pure step -------------------------------------------------------------------------------
@@ -265,11 +266,15 @@ async def bench_pipeline(settings: Settings, leads: int, rates: list[float], sec
         for rate in rates:
             events = _fresh_events(max(50, int(rate * seconds / 25)), int(rate), f"r{int(rate)}")
             figures["latency"].append(await bench_latency(settings, events, rate, seconds))
-        dashboard = f"http://127.0.0.1:{settings.web_port}/dashboard"
+        # The dashboard is served by `leadstream api`, its own process: does reading it move the worker's p99?
+        api = start_api(settings, log_dir / f"bench-api-{settings.app_id}.log", env=_env(settings))
+        workers.append(api)
+        dashboard = f"http://127.0.0.1:{settings.api_port}/dashboard"
         events = _fresh_events(max(50, int(1000 * seconds / 25)), 1001, "reader")
         figures["latency_1000_with_dashboard_reader"] = await bench_latency(
             settings, events, 1000, seconds, reader=lambda: asyncio.to_thread(_get, dashboard))
-        workers.append(start_worker(settings, log_dir / f"bench-worker-1-{settings.app_id}.log", env=_env(settings)))
+        workers.append(start_worker(settings, log_dir / f"bench-worker-1-{settings.app_id}.log",
+                                    env=_env(settings) | {"LEADSTREAM_WEB_PORT": str(settings.web_port + 2)}))
         await asyncio.sleep(3)  # the group rebalances over both workers
         events = _fresh_events(leads, 8, "b2")
         figures["burst_2_workers"] = await bench_burst(settings, events)

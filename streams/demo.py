@@ -50,11 +50,13 @@ def start_worker(settings: Settings, log_path: Path, timeout_s: float = 120.0,
     return proc
 
 
-def start_api(settings: Settings, log_path: Path, timeout_s: float = 30.0) -> subprocess.Popen:
-    """Run ``leadstream api`` in the background (stop it with :func:`stop_worker`); return once it listens."""
+def start_api(settings: Settings, log_path: Path, timeout_s: float = 60.0,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Run ``leadstream api`` in the background (``env``: extra variables; stop it with :func:`stop_worker`);
+    return once it listens."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "api"], stdout=log_path.open("ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", settings.api_port), timeout=1):
