@@ -16,9 +16,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from models.rules import load_rules
 from models.scoring import Scorer
+from streams import metrics
 from streams.clients import redis_client
-from streams.dashboard import dashboard_data, render_dashboard
-from streams.reports import funnel
 from streams.pipeline import EventPipeline, Message, dead_letter
 from streams.rescoring import Rescorer, Sender
 from streams.retry import with_retry
@@ -26,6 +25,7 @@ from streams.settings import Settings
 from streams.training import TrainingLoop
 from streams.state import LeadStore, ModelStore
 from streams.topics import declare_topics
+from streams.web import register_web
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,17 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
         async for events in stream.take_events(settings.batch_max_events, within=settings.batch_wait_s):
             msgs = [Message(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.message.value)
                     for e in events]
+            started = time.perf_counter()
             outs = await with_retry(lambda: pipeline.handle_batch(msgs), f"batch of {len(msgs)}")
             await sender.send_all(outs)
             pipeline.acknowledged()
+            metrics.observe_batch([e.message for e in events], outs, pipeline.counts, time.perf_counter() - started)
 
     async def dead_letter_training(m: Message, exc: Exception) -> None:
         log.error("trainer: could not learn from %s/%s/%s: %r", m.topic, m.partition, m.offset, exc)
         doc = dead_letter(m, f"trainer could not learn from it: {exc!r}", int(time.time() * 1000))
         await topics.dead_letter.send(key=doc.key, value=doc.value)
+        metrics.observe_dead_letter(f"trainer could not learn from it: {exc!r}")
 
     training = TrainingLoop(models, settings, scorer.rules.fields, dead_letter_training)
 
@@ -96,21 +99,5 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
         await with_retry(pipeline.flush_acked, "dropping acknowledged re-send material")
         await with_retry(rescorer.tick, "rescoring")
 
-    @app.page("/model")
-    async def model_report(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
-        return web.json(await models.report() or {"version": 0})
-
-    @app.page("/funnel")
-    async def funnel_report(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
-        return web.json(await funnel(settings, float(request.query.get("stall_days", 14))))
-
-    @app.page("/dashboard")
-    async def dashboard(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
-        data = await dashboard_data(settings, float(request.query.get("stall_days", 14)))
-        return web.html(render_dashboard(data))
-
-    @app.page("/health")
-    async def health(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
-        return web.json({"ok": True, "counts": dict(pipeline.counts)})
-
+    register_web(app, settings, pipeline, models)
     return pipeline

@@ -28,10 +28,14 @@ def _run(func: Callable[[argparse.Namespace, Settings], int], args: argparse.Nam
     """Known failures (a service that does not start, a bad scoring config) as one clear line, no traceback."""
     from models.rules import ConfigError
     from streams.clients import ConnectionCheckError
+    from streams.settings import SettingsError
     from streams.stack import StackError
 
     try:
         return int(func(args, settings) or 0)
+    except SettingsError as exc:
+        print(f"leadstream {args.command}: bad setting: {exc}", file=sys.stderr)
+        return 2
     except (StackError, ConnectionCheckError) as exc:
         print(f"leadstream {args.command}: {exc}", file=sys.stderr)
     except ConfigError as exc:
@@ -44,6 +48,12 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from streams.worker import run_worker
 
     return run_worker(settings, loglevel=args.loglevel)
+
+
+def _api(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.api import run_api
+
+    return run_api(settings)
 
 
 def _lead(args: argparse.Namespace, settings: Settings) -> int:
@@ -137,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("down", _down, "Stop what `leadstream up` started (by its pid files).")
     w = add("worker", _worker, "Run the scoring and training agents.")
     w.add_argument("--loglevel", default="info")
+    add("api", _api, "Serve the dashboard, the read API, webhook ingest (POST /events) and metrics "
+                     "on LEADSTREAM_API_PORT (docs/api.md).")
     lead = add("lead", _lead, "Print a lead's state, score, grade and reasons from Redis.")
     lead.add_argument("lead_id")
     sim = add("simulate", _simulate, "Publish a realistic simulated event stream (deterministic for a seed).")
@@ -167,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = add("bench", _bench, "Measure throughput (against a plain aiokafka passthrough in the same run), latency, "
                              "the pure step, Redis memory per lead and read times, against the running stack.")
     b.add_argument("--leads", type=int, default=1000, help="simulated leads of the burst (about 30 events each)")
-    b.add_argument("--rates", default="500,2000,5000", help="steady offered rates (events/s) for the latency runs")
+    b.add_argument("--rates", default="500,1000,2000,5000", help="steady offered rates (events/s) for the latency runs")
     b.add_argument("--seconds", type=float, default=8.0, help="length of each latency run")
     b.add_argument("--memory-leads", type=int, default=10_000, help="leads written for the memory and read runs")
     b.add_argument("--redis-db", type=int, default=14, help="Redis database the benchmark uses and flushes")

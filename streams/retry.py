@@ -10,6 +10,7 @@ from typing import TypeVar
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from streams import metrics
 from streams.pipeline import ContentionError
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ async def with_retry(attempt: Callable[[], Awaitable[T]], what: str, max_backoff
         try:
             return await attempt()
         except (RedisConnectionError, RedisTimeoutError, ContentionError) as exc:
+            metrics.observe_retry(redis_error=not isinstance(exc, ContentionError))
             log.warning("%s: %r; retrying in %.1f s", what, exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(2 * backoff, max_backoff_s)

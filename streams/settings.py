@@ -88,7 +88,7 @@ def _redis_url(name: str, raw: str) -> str:
     return raw
 
 
-def _choice(*choices: str) -> Callable[[str, str], str]:
+def _upper_choice(*choices: str) -> Callable[[str, str], str]:
     def parse(name: str, raw: str) -> str:
         if raw.upper() not in choices:
             raise SettingsError(f"{name}={raw!r}: expected one of {', '.join(choices)}")
@@ -164,6 +164,26 @@ def _text(name: str, raw: str) -> str:
     return raw
 
 
+def _token(name: str, raw: str) -> str:
+    if raw and not re.fullmatch(r"[\x21-\x7e]{16,512}", raw):
+        raise SettingsError(f"{name}=<hidden>: expected 16 to 512 printable characters without spaces "
+                            "(e.g. the output of `openssl rand -hex 32`)")
+    return raw
+
+
+def _optional_path(name: str, raw: str) -> Path | None:
+    return Path(raw).expanduser() if raw else None
+
+
+def _choice(*allowed: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        if raw not in allowed:
+            raise SettingsError(f"{name}={raw!r}: expected one of {', '.join(allowed)}")
+        return raw
+
+    return parse
+
+
 @dataclass(frozen=True)
 class Setting:
     env: str
@@ -227,14 +247,29 @@ SETTINGS: dict[str, Setting] = {
                                   "... or this many seconds after the first deal not yet saved, whichever is first."),
     "session_timeout_s": Setting("LEADSTREAM_SESSION_TIMEOUT_SECONDS", "30", _int(6),
                                  "Kafka consumer session timeout: how soon a crashed worker's partitions move."),
+    "api_port": Setting("LEADSTREAM_API_PORT", "6067", _int(1),
+                        "Port of `leadstream api` (dashboard, read API, webhook ingest, metrics)."),
+    "api_bind": Setting("LEADSTREAM_API_BIND", "127.0.0.1", _text,
+                        "Address `leadstream api` listens on; anything but 127.0.0.1 needs LEADSTREAM_API_TOKEN."),
+    "api_token": Setting("LEADSTREAM_API_TOKEN", "", _token,
+                         "Bearer token every HTTP route except /healthz requires (worker and api). "
+                         "Empty: no authentication, and both listen on 127.0.0.1 only."),
+    "api_token_file": Setting("LEADSTREAM_API_TOKEN_FILE", "", _optional_path,
+                              "A file holding the token instead (e.g. a mounted secret); not with LEADSTREAM_API_TOKEN."),
+    "api_max_body_bytes": Setting("LEADSTREAM_API_MAX_BODY_BYTES", "1048576", _int(1024),
+                                  "Largest webhook request body `POST /events` accepts (larger: 413)."),
+    "api_max_batch": Setting("LEADSTREAM_API_MAX_BATCH", "1000", _int(1),
+                             "Most events one `POST /events` request may carry (more: 413)."),
+    "log_format": Setting("LEADSTREAM_LOG_FORMAT", "text", _choice("text", "json"),
+                          "Log lines of the worker and api: text, or json (one object per line)."),
     "home": Setting("LEADSTREAM_HOME", str(Path("~/.cache/leadstream").expanduser()), _path,
                     "Where `leadstream up` keeps the Kafka jars, data, logs and pid files."),
     "kafka_security_protocol": Setting("LEADSTREAM_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT",
-                                       _choice(*KAFKA_SECURITY_PROTOCOLS),
+                                       _upper_choice(*KAFKA_SECURITY_PROTOCOLS),
                                        "Kafka security.protocol of every client: PLAINTEXT, SSL, SASL_PLAINTEXT or "
                                        "SASL_SSL."),
     "kafka_sasl_mechanism": Setting("LEADSTREAM_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512",
-                                    _choice(*KAFKA_SASL_MECHANISMS),
+                                    _upper_choice(*KAFKA_SASL_MECHANISMS),
                                     "SASL mechanism with SASL_*: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."),
     "kafka_sasl_username": Setting("LEADSTREAM_KAFKA_SASL_USERNAME", "", _any_text,
                                    "SASL user name (required with SASL_PLAINTEXT / SASL_SSL)."),
@@ -287,6 +322,13 @@ class Settings:
     checkpoint_every_deals: int
     checkpoint_every_s: float
     session_timeout_s: int
+    api_port: int
+    api_bind: str
+    api_token: str = field(repr=False)
+    api_token_file: Path | None
+    api_max_body_bytes: int
+    api_max_batch: int
+    log_format: str
     home: Path
     kafka_security_protocol: str
     kafka_sasl_mechanism: str
@@ -318,17 +360,34 @@ class Settings:
             raw = _secret_from_file(s, env) if s.secret else None
             raw = env.get(s.env) if raw is None else raw
             values[attr] = s.parse(s.env, s.default if raw is None or raw == "" else raw)
+        values["api_token"] = _resolve_token(values["api_token"], values["api_token_file"])
         return cls(**values)
 
     def to_env(self) -> dict[str, str]:
         """Every setting as the environment variable that gives it (secrets revealed): for child processes."""
-        return {s.env: _env_text(getattr(self, attr)) for attr, s in SETTINGS.items()}
+        return {s.env: _env_text(getattr(self, attr)) for attr, s in SETTINGS.items()
+                if getattr(self, attr) is not None and attr != "api_token_file"}  # the token itself is passed
 
     @staticmethod
     def is_set(attr: str, environ: Mapping[str, str] | None = None) -> bool:
         """Whether the user set ``attr`` explicitly (e.g. to use an existing broker)."""
         env = os.environ if environ is None else environ
         return bool(env.get(SETTINGS[attr].env))
+
+
+def _resolve_token(token: str, path: Path | None) -> str:
+    """The token from LEADSTREAM_API_TOKEN or from the file LEADSTREAM_API_TOKEN_FILE names (not both)."""
+    if path is None:
+        return token
+    if token:
+        raise SettingsError("LEADSTREAM_API_TOKEN and LEADSTREAM_API_TOKEN_FILE are both set: expected only one")
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise SettingsError(f"LEADSTREAM_API_TOKEN_FILE={str(path)!r}: expected a readable file ({exc.strerror})") from None
+    if not text:
+        raise SettingsError(f"LEADSTREAM_API_TOKEN_FILE={str(path)!r}: expected a file holding the token, it is empty")
+    return _token("LEADSTREAM_API_TOKEN_FILE's content", text)
 
 
 assert [f.name for f in fields(Settings)] == list(SETTINGS), "Settings fields and SETTINGS table differ"

@@ -33,6 +33,7 @@ async def pipeline_settings(stack: Settings, kafka_admin: AIOKafkaAdminClient) -
         stack, app_id=f"leadstream-test-{tag}", redis_url=redis_test_url(stack.redis_url),
         topic_web=f"web-{tag}", topic_crm=f"crm-{tag}", topic_scores=f"scores-{tag}", topic_hot=f"hot-{tag}",
         topic_dead_letter=f"dlq-{tag}", topic_training=f"training-{tag}", partitions=4, web_port=_free_port(),
+        api_port=_free_port(),
         session_timeout_s=6)
     yield settings
     ours = [t for t in await kafka_admin.list_topics() if tag in t]
