@@ -88,6 +88,8 @@ class FieldPolicy:
     declared: dict[str, FieldSpec] = field(default_factory=dict)
     hash_buckets: int = DEFAULT_HASH_BUCKETS
     private_names: frozenset[str] = frozenset()  # extra names private by default
+    # name -> is_private: the same few field names come with every event (not part of equality)
+    _known: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
     def is_private(self, name: str) -> bool:
         """Whether field ``name`` must never become a feature.
@@ -96,6 +98,12 @@ class FieldPolicy:
         >>> [p.is_private(n) for n in ("Email", "work_email", "company_size", "city", "Company Name", "do_not_email")]
         [True, True, False, False, True, False]
         """
+        known = self._known.get(name)
+        if known is None:
+            known = self._known[name] = self._is_private(name)
+        return known
+
+    def _is_private(self, name: str) -> bool:
         spec = self.declared.get(name)
         if spec is not None:
             return spec.kind == "private"
@@ -116,7 +124,10 @@ def normalise(name: str) -> str:
 
 def public(f: dict[str, Any], policy: FieldPolicy) -> dict[str, Any]:
     """``f`` without its private fields' features (``f_<name>``): what may be stored and learned."""
-    return {k: v for k, v in f.items() if not (k.startswith("f_") and policy.is_private(k[2:]))}
+    private = [k for k in f if k.startswith("f_") and policy.is_private(k[2:])]
+    if not private:
+        return f
+    return {k: v for k, v in f.items() if k not in private}
 
 
 def _bucket(text: str, buckets: int) -> str:

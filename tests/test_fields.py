@@ -78,10 +78,10 @@ def test_private_fields_never_reach_snapshots_or_the_training_message():
     events = [Event("e1", "l1", "lead_created", 1_000, {"fields": fields}),
               Event("e2", "l1", "stage_changed", 2_000, {"stage": "proposal"}),
               Event("e3", "l1", "deal_won", 3_000, {})]
-    state, snaps, last = None, [], None
+    state, snaps = None, []
     for e in events:
-        r = step(state, e, scorer, scored_at_ms=0, stage_snapshots=snaps, last_snapshot=last)
-        state, last = r.state, r.snapshot or last
+        r = step(state, e, scorer, scored_at_ms=0, stage_snapshots=snaps)
+        state = r.state
         if r.stage_snapshot:
             snaps.append(r.snapshot)
     training = orjson.dumps(r.training)
