@@ -60,8 +60,16 @@ def bench_settings(base: Settings, redis_db: int, tag: str) -> Settings:
     return dataclasses.replace(
         base, app_id=f"bench-{tag}", topic_web=f"bench-web-{tag}", topic_crm=f"bench-crm-{tag}",
         topic_scores=f"bench-scores-{tag}", topic_hot=f"bench-hot-{tag}", topic_dead_letter=f"bench-dlq-{tag}",
-        topic_training=f"bench-training-{tag}", redis_url=redis_url, web_port=base.web_port + 100,
-        api_port=base.api_port + 100)
+        topic_training=f"bench-training-{tag}", redis_url=redis_url, web_port=_free_port(),
+        api_port=_free_port())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _env(settings: Settings) -> dict[str, str]:
@@ -276,7 +284,7 @@ async def bench_pipeline(settings: Settings, leads: int, rates: list[float], sec
         events = _fresh_events(max(50, int(reader_rate * seconds / 25)), 1001, "reader")
         figures["latency_with_dashboard_reader"] = await bench_latency(
             settings, events, reader_rate, seconds, reader=lambda: asyncio.to_thread(_get, dashboard))
-        second = dataclasses.replace(settings, web_port=settings.web_port + 1)
+        second = dataclasses.replace(settings, web_port=_free_port())
         workers.append(start_worker(second, log_dir / f"bench-worker-1-{settings.app_id}.log", env=_env(second)))
         await asyncio.sleep(3)  # the group rebalances over both workers
         events = _fresh_events(leads, 8, "b2")
