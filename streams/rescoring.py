@@ -49,8 +49,8 @@ class Rescorer:
     """Rescore due leads (decay) and, after a new model version, every open lead, most valuable first.
 
     Both are bounded by ``LEADSTREAM_RESCORE_RATE`` leads per second per worker, and both yield to
-    events: while the scoring agent is busy (its batches come full or carry more than a batch a
-    poll interval) a tick rescores a tenth of that, in small chunks between the event batches. A model pass runs to its end
+    events: while events are arriving a tick rescores a tenth of that, in small chunks between the
+    event batches. A model pass runs to its end
     even if newer versions arrive meanwhile; then the next pass starts if the version moved on.
     """
 
@@ -79,7 +79,7 @@ class Rescorer:
         if not owned:
             return
         budget = max(1, int(self.settings.rescore_rate * self.settings.rescore_poll_s))
-        if self.pipeline.busy(self.settings.rescore_poll_s, self.settings.batch_max_events):
+        if self.pipeline.busy(self.settings.rescore_poll_s):
             budget = max(1, budget // 10)  # events first, but quiet leads still move
         now_ms = int(time.time() * 1000)
         due = await self._due(now_ms, budget, owned)
