@@ -96,6 +96,9 @@ class EventPipeline:
         self._unacked: list[tuple[str, list[str]]] = []  # (lead, origins) written by the last batch
         self._acked: list[tuple[str, list[str]]] = []  # their outputs are acknowledged: drop their re-send material
         self._recent: list[tuple[float, int]] = []  # (monotonic time, size) of the last event batches
+        # Held from a write until its records are handed to the producer, by event batches and
+        # rescoring alike: records reach a topic in the order of the writes.
+        self.send_order = asyncio.Lock()
 
     # ---- events -------------------------------------------------------------------------------
 

@@ -124,5 +124,8 @@ class Rescorer:
     async def _rescore(self, leads: list[str], trigger: str, now_ms: int) -> None:
         step = 100  # small batches: the scoring agent gets the event loop between them
         for i in range(0, len(leads), step):
-            outs = await self.pipeline.rescore_leads(leads[i:i + step], trigger, now_ms)
-            await self.sender.send_all(outs)
+            # Writes and sends in the order of the writes: a lead's stale rescore must never reach
+            # the topic after the tombstone of its deletion (a compacted consumer would keep it).
+            async with self.pipeline.send_order:
+                outs = await self.pipeline.rescore_leads(leads[i:i + step], trigger, now_ms)
+                await self.sender.send_all(outs)
