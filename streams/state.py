@@ -13,6 +13,7 @@ script over several leads.
     while the deal is open); ``o:KIND/PARTITION/OFFSET`` the outputs sent for that input record,
     kept only until Kafka has acknowledged them (re-sent if that offset is redelivered after a
     crash), so a lead at rest has none.
+``dts`` (only for a lead started again after a deletion) the deletion time: older events are ignored.
 ``gone:{NN}:HASH``  string, TTL ``LEADSTREAM_TOMBSTONE_TTL_SECONDS``
     a deleted lead's deletion time, under a digest of its id (no identifier is kept): events up
     to that time get a tombstone instead of bringing the lead back.
@@ -54,7 +55,9 @@ DIGEST_BYTES = 8
 _WRITE = """
 local v = redis.call('HGET', KEYS[1], 'v') or '0'
 if v ~= ARGV[1] then return 0 end
-if (redis.call('GET', KEYS[2]) or '') ~= ARGV[2] then return 0 end
+local deleted
+if v == '0' then deleted = redis.call('GET', KEYS[2]) else deleted = redis.call('HGET', KEYS[1], 'dts') end
+if (deleted or '') ~= ARGV[2] then return 0 end
 if ARGV[4] ~= '' then redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5]) end
 local i = 6
 local n = tonumber(ARGV[i])
@@ -185,10 +188,18 @@ class LeadStore:
         ids = list(lead_ids)
         for lead_id in ids:
             pipe.hgetall(lead_key(lead_id))
-            pipe.get(tombstone_key(lead_id))
         results = await pipe.execute()
-        results = results[len(results) - 2 * len(ids):]
-        return {lead_id: _record(lead_id, results[2 * i], results[2 * i + 1]) for i, lead_id in enumerate(ids)}
+        hashes = dict(zip(ids, results[len(results) - len(ids):]))
+        # A lead that exists carries its deletion time (if it was ever deleted) in ``dts``; only the
+        # absent ones need their tombstone: a second trip, for new or deleted leads only.
+        absent = [lead_id for lead_id, values in hashes.items() if not values]
+        tombstones: dict[str, bytes | None] = {}
+        if absent:
+            pipe = self.client.pipeline(transaction=False)
+            for lead_id in absent:
+                pipe.get(tombstone_key(lead_id))
+            tombstones = dict(zip(absent, await pipe.execute()))
+        return {lead_id: _record(lead_id, hashes[lead_id], tombstones.get(lead_id)) for lead_id in ids}
 
     async def write_many(self, writes: list[LeadWrite]) -> list[int]:
         """Apply each lead's write atomically (one pipelined round trip); APPLIED or CONFLICT each."""
@@ -213,6 +224,8 @@ class LeadStore:
         removed: list[str] = []
         if w.state is not None:
             fields += ["s", orjson.dumps(w.state), "ids", w.ids, "off", orjson.dumps(w.offsets)]
+            if w.deleted_ts is not None:  # a lead started again after a deletion remembers it
+                fields += ["dts", str(w.deleted_ts)]
             if w.snaps:
                 fields += ["snaps", zlib.compress(orjson.dumps(w.snaps))]
             elif w.record.snaps:
@@ -279,7 +292,7 @@ def _record(lead_id: str, values: dict[bytes, bytes], tombstone: bytes | None) -
     return LeadRecord(
         lead_id, values.get(b"v", b"0").decode(), s or None, values.get(b"ids", b""),
         orjson.loads(off) if off else {}, orjson.loads(zlib.decompress(snaps)) if snaps else [],
-        pending, (tombstone or b"").decode())
+        pending, (values.get(b"dts") or tombstone or b"").decode())
 
 
 class ModelStore:
