@@ -71,7 +71,8 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
               file=sys.stderr)
         return 2
     return run_evaluate(args.file, args.mapping, settings.scoring_config, as_json=args.json,
-                        min_outcomes=settings.model_min_outcomes, model_kind=args.model_kind)
+                        min_outcomes=settings.model_min_outcomes, model_kind=args.model_kind,
+                        batch_every=args.batch_every)
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -125,8 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("file")
     ev.add_argument("--mapping", required=True)
     ev.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
-    ev.add_argument("--model-kind", default="logreg",
-                    help="the online learner to replay with: logreg (what the stream uses), hoeffding, forest, naive_bayes")
+    ev.add_argument("--model-kind", default="tournament",
+                    help="tournament (every learner competes, the champion is served: what the stream runs), "
+                         "or one learner alone: logreg, hoeffding, forest, naive_bayes")
+    ev.add_argument("--batch-every", type=int, default=1000,
+                    help="deals between two refits of the batch learner batch_hgb (the vendors' cadence)")
     demo = add("demo", _demo, "Start the stack and a worker, stream simulated traffic, and show scores.")
     demo.add_argument("--leads", type=int, default=300)
     demo.add_argument("--rate", type=float, default=500.0)
