@@ -23,15 +23,16 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
+from tqdm import tqdm
 
 from models.events import Event, RejectedEvent, parse_event, topic_kind_of
-from models.history import BAD_LINE, MappingError, load_mapping, read_rows, rows_to_events
+from models.history import MappingError, load_mapping, stream_history
 from models.learner import Trainer, vectorize
 from models.metrics import log_loss, roc_auc
 from models.rules import ConfigError, Rules, load_rules
@@ -377,7 +378,8 @@ def _shown(path: str | Path) -> str:
 
 
 def run_evaluate(file: str | Path, mapping: str | Path, scoring_config_path: str | Path, as_json: bool = False,
-                 min_outcomes: int = 50, model_kind: str = "tournament", batch_every: int = 1000) -> int:
+                 min_outcomes: int = 50, model_kind: str = "tournament", batch_every: int = 1000,
+                 delimiter: str = ",") -> int:
     """``leadstream evaluate FILE --mapping MAPPING [--json]``.
 
     Reads the history with :mod:`models.history`, lists every bad row with its line on stderr,
@@ -392,30 +394,34 @@ def run_evaluate(file: str | Path, mapping: str | Path, scoring_config_path: str
             parsed = load_mapping(Path(mapping).read_text(encoding="utf-8"))
         except MappingError as exc:
             raise MappingError(f"{mapping}: {exc}") from None
-        rows = list(read_rows(file))
+        try:
+            results, warnings = stream_history(file, parsed, delimiter)
+        except MappingError as exc:
+            raise MappingError(f"mapping {mapping}: {exc}") from None
     except (ConfigError, MappingError, OSError, ValueError) as exc:
         print(f"leadstream evaluate: {exc}", file=sys.stderr)
         return 2
-    columns = {c for _, row in rows if BAD_LINE not in row for c in row}
-    absent = sorted(parsed.columns - columns)
-    if rows and absent:
-        print(f"leadstream evaluate: mapping {mapping}: columns not in {file}: {', '.join(map(repr, absent))}",
-              file=sys.stderr)
-        return 2
-    for column in sorted(columns - parsed.columns - set(parsed.drop)):
-        print(f"warning: column {column!r} is neither mapped nor in [drop]: ignored", file=sys.stderr)
-    results = list(rows_to_events(rows, parsed))
-    bad = [r for r in results if r.error]
-    for r in bad:
-        print(f"{file}:{r.line}: bad row{f' (lead {r.lead_id})' if r.lead_id else ''}: {r.error}", file=sys.stderr)
-    if bad:
-        print(f"{len(bad)} of {len(results)} rows are bad and left out of the evaluation", file=sys.stderr)
-    evaluation = evaluate_events((e for r in results for e in r.events), rules, min_outcomes=min_outcomes,
-                                 model_kind=model_kind, batch_every=batch_every)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    rows = {"read": 0, "bad": 0}
+
+    def events() -> Iterator[dict[str, Any]]:
+        for r in tqdm(results, desc="evaluate", unit=" rows", disable=None, file=sys.stderr):
+            rows["read"] += 1
+            if r.error:
+                rows["bad"] += 1
+                print(f"{file}:{r.line}: bad row{f' (lead {r.lead_id})' if r.lead_id else ''}: {r.error}",
+                      file=sys.stderr)
+            yield from r.events
+
+    evaluation = evaluate_events(events(), rules, min_outcomes=min_outcomes, model_kind=model_kind,
+                                 batch_every=batch_every)
+    if rows["bad"]:
+        print(f"{rows['bad']} of {rows['read']} rows are bad and left out of the evaluation", file=sys.stderr)
     for reason, count in sorted(evaluation.rejected.items()):
         print(f"{count} events rejected: {reason}", file=sys.stderr)
     report = {"file": str(file), "mapping": str(mapping), "scoring_config": _shown(scoring_config_path),
-              "rows": {"read": len(results), "bad": len(bad)}, **evaluation.report(),
+              "rows": rows, **evaluation.report(),
               "elapsed_s": round(time.perf_counter() - started, 2)}
     if as_json:
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")

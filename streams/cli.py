@@ -59,7 +59,7 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> int:
 def _import(args: argparse.Namespace, settings: Settings) -> int:
     from streams.publish import run_import
 
-    return run_import(settings, args.file, args.mapping)
+    return run_import(settings, args.file, args.mapping, args.delimiter)
 
 
 def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
@@ -72,7 +72,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     return run_evaluate(args.file, args.mapping, settings.scoring_config, as_json=args.json,
                         min_outcomes=settings.model_min_outcomes, model_kind=args.model_kind,
-                        batch_every=args.batch_every)
+                        batch_every=args.batch_every, delimiter=args.delimiter)
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -122,10 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     imp = add("import", _import, "Publish a historical export (CSV or JSON Lines) as contract events.")
     imp.add_argument("file")
     imp.add_argument("--mapping", required=True)
+    imp.add_argument("--delimiter", default=",", help="CSV value separator: ',' (default), ';' (European CRM "
+                                                       "exports), or 'tab'")
     ev = add("evaluate", _evaluate, "Replay a history offline through the stream's code, test-then-train.")
     ev.add_argument("file")
     ev.add_argument("--mapping", required=True)
     ev.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+    ev.add_argument("--delimiter", default=",", help="CSV value separator: ',' (default), ';' or 'tab'")
     ev.add_argument("--model-kind", default="tournament",
                     help="tournament (every learner competes, the champion is served: what the stream runs), "
                          "or one learner alone: logreg, hoeffding, forest, naive_bayes")

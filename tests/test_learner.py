@@ -20,7 +20,7 @@ def population(n, seed=1):
 
 
 def test_every_model_kind_handles_emerging_and_disappearing_features_and_pickles():
-    for kind in MODEL_KINDS:
+    for kind in MODEL_KINDS[1:]:  # the River kinds; the tournament's learners: tests/test_tournament.py
         model = make_model(kind)
         for f, won in population(200):
             model.learn_one(vectorize(f), won)
@@ -41,17 +41,6 @@ def test_trainer_learns_the_pattern_prequentially():
     assert set(report["per_stage"]) == {"proposal", "contacted"}
     assert report["stage_rates"]["proposal"]["win_rate"] > report["stage_rates"]["contacted"]["win_rate"]
     assert trainer.version > 0 and trainer.serving().ready()
-
-
-def test_promotion_is_refused_when_challenger_is_much_worse():
-    trainer = Trainer(min_outcomes=1)
-    for p, y in [(0.9, 1), (0.1, 0)] * 20:
-        trainer.champion_metrics.update(p, y)
-        trainer.challenger_metrics.update(1 - p, y)
-    version = trainer.version
-    assert trainer._maybe_promote(force=False) is False and trainer.version == version
-    assert trainer.rejected_promotions == 1
-    assert trainer._maybe_promote(force=True) is True  # drift lets the challenger take over
 
 
 def test_stage_rates_are_smoothed_per_stage():
