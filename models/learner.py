@@ -35,7 +35,8 @@ from river import base, compose, drift, forest, linear_model, naive_bayes, optim
 from models.events import STAGES
 from models.features import Features
 from models.metrics import Prequential
-from models.tournament import LEARNER_NAMES, Learner, StageModels, Tournament, make_learners, predict_with
+from models.tournament import (LEARNER_NAMES, Learner, StageModels, Tournament, make_learners, predict_with,
+                               serving_learners)
 
 MODEL_KINDS = ("tournament", "logreg", "hoeffding", "forest", "naive_bayes")
 # Bumped whenever features or the model pipeline change incompatibly: a checkpoint of another
@@ -242,6 +243,13 @@ class Trainer:
             self.tournament.margin = margin
         return self.tournament.champion != champion
 
+    def defer_refits_to_caller(self) -> None:
+        """From now on the batch learners' refits wait for :meth:`refit` (also on a loaded checkpoint)."""
+        self.defer_refits = True
+        for learner in self.tournament.learners.values():
+            if hasattr(learner, "defer"):
+                learner.defer = True
+
     def refits_due(self) -> bool:
         return bool(self.tournament.refits_due())
 
@@ -250,11 +258,12 @@ class Trainer:
         return sum(learner.refit() for learner in self.tournament.refits_due())
 
     def serving(self) -> ServingModel:
-        """The checkpoint: every learner, shared (not copied: the store pickles it at once)."""
+        """The checkpoint: every learner, shared (not copied: the store pickles it at once); the batch
+        learner's last fit without its training window."""
         logreg = self.tournament.learners.get("logreg")
         linear = logreg.model if logreg is not None else None
         return ServingModel(self.version, linear, self.stage_rates, self.n_won, self.n_lost, self.min_outcomes,
-                            learners=self.tournament.learners, champion=self.tournament.champion,
+                            learners=serving_learners(self.tournament.learners), champion=self.tournament.champion,
                             stage_models=self.stage_models)
 
     def report(self) -> dict[str, Any]:

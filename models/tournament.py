@@ -122,6 +122,10 @@ class BatchHGB:
                 row[j] = v
         return _sigmoid(self.model.raw(row))
 
+    def frozen(self) -> FrozenHGB:
+        """The fitted model alone, for the serving checkpoint (without the window of rows)."""
+        return FrozenHGB(self.model, self.columns, self._template)
+
     def learn(self, x: X, y: bool) -> None:
         self.rows.append((x, bool(y)))
         self.since_fit += 1
@@ -218,6 +222,23 @@ class NaiveBayes:
                 delta = v - m[1]
                 m[1] += delta / m[0]
                 m[2] += delta * (v - m[1])
+
+
+@dataclass
+class FrozenHGB:
+    """A :class:`BatchHGB`'s last fit, predicting only: what scorers load."""
+
+    model: FlatTrees | None
+    columns: dict[str, int]
+    _template: Any
+    name: str = "batch_hgb"
+
+    predict_proba = BatchHGB.predict_proba
+
+
+def serving_learners(learners: dict[str, Any]) -> dict[str, Any]:
+    """The learners as scorers need them: batch learners without their training window."""
+    return {n: l.frozen() if isinstance(l, BatchHGB) else l for n, l in learners.items()}
 
 
 def _sigmoid(z: float) -> float:

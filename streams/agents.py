@@ -56,6 +56,7 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
         trainer = await models.load_trainer() or Trainer(min_outcomes=settings.model_min_outcomes,
                                                          version=await models.version())
         trainer.min_outcomes = settings.model_min_outcomes  # the setting wins over the checkpoint's
+        trainer.defer_refits_to_caller()  # batch refits run in a thread (learn_one), not on the event loop
         log.info("trainer: resuming at model version %d (offset %d)", trainer.version, trainer.last_offset)
         async for event in stream.events():
             m = event.message
@@ -131,9 +132,11 @@ async def learn_one(trainer: Trainer, models: ModelStore, offset: int, value: by
         return False
     drifts = trainer.drifts
     promoted = trainer.learn(example["snapshots"], example["won"])
+    if trainer.refits_due():  # the batch learner's refit (0.1-3 s): in a thread, the event loop keeps going
+        log.info("trainer: batch learner refitted in %.2f s", await asyncio.to_thread(trainer.refit))
     await models.save(trainer, learned_event_id=example["event_id"])
     if trainer.drifts > drifts:
         log.warning("trainer: drift in the serving model's error (drift #%d); the challenger takes over", trainer.drifts)
     if promoted:
-        log.info("trainer: model version %d promoted", trainer.version)
+        log.info("trainer: champion is now %s (model version %d)", trainer.tournament.champion, trainer.version)
     return True

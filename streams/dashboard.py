@@ -103,11 +103,13 @@ def _why(reasons: list[dict[str, Any]]) -> str:
 def _model_section(model: dict[str, Any] | None) -> str:
     if not model:
         return "<h2>Model</h2><p>no model yet: it appears with the first closed deal; scores come from the rules</p>"
+    tournament = model.get("tournament", {})
+    learners = [(f"{name}{' (champion)' if name == tournament.get('champion') else ''}", v["whole"])
+                for name, v in tournament.get("learners", {}).items()]
     rows = "".join(
-        f"<tr><td class=l>{name}</td><td>{_fmt(m['n'])}</td><td>{_fmt(m['roc_auc'])}</td><td>{_fmt(m['log_loss'])}</td>"
-        f"<td>{_fmt(m['brier'])}</td></tr>"
-        for name, m in (("rules", model["rules"]), ("serving model", model["champion"]),
-                        ("learning model", model["challenger"])))
+        f"<tr><td class=l>{escape(name)}</td><td>{_fmt(m.get('n'))}</td><td>{_fmt(m.get('roc_auc'))}</td>"
+        f"<td>{_fmt(m.get('log_loss'))}</td><td>{_fmt(m.get('brier'))}</td></tr>"
+        for name, m in [("rules", model["rules"]), ("served", model["champion"]), *learners])
     return (f"<h2>Model</h2><p>version {model['version']}, learned from {model['outcomes']['won']} won and "
             f"{model['outcomes']['lost']} lost deals; drifts {model['drifts']}; refused promotions "
             f"{model['rejected_promotions']}. Accuracy is measured on each deal before learning from it.</p>"
