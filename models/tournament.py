@@ -83,7 +83,7 @@ class BatchHGB:
     """scikit-learn HistGradientBoosting, refitted every ``every`` outcomes on the last ``window``.
 
     Between refits the model is frozen (the vendors' cadence). Columns are fixed at each refit: the
-    keys seen in the window, one-hot keys absent = 0, numeric keys absent = NaN (HGB's missing).
+    numeric keys seen in the window (absent = NaN, HGB's missing) and one per categorical field.
     ``defer=True`` leaves a due refit to :meth:`refit` (the worker runs it in a thread);
     otherwise it runs inline in :meth:`learn`.
 
@@ -108,23 +108,16 @@ class BatchHGB:
         self.fit_seconds = 0.0
         self.columns: dict[str, int] = {}
         self.model: FlatTrees | None = None
-        self._template: Any = None
+        self.codes: dict[str, dict[str, float]] = {}
 
     def predict_proba(self, x: X) -> float:
         if self.model is None:
             return 0.5
-        import numpy as np
-
-        row = self._template.copy()
-        for k, v in x.items():
-            j = self.columns.get(k)
-            if j is not None:
-                row[j] = v
-        return _sigmoid(self.model.raw(row))
+        return _sigmoid(self.model.raw(BatchHGB._row(x, self.columns, self.codes)))
 
     def frozen(self) -> FrozenHGB:
         """The fitted model alone, for the serving checkpoint (without the window of rows)."""
-        return FrozenHGB(self.model, self.columns, self._template)
+        return FrozenHGB(self.model, self.columns, self.codes)
 
     def learn(self, x: X, y: bool) -> None:
         self.rows.append((x, bool(y)))
@@ -137,7 +130,12 @@ class BatchHGB:
             and len({y for _, y in self.rows}) == 2
 
     def refit(self) -> float:
-        """Fit on the window now; returns the seconds it took (also summed in ``fit_seconds``)."""
+        """Fit on the window now; returns the seconds it took (also summed in ``fit_seconds``).
+
+        Each categorical field (the one-hot keys ``field=value``) becomes one column holding the
+        value's smoothed win rate in the window: ordering categories by win rate is how trees split
+        a category best for a binary label, and 30 columns instead of 150 make the fit ~5x faster.
+        """
         import time
 
         import numpy as np
@@ -146,32 +144,55 @@ class BatchHGB:
 
         started = time.perf_counter()
         rows = list(self.rows)
-        counts: dict[str, int] = {}
-        for x, _ in rows:
+        prior = sum(y for _, y in rows) / len(rows)
+        tallies: dict[str, dict[str, list[int]]] = {}  # field -> value -> [won, seen]
+        numeric: dict[str, int] = {}
+        for x, y in rows:
             for k in x:
-                counts[k] = counts.get(k, 0) + 1
-        keep = sorted(sorted(counts, key=lambda k: -counts[k])[:self.max_columns])  # bounded, stable layout
-        columns = {k: j for j, k in enumerate(keep)}
+                if "=" in k:
+                    field_, value = k.split("=", 1)
+                    t = tallies.setdefault(field_, {}).setdefault(value, [0, 0])
+                    t[0] += y
+                    t[1] += 1
+                else:
+                    numeric[k] = numeric.get(k, 0) + 1
+        codes = {f: {v: (won + _SMOOTH * prior) / (seen + _SMOOTH) for v, (won, seen) in vals.items()}
+                 for f, vals in tallies.items()}
+        keep = sorted(numeric, key=lambda k: -numeric[k])[:self.max_columns]
+        columns = {k: j for j, k in enumerate(sorted(keep) + sorted(codes))}  # a stable layout
         X_ = np.full((len(rows), len(columns)), np.nan)
-        one_hot = [j for k, j in columns.items() if "=" in k]
-        X_[:, one_hot] = 0.0
         for i, (x, _) in enumerate(rows):
-            for k, v in x.items():
-                j = columns.get(k)
-                if j is not None:
-                    X_[i, j] = v
+            X_[i] = self._row(x, columns, codes)
         y = np.array([y for _, y in rows], dtype=int)
         with threadpool_limits(1):  # OpenMP threads only fight over the worker's cores at this size
             model = HistGradientBoostingClassifier(**self.params).fit(X_, y)
-        template = np.full(len(columns), np.nan)
-        template[one_hot] = 0.0
         # swapped together: predictions never see a half fit
-        self.model, self.columns, self._template = FlatTrees.of(model), columns, template
+        self.model, self.columns, self.codes = FlatTrees.of(model), columns, codes
         self.since_fit = 0
         self.fits += 1
         spent = time.perf_counter() - started
         self.fit_seconds += spent
         return spent
+
+    @staticmethod
+    def _row(x: X, columns: dict[str, int], codes: dict[str, dict[str, float]]) -> Any:
+        import numpy as np
+
+        row = np.full(len(columns), np.nan)
+        for k, v in x.items():
+            if "=" in k:
+                field_, value = k.split("=", 1)
+                j = columns.get(field_)
+                if j is not None:
+                    row[j] = codes[field_].get(value, np.nan)  # a value not in the window: missing
+            else:
+                j = columns.get(k)
+                if j is not None:
+                    row[j] = v
+        return row
+
+
+_SMOOTH = 20.0  # pseudo-deals at the window's win rate: a rare category is not taken at face value
 
 
 class NaiveBayes:
@@ -230,7 +251,7 @@ class FrozenHGB:
 
     model: FlatTrees | None
     columns: dict[str, int]
-    _template: Any
+    codes: dict[str, dict[str, float]]
     name: str = "batch_hgb"
 
     predict_proba = BatchHGB.predict_proba
