@@ -250,6 +250,13 @@ class Trainer:
             if hasattr(learner, "defer"):
                 learner.defer = True
 
+    def set_batch_every(self, every: int) -> None:
+        """Deals between two batch refits (the setting wins over a loaded checkpoint's)."""
+        self.batch_every = every
+        for learner in self.tournament.learners.values():
+            if hasattr(learner, "every"):
+                learner.every = every
+
     def refits_due(self) -> bool:
         return bool(self.tournament.refits_due())
 

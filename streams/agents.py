@@ -54,9 +54,11 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
     async def train(stream: faust.StreamT) -> None:
         # A new trainer continues the version numbers, so consumers always see them rise.
         trainer = await models.load_trainer() or Trainer(min_outcomes=settings.model_min_outcomes,
+                                                         batch_every=settings.model_batch_every,
                                                          version=await models.version())
         trainer.min_outcomes = settings.model_min_outcomes  # the setting wins over the checkpoint's
         trainer.defer_refits_to_caller()  # batch refits run in a thread (learn_one), not on the event loop
+        trainer.set_batch_every(settings.model_batch_every)
         log.info("trainer: resuming at model version %d (offset %d)", trainer.version, trainer.last_offset)
         async for event in stream.events():
             m = event.message

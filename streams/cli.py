@@ -70,9 +70,12 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
         print(f"leadstream evaluate: --model-kind {args.model_kind!r}: expected one of {', '.join(MODEL_KINDS)}",
               file=sys.stderr)
         return 2
+    if args.batch_every < 0:
+        print(f"leadstream evaluate: --batch-every {args.batch_every}: expected a whole number >= 1", file=sys.stderr)
+        return 2
     return run_evaluate(args.file, args.mapping, settings.scoring_config, as_json=args.json,
                         min_outcomes=settings.model_min_outcomes, model_kind=args.model_kind,
-                        batch_every=args.batch_every, delimiter=args.delimiter)
+                        batch_every=args.batch_every or settings.model_batch_every, delimiter=args.delimiter)
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -132,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model-kind", default="tournament",
                     help="tournament (every learner competes, the champion is served: what the stream runs), "
                          "or one learner alone: logreg, hoeffding, forest, naive_bayes")
-    ev.add_argument("--batch-every", type=int, default=1000,
-                    help="deals between two refits of the batch learner batch_hgb (the vendors' cadence)")
+    ev.add_argument("--batch-every", type=int, default=0,
+                    help="deals between two refits of the batch learner batch_hgb (the vendors' cadence); "
+                         "default LEADSTREAM_MODEL_BATCH_EVERY")
     demo = add("demo", _demo, "Start the stack and a worker, stream simulated traffic, and show scores.")
     demo.add_argument("--leads", type=int, default=300)
     demo.add_argument("--rate", type=float, default=500.0)

@@ -130,6 +130,9 @@ SETTINGS: dict[str, Setting] = {
                                   "Closed deals of EACH class the model needs before it takes part in scores."),
     "model_poll_s": Setting("LEADSTREAM_MODEL_POLL_SECONDS", "2.0", _positive_float,
                             "How often scorers check Redis for a newer model checkpoint."),
+    "model_batch_every": Setting("LEADSTREAM_MODEL_BATCH_EVERY", "1000", _int(10),
+                                 "Closed deals between two refits of the tournament's batch learner (batch_hgb, "
+                                 "the vendors' cadence; also `leadstream evaluate`'s default --batch-every)."),
     "session_timeout_s": Setting("LEADSTREAM_SESSION_TIMEOUT_SECONDS", "30", _int(6),
                                  "Kafka consumer session timeout: how soon a crashed worker's partitions move."),
     "home": Setting("LEADSTREAM_HOME", str(Path("~/.cache/leadstream").expanduser()), _path,
@@ -156,6 +159,7 @@ class Settings:
     dedupe_ttl_s: int
     model_min_outcomes: int
     model_poll_s: float
+    model_batch_every: int
     session_timeout_s: int
     home: Path
 
