@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# Installs what leadstream needs on a fresh Debian machine: redis-server (and kcat, to look at topics)
-# from Debian, a Python 3.11 virtualenv in .venv with leadstream and its pinned dependencies.
+# Installs what leadstream needs on a fresh Debian machine: redis-server (and kcat, to look at topics;
+# chromium, for the dashboard's browser test) from Debian, a Python 3.11 virtualenv in .venv with leadstream and its pinned dependencies.
 # The Kafka jars come from Maven Central on the first `leadstream up` (cached in ~/.cache/leadstream).
 # Java 17 and Maven must be on the machine. Idempotent: a second run takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null || ! command -v kcat >/dev/null; then
+# chromium: the browser tier of the integration tests drives Debian's chromium with Playwright.
+if ! command -v redis-server >/dev/null || ! command -v kcat >/dev/null || ! command -v chromium >/dev/null; then
   if [ "$(id -u)" != 0 ] && ! command -v sudo >/dev/null; then
-    echo "install.sh: redis-server and kcat are missing; run as root: apt-get install redis-server kcat" >&2
+    echo "install.sh: redis-server, kcat or chromium is missing; run as root: apt-get install redis-server kcat chromium" >&2
     exit 1
   fi
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq redis-server kcat >/dev/null
+  $SUDO apt-get install -y -qq redis-server kcat chromium >/dev/null
 fi
 for tool in java mvn python3.11; do
   command -v "$tool" >/dev/null || { echo "install.sh: $tool is required (Java 17 + Maven for Kafka, Python 3.11)" >&2; exit 1; }

@@ -1,7 +1,7 @@
 """Offline evaluation: replay a history through the stream's own code, test-then-train.
 
-:func:`evaluate_events` is pure. It keeps per-lead state, stage-entry snapshots and the last
-snapshot exactly as the stream keeps them in Redis, runs :func:`models.scoring.step` on every
+:func:`evaluate_events` is pure. It keeps per-lead state and stage-entry snapshots exactly as
+the stream keeps them in Redis, runs :func:`models.scoring.step` on every
 event in arrival order with a :class:`~models.scoring.Scorer`, and hands every training example
 to one :class:`~models.learner.Trainer`, whose serving model the scorer picks up right after each
 learned deal (the stream's scorers pick up checkpoints the same way, a poll interval later).
@@ -19,6 +19,8 @@ only function here that reads files or prints.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import sys
 import time
@@ -35,6 +37,7 @@ from models.events import Event, RejectedEvent, parse_event, topic_kind_of
 from models.history import MappingError, load_mapping, stream_history
 from models.learner import Trainer, vectorize
 from models.metrics import log_loss, roc_auc
+from models.fields import Encoder
 from models.rules import ConfigError, Rules, load_rules
 from models.scoring import MAX_STAGE_SNAPSHOTS, Scorer, step
 
@@ -255,7 +258,8 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
     >>> result.metrics()["rules"]["roc_auc"], result.report()["deals"]["n"]
     (1.0, 4)
     """
-    trainer = Trainer(min_outcomes=min_outcomes, kind=model_kind, batch_every=batch_every)
+    trainer = Trainer(min_outcomes=min_outcomes, kind=model_kind, batch_every=batch_every,
+                      encoder=Encoder(rules.fields))
     scorer = Scorer(rules, trainer.serving())
     # The per-event model score feeds no feature, snapshot or figure here (only the score message
     # and the hot flag, which evaluate does not report): events are stepped with the rules alone and
@@ -263,7 +267,6 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
     stepper = Scorer(rules)
     states: dict[str, dict[str, Any]] = {}
     stage_snaps: dict[str, list[dict[str, Any]]] = {}
-    last_snap: dict[str, dict[str, Any]] = {}
     deleted: dict[str, int] = {}  # when a lead was deleted: older events must not bring it back
     seen: set[tuple[str, str]] = set()
     leads: set[str] = set()
@@ -285,21 +288,18 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
         closing = event.type in ("deal_won", "deal_lost")
         first_close = closing and (before is None or before.get("outcome") is None)
         r = step(before, event, stepper, scored_at_ms=event.ts_ms, stage_snapshots=stage_snaps.get(lead),
-                 last_snapshot=last_snap.get(lead), deleted_ts=deleted.get(lead))
+                 deleted_ts=deleted.get(lead), copy=False)
         if r.state is None:  # deleted: the stream drops the state and both kinds of snapshot, keeps deleted_ts
             if r.deleted_ts is not None:
                 deleted[lead] = r.deleted_ts
             states.pop(lead, None)
             stage_snaps.pop(lead, None)
-            last_snap.pop(lead, None)
         else:
             states[lead] = r.state
-            if r.snapshot is not None:
-                last_snap[lead] = r.snapshot
-                if r.stage_snapshot:
-                    kept = stage_snaps.setdefault(lead, [])
-                    kept.append(r.snapshot)
-                    del kept[:-MAX_STAGE_SNAPSHOTS]
+            if r.stage_snapshot:
+                kept = stage_snaps.setdefault(lead, [])
+                kept.append(r.snapshot)
+                del kept[:-MAX_STAGE_SNAPSHOTS]
             if closing:  # the stream deletes the stage snapshots at close
                 stage_snaps.pop(lead, None)
         if first_close and r.training is None and r.state is not None:  # an outcome with nothing before it
@@ -309,7 +309,7 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
         features = r.training["snapshots"][-1]["features"]  # the last snapshot before the outcome
         served = scorer.score(features)
         assert scorer.model is not None
-        learners = trainer.tournament.predict_all(vectorize(features, trainer.stage_rates))
+        learners = trainer.tournament.predict_all(vectorize(features, trainer.stage_rates, trainer.encoder))
         p_model = learners[trainer.tournament.champion]
         result.predictions.append(Prediction(
             len(result.predictions), lead, bool(r.training["won"]), served.rules_score, p_model, served.score,
@@ -401,6 +401,7 @@ def run_evaluate(file: str | Path, mapping: str | Path, scoring_config_path: str
     except (ConfigError, MappingError, OSError, ValueError) as exc:
         print(f"leadstream evaluate: {exc}", file=sys.stderr)
         return 2
+    rules = dataclasses.replace(rules, fields=rules.fields.with_private(parsed.private_fields))
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     rows = {"read": 0, "bad": 0}

@@ -33,6 +33,8 @@ CRM_TYPES: tuple[str, ...] = (
     "activity_overdue", "email_replied", "deal_won", "deal_lost", "lead_deleted",
 )
 EVENT_TYPES: tuple[str, ...] = WEB_TYPES + CRM_TYPES
+# 9999-12-31T23:59:59.999Z: the last instant an RFC 3339 timestamp (and Python's datetime) can write.
+MAX_TS_MS = 253_402_300_799_999
 
 
 class RejectedEvent(ValueError):
@@ -88,8 +90,47 @@ def parse_ts(ts: Any) -> int:
     return int(parsed.timestamp() * 1000)
 
 
-def parse_event(key: bytes | None, value: bytes | None, *, topic_kind: str, max_bytes: int = 65536) -> Event:
-    """Decode and validate one message from the ``topic_kind`` (``'web'``/``'crm'``) input topic."""
+def check_ts(ts_ms: int, now_ms: int | None = None, max_future_skew_ms: int | None = None) -> int:
+    """``ts_ms`` if it is a usable event time, else :class:`RejectedEvent` saying why.
+
+    Parameters
+    ----------
+    ts_ms : int
+        The event time, epoch milliseconds.
+    now_ms : int, optional
+        When the message was received; with ``max_future_skew_ms``, events further ahead of it are
+        rejected (a sender's clock off by a year would otherwise make every later event "late").
+    max_future_skew_ms : int, optional
+        How far ahead of ``now_ms`` an event time may be.
+
+    >>> check_ts(1_700_000_000_000, now_ms=1_700_000_000_000, max_future_skew_ms=86_400_000)
+    1700000000000
+    >>> check_ts(99999999999999999)
+    Traceback (most recent call last):
+    ...
+    models.events.RejectedEvent: ts 99999999999999999 ms is after 9999-12-31T23:59:59.999Z, the last representable time
+    >>> check_ts(1_700_172_800_000, now_ms=1_700_000_000_000, max_future_skew_ms=86_400_000)
+    Traceback (most recent call last):
+    ...
+    models.events.RejectedEvent: ts 1700172800000 ms is 172800 s ahead of the receive time 1700000000000 ms (more than the allowed skew of 86400 s)
+    """
+    if ts_ms < 0:
+        raise RejectedEvent(f"ts {ts_ms} ms is before 1970-01-01T00:00:00Z")
+    if ts_ms > MAX_TS_MS:
+        raise RejectedEvent(f"ts {ts_ms} ms is after 9999-12-31T23:59:59.999Z, the last representable time")
+    if now_ms is not None and max_future_skew_ms is not None and ts_ms - now_ms > max_future_skew_ms:
+        raise RejectedEvent(f"ts {ts_ms} ms is {(ts_ms - now_ms) // 1000} s ahead of the receive time {now_ms} ms "
+                            f"(more than the allowed skew of {max_future_skew_ms // 1000} s)")
+    return ts_ms
+
+
+def parse_event(key: bytes | None, value: bytes | None, *, topic_kind: str, max_bytes: int = 65536,
+                now_ms: int | None = None, max_future_skew_ms: int | None = None) -> Event:
+    """Decode and validate one message from the ``topic_kind`` (``'web'``/``'crm'``) input topic.
+
+    ``now_ms`` (the receive time) and ``max_future_skew_ms`` bound how far in the future ``ts``
+    may be (see :func:`check_ts`); without them only the representable range is checked.
+    """
     if value is None:
         raise RejectedEvent("empty value (null)")
     if len(value) > max_bytes:
@@ -115,4 +156,5 @@ def parse_event(key: bytes | None, value: bytes | None, *, topic_kind: str, max_
         raise RejectedEvent("missing key: events must be keyed by lead_id")
     if key != doc["lead_id"].encode():
         raise RejectedEvent(f"key {key[:200]!r} does not match lead_id {doc['lead_id']!r}")
-    return Event(doc["event_id"], doc["lead_id"], event_type, parse_ts(doc["ts"]), doc.get("props") or {})
+    ts_ms = check_ts(parse_ts(doc["ts"]), now_ms, max_future_skew_ms)
+    return Event(doc["event_id"], doc["lead_id"], event_type, ts_ms, doc.get("props") or {})

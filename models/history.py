@@ -71,6 +71,7 @@ class Explicit:
     column: str
     field: str
     type: str = "string"  # "string" | "number" | "bool"
+    private: bool = False  # kept in the lead's state, never a model feature (see models/fields.py)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,11 @@ class Mapping:
     true_values: frozenset[str] = frozenset({"yes", "true", "1"})
     false_values: frozenset[str] = frozenset({"no", "false", "0"})
     explicit: tuple[Explicit, ...] = ()
+
+    @property
+    def private_fields(self) -> list[str]:
+        """Fields the mapping marks ``private = true``: the model must never learn them."""
+        return [e.field for e in self.explicit if e.private]
     behaviour: tuple[Behaviour, ...] = ()
     drop: dict[str, str] = field(default_factory=dict)
 
@@ -177,12 +183,15 @@ def _explicit_spec(column: str, spec: Any) -> Explicit:
         return Explicit(column, spec)
     if not isinstance(spec, dict):
         raise _fail(where, f"{spec!r} is not a field name or a table", form)
-    _only("explicit", spec, ("field", "type"), column)
+    _only("explicit", spec, ("field", "type", "private"), column)
     name = _str("explicit", spec, "field", form, keys=(column,))
     kind = spec.get("type", "string")
     if kind not in ("string", "number", "bool"):
         raise _fail(where + ".type", f"{kind!r} is not allowed", '"string", "number" or "bool"')
-    return Explicit(column, name or "", kind)
+    private = spec.get("private", False)
+    if not isinstance(private, bool):
+        raise _fail(where + ".private", f"{private!r} is not allowed", "true or false")
+    return Explicit(column, name or "", kind, private)
 
 
 def _behaviour_spec(column: str, spec: Any) -> Behaviour:

@@ -26,6 +26,8 @@
 
 from __future__ import annotations
 
+import copy
+import heapq
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +36,7 @@ from river import base, compose, drift, forest, linear_model, naive_bayes, optim
 
 from models.events import STAGES
 from models.features import Features
+from models.fields import Encoder
 from models.metrics import Prequential
 from models.tournament import (LEARNER_NAMES, Learner, StageModels, Tournament, make_learners, predict_with,
                                serving_learners)
@@ -41,29 +44,41 @@ from models.tournament import (LEARNER_NAMES, Learner, StageModels, Tournament, 
 MODEL_KINDS = ("tournament", "logreg", "hoeffding", "forest", "naive_bayes")
 # Bumped whenever features or the model pipeline change incompatibly: a checkpoint of another
 # format is not loaded (the trainer starts afresh) instead of serving a model fed the wrong inputs.
-MODEL_FORMAT = 3
+MODEL_FORMAT = 4  # 3: field policy, bounded (hashed / vocabulary) feature space; 4: the tournament
 # Numeric features spanning orders of magnitude: log-scaled so SGD sees comparable ranges.
 _LOG_PREFIXES = ("n_", "d_", "age_days", "recency_s", "time_in_stage_s", "visit_duration_s", "distinct_pages",
                  "sessions", "events_total")
 
 
-def vectorize(f: Features, stage_rates: StageRates | None = None) -> dict[str, float]:
+def vectorize(f: Features, stage_rates: StageRates | None = None, encoder: Encoder | None = None) -> dict[str, float]:
     """Numbers for the model: categories one-hot (``"stage=proposal": 1``), counts log-scaled.
 
-    >>> vectorize({"stage": "new", "n_click": 3.0, "f_age": 30.0})
-    {'stage=new': 1.0, 'n_click': 1.3863, 'f_age': 30.0}
+    Explicit fields go through the ``encoder``'s field policy (:mod:`models.fields`; default: the
+    default policy), so the feature space is bounded whatever the input.
+
+    >>> vectorize({"stage": "new", "n_click": 3.0, "f_email": "maria@example.com", "f_city": "berlin"})
+    {'stage=new': 1.0, 'n_click': 1.3863, 'h=211': 1.0}
     """
+    return vectorize_labelled(f, stage_rates, encoder)[0]
+
+
+def vectorize_labelled(f: Features, stage_rates: StageRates | None = None,
+                       encoder: Encoder | None = None) -> tuple[dict[str, float], dict[str, str]]:
+    """:func:`vectorize`, plus the readable name of each hashed key (for this lead's reasons)."""
+    encoded, labels = (encoder or _DEFAULT_ENCODER).encode(f)
     x: dict[str, float] = {}
-    for k, v in f.items():
-        if isinstance(v, str):
-            x[f"{k}={v}"] = 1.0
-        elif k.startswith(_LOG_PREFIXES):
-            x[k] = round(math.log1p(max(v, 0.0)), 4)
+    log1p = math.log1p
+    for k, v in encoded.items():
+        if k.startswith(_LOG_PREFIXES):
+            x[k] = log1p(v) if v > 0.0 else 0.0
         else:
             x[k] = float(v)
     if stage_rates is not None and isinstance(f.get("stage"), str):
         x["stage_win_rate"] = stage_rates.rate(f["stage"])
-    return x
+    return x, labels
+
+
+_DEFAULT_ENCODER = Encoder()
 
 
 def _numeric(x: dict[str, float]) -> dict[str, float]:
@@ -102,18 +117,26 @@ def make_model(kind: str = "logreg") -> base.Classifier:
     raise ValueError(f"model kind {kind!r}: expected one of {', '.join(MODEL_KINDS)}")
 
 
-def explain(model: base.Classifier, x: dict[str, float], top: int = 5) -> list[dict[str, Any]]:
-    """Largest signed contributions (weight x scaled value, in log-odds) of a linear model."""
-    if not isinstance(model, base.Estimator) or not hasattr(model, "steps"):
-        return []
-    steps = list(model.steps.values())
-    if not isinstance(steps[-1], linear_model.LogisticRegression):
-        return []
-    scaled = steps[0].transform_one(x) if len(steps) > 1 else x
+def explain(model: base.Classifier, x: dict[str, float], top: int = 5,
+            labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Largest signed contributions (weight x scaled value, in log-odds) of a linear model; hashed
+    keys are shown by the lead's own readable ``labels`` (e.g. ``f_city=berlin``)."""
+    return predict_explain(model, x, top, labels)[1]
+
+
+def predict_explain(model: base.Classifier, x: dict[str, float], top: int = 5,
+                    labels: dict[str, str] | None = None) -> tuple[float, list[dict[str, Any]]]:
+    """P(won) and, for the linear pipeline, its largest contributions; the features are scaled once."""
+    steps = list(model.steps.values()) if isinstance(model, compose.Pipeline) else []
+    if len(steps) != 2 or not isinstance(steps[-1], linear_model.LogisticRegression):
+        return model.predict_proba_one(x).get(True, 0.0), []
+    scaled = steps[0].transform_one(x)
+    p = steps[-1].predict_proba_one(scaled).get(True, 0.0)
     weights = steps[-1].weights
-    contrib = {k: weights.get(k, 0.0) * v for k, v in scaled.items()}
-    ranked = sorted((kv for kv in contrib.items() if kv[1]), key=lambda kv: (-abs(kv[1]), kv[0]))[:top]
-    return [{"feature": k, "contribution": round(v, 4)} for k, v in ranked]
+    contrib = [(k, weights.get(k, 0.0) * v) for k, v in scaled.items()]
+    ranked = heapq.nsmallest(top, (kv for kv in contrib if kv[1]), key=lambda kv: (-abs(kv[1]), kv[0]))
+    labels = labels or {}
+    return p, [{"feature": labels.get(k, k), "contribution": round(v, 4)} for k, v in ranked]
 
 
 @dataclass
@@ -144,6 +167,7 @@ class ServingModel:
     n_won: int
     n_lost: int
     min_outcomes: int
+    encoder: Encoder = field(default_factory=Encoder)
     format: int = MODEL_FORMAT
     learners: dict[str, Learner] = field(default_factory=dict)  # the tournament's, shared with the trainer
     champion: str = ""
@@ -159,15 +183,15 @@ class ServingModel:
 
     def predict(self, f: Features) -> tuple[float, list[dict[str, Any]]]:
         """The champion's P(won) and reasons (from the linear learner: trees give none)."""
-        x = vectorize(f, self.stage_rates)
-        if self.learners:
-            return predict_with(self.learners, self.champion, x), explain(self.model, x)
-        p = self.model.predict_proba_one(x).get(True, 0.0)
-        return p, explain(self.model, x)
+        x, labels = vectorize_labelled(f, self.stage_rates, self.encoder)
+        if not self.learners:
+            return predict_explain(self.model, x, labels=labels)
+        reasons = predict_explain(self.model, x, labels=labels)[1] if self.model is not None else []
+        return predict_with(self.learners, self.champion, x), reasons
 
     def stage_probabilities(self, f: Features) -> dict[str, float]:
         """P(won) as of each funnel stage, from what the lead did before it (see :class:`StageModels`)."""
-        return self.stage_models.probabilities(vectorize(f, self.stage_rates)) if self.stage_models else {}
+        return self.stage_models.probabilities(vectorize(f, self.stage_rates, self.encoder)) if self.stage_models else {}
 
 
 @dataclass
@@ -197,6 +221,7 @@ class Trainer:
     drift_detector: drift.ADWIN = field(default_factory=lambda: drift.ADWIN(delta=0.002))
     drifts: int = 0
     last_offset: int = -1  # offset of the last training message applied (guards redelivery)
+    encoder: Encoder = field(default_factory=Encoder)  # field policy + learned vocabularies (bounded)
     format: int = MODEL_FORMAT
 
     def __post_init__(self) -> None:
@@ -214,14 +239,16 @@ class Trainer:
         return self.tournament.refused
 
     def learn(self, snapshots: list[dict[str, Any]], won: bool) -> bool:
-        """Evaluate each snapshot with every learner, then learn; True when the champion changed."""
+        """Score every snapshot of the deal with every learner, then learn them; True when the champion changed.
+
+        Every snapshot is scored before any learner learns any of them (they share the label).
+        """
         y = int(won)
         drifted = False
         champion = self.tournament.champion
-        for snap in snapshots:
-            x = vectorize(snap["features"], self.stage_rates)
-            stage = snap.get("stage") or "none"
-            preds = self.tournament.test_then_train(x, y, stage)
+        xs = [vectorize(snap["features"], self.stage_rates, self.encoder) for snap in snapshots]
+        stages = [snap.get("stage") or "none" for snap in snapshots]
+        for snap, x, stage, preds in zip(snapshots, xs, stages, self.tournament.test_then_train_many(xs, y, stages)):
             p_champion = preds[champion]
             self.rules_metrics.update(snap["rules_score"], y)
             self.champion_metrics.update(p_champion, y)
@@ -233,6 +260,8 @@ class Trainer:
             drifted = drifted or self.drift_detector.drift_detected
         stages = [s["stage"] for s in snapshots if s.get("stage")]
         self.stage_rates.update(stages, won)
+        if snapshots:  # one count per deal, from the last features before the outcome
+            self.encoder.learn(snapshots[-1]["features"])
         self.n_won += y
         self.n_lost += 1 - y
         self.version += 1  # every learner learned: scorers reload
@@ -265,11 +294,12 @@ class Trainer:
         return sum(learner.refit() for learner in self.tournament.refits_due())
 
     def serving(self) -> ServingModel:
-        """The checkpoint: every learner, shared (not copied: the store pickles it at once); the batch
-        learner's last fit without its training window."""
+        """The checkpoint: every learner, shared (not copied: the store pickles it at once; the batch
+        learner's last fit goes without its training window); stage rates and encoder copied."""
         logreg = self.tournament.learners.get("logreg")
         linear = logreg.model if logreg is not None else None
-        return ServingModel(self.version, linear, self.stage_rates, self.n_won, self.n_lost, self.min_outcomes,
+        return ServingModel(self.version, linear, copy.deepcopy(self.stage_rates), self.n_won, self.n_lost,
+                            self.min_outcomes, copy.deepcopy(self.encoder),
                             learners=serving_learners(self.tournament.learners), champion=self.tournament.champion,
                             stage_models=self.stage_models)
 

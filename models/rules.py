@@ -23,6 +23,7 @@ from typing import Any
 
 from models.events import STAGES
 from models.features import Features
+from models.fields import FieldPolicy, PolicyError, parse_policy
 from models.grading import Grades
 
 DEFAULT_CONFIG = Path(__file__).with_name("scoring.toml")
@@ -83,12 +84,13 @@ class Rules:
     activities: dict[str, Capped]
     explicit: dict[str, list[ValueRule]] = field(default_factory=dict)
     by_feature: dict[str, list[ValueRule]] = field(default_factory=dict)  # [features.NAME]: any feature
+    fields: FieldPolicy = field(default_factory=FieldPolicy)  # [fields]: what the model may learn from
 
     def points(self, f: Features) -> dict[str, float]:
         """Every non-zero contribution in points, keyed by a readable reason name."""
         out: dict[str, float] = {}
         for event_type, rule in self.behaviour.items():
-            count = f.get(f"d_{event_type}")
+            count = f.get("d_" + event_type)
             if isinstance(count, float) and count > 0:
                 out[event_type] = rule.apply(count)
         recency = f.get("recency_s")
@@ -100,17 +102,19 @@ class Rules:
         if isinstance(stage, str) and self.stage.get(stage):
             out[f"stage={stage}"] = self.stage[stage]
         for status, rule in self.activities.items():
-            n = f.get(f"activities_{status}")
+            n = f.get("activities_" + status)
             if isinstance(n, float) and n > 0:
                 out[f"activities_{status}"] = rule.apply(n)
         for prefix, table in (("f_", self.explicit), ("", self.by_feature)):
             for name, value_rules in table.items():
-                value = f.get(f"{prefix}{name}")
+                value = f.get(prefix + name)
                 if value is None:
                     continue
-                hit = next((r for r in value_rules if r.matches(value)), None)
-                if hit is not None and hit.points:
-                    out[f"{name}={value}" if hit.key == value else f"{name} in {hit.key}"] = hit.points
+                for rule in value_rules:  # the first matching rule wins
+                    if rule.matches(value):
+                        if rule.points:
+                            out[f"{name}={value}" if rule.key == value else f"{name} in {rule.key}"] = rule.points
+                        break
         return {k: v for k, v in out.items() if v}
 
     def score(self, f: Features, max_reasons: int = 5) -> RuleScore:
@@ -182,6 +186,14 @@ def load_rules(text: str) -> Rules:
         name: [_value_rule(f"features.{name}", key, pts) for key, pts in values.items()]
         for name, values in cfg.get("features", {}).items()
     }
+    try:
+        policy = parse_policy(cfg.get("fields", {}))
+    except PolicyError as exc:
+        raise ConfigError(str(exc)) from None
+    for name in explicit:
+        if policy.is_private(name):
+            raise ConfigError(f"scoring config [explicit.{name}]: field {name!r} is private (never a feature, see "
+                              f"[fields]); remove these points or declare the field in [fields.declared]")
     grades_cfg = cfg.get("grades")
     if not isinstance(grades_cfg, dict):
         raise ConfigError("scoring config [grades]: missing; expected a table like \"A+\" = 0.9, A = 0.8, ...")
@@ -198,5 +210,5 @@ def load_rules(text: str) -> Rules:
         grades=Grades.from_config(grades_cfg),
         hot_threshold=hot, hot_rearm_below=rearm,
         behaviour=behaviour, recency=recency, stage=stage, activities=activities, explicit=explicit,
-        by_feature=by_feature,
+        by_feature=by_feature, fields=policy,
     )

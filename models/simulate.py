@@ -16,6 +16,8 @@ Same seed, same events (``random.Random(seed)``; event ids ``sim-{seed}-{lead}-{
 (True, 'lead_created', 'sim-1-0-0')
 >>> all(a["ts"] <= b["ts"] for a, b in zip(events, events[1:]))
 True
+>>> events[0]["props"]["fields"]["owner"]
+'Ana Ruiz'
 >>> [lead.lead_id for lead in simulate_population(2, seed=1)]
 ['lead-1-00000', 'lead-1-00001']
 """
@@ -58,6 +60,9 @@ CAMPAIGNS = ("welcome", "product-tour", "case-studies", "webinar-invite", "prici
              "nurture-2")
 LOST_REASONS = ("no budget", "chose competitor", "no decision", "bad timing", "not a fit")
 ACTIVITY_KINDS = ("call", "email", "meeting", "task")
+# The sales managers leads are assigned to (the CRM's ``owner`` field); round robin by lead index,
+# so owners do not change the other draws of a seed.
+OWNERS = ("Ana Ruiz", "Ben Okafor", "Chloe Martin", "Dev Patel")
 
 
 def _sigmoid(x: float) -> float:
@@ -171,6 +176,7 @@ def _lead(rng: random.Random, seed: int, index: int, arrival: int) -> SimLead:
     late_field = rng.random() < 0.25
     if late_field:  # some CRM records get company_size only later
         del created_fields["company_size"]
+    created_fields["owner"] = OWNERS[index % len(OWNERS)]
     b.add(arrival, "lead_created", {"fields": created_fields})
     life = rng.randint(5, 25) * _DAY
     active_end = arrival + int(life * 0.8)  # behaviour happens before the outcome at arrival+life

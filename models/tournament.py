@@ -109,15 +109,16 @@ class BatchHGB:
         self.columns: dict[str, int] = {}
         self.model: FlatTrees | None = None
         self.codes: dict[str, dict[str, float]] = {}
+        self.template: Any = None
 
     def predict_proba(self, x: X) -> float:
         if self.model is None:
             return 0.5
-        return _sigmoid(self.model.raw(BatchHGB._row(x, self.columns, self.codes)))
+        return _sigmoid(self.model.raw(BatchHGB._row(x, self.columns, self.codes, self.template)))
 
     def frozen(self) -> FrozenHGB:
         """The fitted model alone, for the serving checkpoint (without the window of rows)."""
-        return FrozenHGB(self.model, self.columns, self.codes)
+        return FrozenHGB(self.model, self.columns, self.codes, self.template)
 
     def learn(self, x: X, y: bool) -> None:
         self.rows.append((x, bool(y)))
@@ -149,7 +150,7 @@ class BatchHGB:
         numeric: dict[str, int] = {}
         for x, y in rows:
             for k in x:
-                if "=" in k:
+                if "=" in k and not k.startswith(_BINARY):
                     field_, value = k.split("=", 1)
                     t = tallies.setdefault(field_, {}).setdefault(value, [0, 0])
                     t[0] += y
@@ -160,14 +161,16 @@ class BatchHGB:
                  for f, vals in tallies.items()}
         keep = sorted(numeric, key=lambda k: -numeric[k])[:self.max_columns]
         columns = {k: j for j, k in enumerate(sorted(keep) + sorted(codes))}  # a stable layout
-        X_ = np.full((len(rows), len(columns)), np.nan)
+        template = np.full(len(columns), np.nan)
+        template[[j for k, j in columns.items() if k.startswith(_BINARY)]] = 0.0  # an absent bucket is 0
+        X_ = np.empty((len(rows), len(columns)))
         for i, (x, _) in enumerate(rows):
-            X_[i] = self._row(x, columns, codes)
+            X_[i] = self._row(x, columns, codes, template)
         y = np.array([y for _, y in rows], dtype=int)
         with threadpool_limits(1):  # OpenMP threads only fight over the worker's cores at this size
             model = HistGradientBoostingClassifier(**self.params).fit(X_, y)
         # swapped together: predictions never see a half fit
-        self.model, self.columns, self.codes = FlatTrees.of(model), columns, codes
+        self.model, self.columns, self.codes, self.template = FlatTrees.of(model), columns, codes, template
         self.since_fit = 0
         self.fits += 1
         spent = time.perf_counter() - started
@@ -175,12 +178,12 @@ class BatchHGB:
         return spent
 
     @staticmethod
-    def _row(x: X, columns: dict[str, int], codes: dict[str, dict[str, float]]) -> Any:
+    def _row(x: X, columns: dict[str, int], codes: dict[str, dict[str, float]], template: Any) -> Any:
         import numpy as np
 
-        row = np.full(len(columns), np.nan)
+        row = template.copy()
         for k, v in x.items():
-            if "=" in k:
+            if "=" in k and not k.startswith(_BINARY):
                 field_, value = k.split("=", 1)
                 j = columns.get(field_)
                 if j is not None:
@@ -193,6 +196,7 @@ class BatchHGB:
 
 
 _SMOOTH = 20.0  # pseudo-deals at the window's win rate: a rare category is not taken at face value
+_BINARY = ("h=",)  # hashed buckets (models.fields) mix fields: each is its own 0/1 column
 
 
 class NaiveBayes:
@@ -252,6 +256,7 @@ class FrozenHGB:
     model: FlatTrees | None
     columns: dict[str, int]
     codes: dict[str, dict[str, float]]
+    template: Any
     name: str = "batch_hgb"
 
     predict_proba = BatchHGB.predict_proba
@@ -422,22 +427,29 @@ class Tournament:
 
         Returns the predictions made before learning (the champion's is under its own name).
         """
-        preds = self.predict_all(x)
-        stage = stage or "none"
-        per = self.per_stage.setdefault(stage, {})
-        for name, p in preds.items():
-            self.whole.setdefault(name, Prequential()).update(p, y)
-            per.setdefault(name, Prequential()).update(p, y)
-        self.recent.append((preds, y))
-        for learner in self.learners.values():
-            if isinstance(learner, Stack):
-                learner.learn_from(preds, bool(y))
-            else:
-                learner.learn(x, bool(y))
-        self.seen += 1
-        if self.seen % self.select_every == 0:
-            self.select()
-        return preds
+        return self.test_then_train_many([x], y, [stage])[0]
+
+    def test_then_train_many(self, xs: Sequence[X], y: int, stages: Sequence[str | None]) -> list[dict[str, float]]:
+        """:meth:`test_then_train` for the snapshots of one deal: all are scored before any is learned
+        (they share the label: learning the first would leak it into the second's figure)."""
+        all_preds = [self.predict_all(x) for x in xs]
+        for preds, stage in zip(all_preds, stages):
+            per = self.per_stage.setdefault(stage or "none", {})
+            for name, p in preds.items():
+                self.whole.setdefault(name, Prequential()).update(p, y)
+                per.setdefault(name, Prequential()).update(p, y)
+            self.recent.append((preds, y))
+        for x, preds in zip(xs, all_preds):
+            for learner in self.learners.values():
+                if isinstance(learner, Stack):
+                    learner.learn_from(preds, bool(y))
+                else:
+                    learner.learn(x, bool(y))
+        for _ in xs:
+            self.seen += 1
+            if self.seen % self.select_every == 0:
+                self.select()
+        return all_preds
 
     def select(self) -> bool:
         """Choose the champion on the window; True when it changed."""

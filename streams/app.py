@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import faust
 
+from streams.clients import faust_credentials
 from streams.settings import Settings
 
 
@@ -11,6 +12,7 @@ def create_app(settings: Settings) -> faust.App:
     return faust.App(
         settings.app_id,
         broker=[f"kafka://{hp}" for hp in settings.kafka_bootstrap.split(",")],
+        broker_credentials=faust_credentials(settings),  # PLAINTEXT, SSL or SASL, as every other client
         value_serializer="raw",
         key_serializer="raw",
         topic_partitions=settings.partitions,

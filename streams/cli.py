@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from streams.settings import Settings, SettingsError, describe
 
@@ -26,11 +27,16 @@ def _down(args: argparse.Namespace, settings: Settings) -> int:
 def _run(func: Callable[[argparse.Namespace, Settings], int], args: argparse.Namespace, settings: Settings) -> int:
     """Known failures (a service that does not start, a bad scoring config) as one clear line, no traceback."""
     from models.rules import ConfigError
+    from streams.clients import ConnectionCheckError
+    from streams.settings import SettingsError
     from streams.stack import StackError
 
     try:
         return int(func(args, settings) or 0)
-    except StackError as exc:
+    except SettingsError as exc:
+        print(f"leadstream {args.command}: bad setting: {exc}", file=sys.stderr)
+        return 2
+    except (StackError, ConnectionCheckError) as exc:
         print(f"leadstream {args.command}: {exc}", file=sys.stderr)
     except ConfigError as exc:
         print(f"leadstream {args.command}: {exc} (file {settings.scoring_config}, set by LEADSTREAM_SCORING_CONFIG)",
@@ -42,6 +48,12 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from streams.worker import run_worker
 
     return run_worker(settings, loglevel=args.loglevel)
+
+
+def _api(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.api import run_api
+
+    return run_api(settings)
 
 
 def _lead(args: argparse.Namespace, settings: Settings) -> int:
@@ -96,6 +108,31 @@ def _funnel(args: argparse.Namespace, settings: Settings) -> int:
     return print_funnel(settings, args.stall_days, args.json)
 
 
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    from streams import bench
+
+    return bench.main(args, settings)
+
+
+def _rebuild_views(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from streams.clients import redis_client
+    from streams.views import rebuild_views
+
+    async def run() -> dict:
+        client = redis_client(settings)
+        try:
+            return await rebuild_views(client, settings.rescore_every_s * 1000)
+        finally:
+            await client.aclose()
+
+    result = asyncio.run(run())
+    print(f"rebuilt the read models of {result['leads']} leads over {result['shards']} shards "
+          f"({result['view_keys_deleted']} view keys replaced)")
+    return 0
+
+
 def _settings(args: argparse.Namespace, settings: Settings) -> int:
     print(describe())
     return 0
@@ -114,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("down", _down, "Stop what `leadstream up` started (by its pid files).")
     w = add("worker", _worker, "Run the scoring and training agents.")
     w.add_argument("--loglevel", default="info")
+    add("api", _api, "Serve the dashboard, the read API, webhook ingest (POST /events) and metrics "
+                     "on LEADSTREAM_API_PORT (docs/api.md).")
     lead = add("lead", _lead, "Print a lead's state, score, grade and reasons from Redis.")
     lead.add_argument("lead_id")
     sim = add("simulate", _simulate, "Publish a realistic simulated event stream (deterministic for a seed).")
@@ -148,6 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
                                  "stage, learned win rates, reply rate, time to close.")
     fun.add_argument("--stall-days", type=float, default=14.0, help="no stage move for this long = stalled")
     fun.add_argument("--json", action="store_true")
+    b = add("bench", _bench, "Measure throughput (against a plain aiokafka passthrough in the same run), latency, "
+                             "the pure step, Redis memory per lead and read times, against the running stack.")
+    b.add_argument("--leads", type=int, default=1000, help="simulated leads of the burst (about 30 events each)")
+    b.add_argument("--rates", default="500,1000,2000,5000", help="steady offered rates (events/s) for the latency runs")
+    b.add_argument("--seconds", type=float, default=8.0, help="length of each latency run")
+    b.add_argument("--memory-leads", type=int, default=10_000, help="leads written for the memory and read runs")
+    b.add_argument("--redis-db", type=int, default=14, help="Redis database the benchmark uses and flushes")
+    b.add_argument("--only", default="step,pipeline,memory", help="parts to run: step, pipeline, memory")
+    b.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    add("rebuild-views", _rebuild_views, "Recompute every read model (leaderboards, funnel, owners) from the lead "
+                                         "hashes: repair after a bug or a restore.")
     add("settings", _settings, "List every LEADSTREAM_* setting with its default.")
     return parser
 

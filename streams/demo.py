@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from aiokafka import AIOKafkaConsumer
 from models.grading import GRADE_NAMES
 from models.simulate import simulate
 from streams import stack
+from streams.clients import kafka_kwargs
 from streams.reports import model_report
 from streams.publish import publish_events
 from streams.settings import Settings
@@ -47,6 +49,22 @@ def start_worker(settings: Settings, log_path: Path, timeout_s: float = 120.0,
             raise RuntimeError(f"the worker did not start (exit {proc.poll()}); its log {log_path} ends:\n" + "\n".join(tail))
         time.sleep(0.3)
     return proc
+
+
+def start_api(settings: Settings, log_path: Path, timeout_s: float = 60.0,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Run ``leadstream api`` in the background (``env``: extra variables; stop it with :func:`stop_worker`);
+    return once it listens."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "api"], stdout=log_path.open("ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", settings.api_port), timeout=1):
+            return proc
+        time.sleep(0.2)
+    stop_worker(proc)
+    raise RuntimeError(f"leadstream api did not start (exit {proc.poll()}); see {log_path}")
 
 
 def stop_worker(proc: subprocess.Popen) -> None:
@@ -100,7 +118,7 @@ def _why(body: dict) -> str:
 
 async def watch_and_publish(settings: Settings, events: list[dict], rate: float) -> Board:
     board = Board()
-    consumer = AIOKafkaConsumer(settings.topic_scores, settings.topic_hot, bootstrap_servers=settings.kafka_bootstrap,
+    consumer = AIOKafkaConsumer(settings.topic_scores, settings.topic_hot, **kafka_kwargs(settings),
                                 group_id=None, auto_offset_reset="latest", enable_auto_commit=False)
     await consumer.start()
     await asyncio.sleep(1)  # let the consumer settle at the end of the topics before traffic starts
@@ -145,7 +163,10 @@ def run_demo(settings: Settings, leads: int, rate: float, seed: int | None) -> i
     print(f"worker: starting (log: {log_path}); the model joins the rules after "
           f"{env.get('LEADSTREAM_MODEL_MIN_OUTCOMES', settings.model_min_outcomes)} won and lost deals")
     worker = start_worker(settings, log_path, env=env)
-    print(f"dashboard while the demo runs: http://127.0.0.1:{settings.web_port}/dashboard")
+    api = start_api(settings, settings.home / "logs" / "api.log")
+    token = f"?token={settings.api_token}" if settings.api_token else ""
+    print(f"dashboard while the demo runs: http://127.0.0.1:{settings.api_port}/dashboard{token} "
+          f"(afterwards: leadstream api)")
     seed = seed if seed is not None else int(time.time())  # fresh ids each run, or repeatable with --seed
     events = simulate(leads, seed)
     print(f"demo: {leads} simulated leads, {len(events)} events at up to {rate:.0f}/s (seed {seed})")
@@ -155,6 +176,7 @@ def run_demo(settings: Settings, leads: int, rate: float, seed: int | None) -> i
         return 130
     finally:
         stop_worker(worker)
+        stop_worker(api)
     print(board.summary(board.scored))
     print("best leads now (score, grade, stage, top reasons):")
     print("\n".join(board.top()))

@@ -1,8 +1,17 @@
-"""Thin orchestration of one input message: decode, load state, compute, write, emit.
+"""Thin orchestration of a micro-batch of input messages: decode, load, compute, write, emit.
 
-The computing is :func:`models.scoring.step`; this module only moves bytes between Kafka and
-Redis. It returns what to send instead of sending, so the agents own the producer and the tests
-can drive it without Kafka.
+For one batch: every message is decoded and validated (bad ones become dead letters), every lead
+of the batch is loaded in one pipelined Redis round trip, each lead's events are folded in
+partition order in memory by the pure :func:`models.scoring.step`, and every changed lead is
+written in one more round trip, each lead by one atomic compare-and-set script that also updates
+the read models. Leads another writer changed meanwhile are loaded and computed again. The
+module returns what to send instead of sending, so the agents own the producer and the tests can
+drive it without Kafka.
+
+Exactly-once effect: a lead keeps the offset it last applied per source partition, so a Kafka
+redelivery is recognised by construction; its outputs are re-sent if the write that applied it
+has not been acknowledged by Kafka yet (the lead keeps them until then). A repeated ``event_id``
+among the lead's last ``dedupe_ids`` events changes nothing and sends nothing.
 """
 
 from __future__ import annotations
@@ -13,21 +22,24 @@ import logging
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from models.events import RejectedEvent, parse_event
-from models.scoring import Scorer, StepResult, rfc3339, step
-from streams.state import APPLIED, CONFLICT, DUPLICATE, LeadStore
+from models.events import Event, RejectedEvent, parse_event
+from models.features import copy_state
+from models.readmodel import contributions, diff
+from models.scoring import MAX_STAGE_SNAPSHOTS, Scorer, StepResult, rescore, rfc3339, step
+from streams.state import APPLIED, DIGEST_BYTES, LeadRecord, LeadStore, LeadWrite, event_digest, has_digest
 
 log = logging.getLogger(__name__)
 MAX_CAS_RETRIES = 20
 
 
 class ContentionError(RuntimeError):
-    """Other writers kept changing the lead (transient: the caller retries the message)."""
+    """Other writers kept changing a lead (transient: the caller retries the batch)."""
 
 
 @dataclass(frozen=True)
@@ -58,80 +70,213 @@ def dead_letter(msg: Message, reason: str, now_ms: int) -> Out:
     return Out("dead_letter", msg.key, orjson.dumps(doc))
 
 
+@dataclass
+class Computed:
+    """One lead's batch, computed: the write to make and the records to send once it applied."""
+
+    write: LeadWrite | None  # None: nothing to write (only duplicates or redeliveries)
+    outs: list[Out]
+    failed: dict[int, str]  # index in the lead's events -> why the step failed (dead-lettered)
+    sent_origins: list[str] = field(default_factory=list)  # re-send material to drop once Kafka acknowledged
+
+
 class EventPipeline:
-    def __init__(self, store: LeadStore, scorer: Scorer, *, topic_kinds: dict[str, str], max_event_bytes: int) -> None:
+    def __init__(self, store: LeadStore, scorer: Scorer, *, topic_kinds: dict[str, str], max_event_bytes: int,
+                 dedupe_ids: int = 64, rescore_every_ms: int = 86_400_000, worker_id: str = "w",
+                 max_future_skew_ms: int | None = None) -> None:
         self.store = store
         self.scorer = scorer
         self.topic_kinds = topic_kinds  # input topic name -> "web" | "crm"
         self.max_event_bytes = max_event_bytes
+        self.dedupe_ids = dedupe_ids
+        self.rescore_every_ms = rescore_every_ms
+        self.max_future_skew_ms = max_future_skew_ms  # None: no bound on event time ahead of the clock
         self.counts: Counter[str] = Counter()
+        self._worker_id = worker_id
+        self._batches = 0
+        self._unacked: list[tuple[str, list[str]]] = []  # (lead, origins) written by the last batch
+        self._acked: list[tuple[str, list[str]]] = []  # their outputs are acknowledged: drop their re-send material
+        self._recent: list[tuple[float, int]] = []  # (monotonic time, size) of the last event batches
 
-    async def handle(self, msg: Message) -> list[Out]:
+    # ---- events -------------------------------------------------------------------------------
+
+    async def handle_batch(self, msgs: list[Message]) -> list[Out]:
+        """Everything one batch changes and sends; the caller sends the records, awaits Kafka's
+        acknowledgements, calls :meth:`acknowledged`, and only then lets the offsets be committed."""
         now_ms = int(time.time() * 1000)
-        try:
-            event = parse_event(msg.key, msg.value, topic_kind=self.topic_kinds[msg.topic],
-                                max_bytes=self.max_event_bytes)
-        except RejectedEvent as exc:
-            self.counts["dead_letter"] += 1
-            return [dead_letter(msg, str(exc), now_ms)]
-        origin = f"{msg.topic}/{msg.partition}/{msg.offset}"
-        closing = event.type in ("deal_won", "deal_lost")
-        for attempt in range(MAX_CAS_RETRIES):
-            loaded = await self.store.load(event.lead_id, event.event_id, with_snapshots=closing)
-            if loaded.seen is not None:
-                return self._duplicate(msg, origin, loaded.seen)
+        outs: list[Out] = []
+        by_lead: dict[str, list[tuple[Message, Event]]] = {}
+        for msg in msgs:
             try:
-                result = step(loaded.state, event, self.scorer, scored_at_ms=now_ms,
-                              stage_snapshots=loaded.stage_snapshots, last_snapshot=loaded.last_snapshot,
-                              deleted_ts=loaded.deleted_ts)
-            except Exception as exc:  # a valid event the code cannot handle: keep it, keep going
-                log.exception("could not process %s", origin)
+                event = parse_event(msg.key, msg.value, topic_kind=self.topic_kinds[msg.topic],
+                                    max_bytes=self.max_event_bytes, now_ms=now_ms,
+                                    max_future_skew_ms=self.max_future_skew_ms)
+            except RejectedEvent as exc:
                 self.counts["dead_letter"] += 1
-                return [dead_letter(msg, f"could not process the event: {exc!r}", now_ms)]
-            outs = {"scores": result.score, "hot": result.hot, "training": result.training}
-            sent = orjson.dumps({k: v for k, v in outs.items() if v is not None})
-            snapshot = orjson.dumps(result.snapshot) if result.stage_snapshot else None
-            status = await self.store.write(event.lead_id, event.event_id, expected_version=loaded.version,
-                                            origin=origin, sent=sent, state=result.state,
-                                            fields=_hash_fields(result, now_ms), stage_snapshot=snapshot,
-                                            close=closing)
-            if status == APPLIED:
-                break
-            if status == DUPLICATE:  # applied concurrently by another worker (rebalance overlap)
-                self.counts["duplicate"] += 1
-                return []
-            assert status == CONFLICT
-            self.counts["cas_retry"] += 1
+                outs.append(dead_letter(msg, str(exc), now_ms))
+                continue
+            by_lead.setdefault(event.lead_id, []).append((msg, event))
+        self._recent = [*self._recent[-9:], (time.monotonic(), len(msgs))]
+        outs += await self._apply(by_lead, lambda record, events: self._compute(record, events, now_ms))
+        return outs
+
+    def busy(self, window_s: float, batch_max: int) -> bool:
+        """Whether events are flowing fast enough that background work should wait: within
+        ``window_s``, a batch came full, or the batches carried more than ``batch_max`` events."""
+        since = time.monotonic() - window_s
+        recent = [n for t, n in self._recent if t >= since]
+        return any(n >= batch_max for n in recent) or sum(recent) > batch_max
+
+    def acknowledged(self) -> None:
+        """Kafka acknowledged every record of the last batch: its re-send material can go."""
+        self._acked += self._unacked
+        self._unacked = []
+
+    async def flush_acked(self) -> None:
+        """Drop acknowledged re-send material now (the next batch's load does it otherwise)."""
+        if self._acked:
+            await self._load({}, self._take_acked())
+
+    # ---- rescoring without events ------------------------------------------------------------
+
+    async def rescore_leads(self, lead_ids: Iterable[str], trigger: str, now_ms: int | None = None) -> list[Out]:
+        """Score these leads again at ``now_ms`` through the same write path (``decay`` or ``model``)."""
+        now_ms = now_ms or int(time.time() * 1000)
+        plan = {lead_id: [] for lead_id in lead_ids}
+        return await self._apply(plan, lambda record, _: self._compute_rescore(record, now_ms, trigger))
+
+    def _compute_rescore(self, record: LeadRecord, now_ms: int, trigger: str) -> Computed:
+        state = record.state
+        if state is None or state.get("outcome") or "score" not in state:
+            return Computed(None, [], {})
+        if trigger == "model" and state.get("model_version") == self.scorer.version:
+            return Computed(None, [], {})  # already scored by this model
+        before = contributions(state, rescore_every_ms=self.rescore_every_ms)
+        state = copy_state(state)
+        r = rescore(state, self.scorer, now_ms=now_ms, trigger=trigger)
+        after = contributions(state, rescore_every_ms=self.rescore_every_ms)
+        write = LeadWrite(record, state, record.ids, record.offsets, record.snaps, {}, record.deleted_ts,
+                          diff(before, after))
+        key = record.lead_id.encode()
+        self.counts[f"rescored_{trigger}"] += 1
+        return Computed(write, _records(key, {"scores": r.score, "hot": r.hot}), {})
+
+    # ---- the shared write path ------------------------------------------------------------------
+
+    async def _apply(self, by_lead: dict[str, Any], compute: Any) -> list[Out]:
+        outs: list[Out] = []
+        todo = dict(by_lead)
+        for attempt in range(MAX_CAS_RETRIES):
+            records = await self._load(todo, self._take_acked())
+            computed = {lead: compute(records[lead], todo[lead]) for lead in todo}
+            writes = [(lead, c.write) for lead, c in computed.items() if c.write is not None]
+            statuses = await self.store.write_many([w for _, w in writes])
+            conflicts = {lead for (lead, _), status in zip(writes, statuses) if status != APPLIED}
+            for lead, c in computed.items():
+                if lead in conflicts:
+                    continue
+                outs += c.outs
+                if c.sent_origins:
+                    self._unacked.append((lead, c.sent_origins))
+            if not conflicts:
+                return outs
+            self.counts["cas_retry"] += len(conflicts)
+            todo = {lead: todo[lead] for lead in conflicts}
             await asyncio.sleep(random.uniform(0, 0.001 * (attempt + 1)))  # let the other writer finish
-        else:
-            raise ContentionError(f"lead {event.lead_id}: state kept changing under {MAX_CAS_RETRIES} retries")
-        self.counts["scored"] += 1
-        return _outs(event.lead_id.encode(), outs)
+        raise ContentionError(f"leads {sorted(todo)[:5]}: state kept changing under {MAX_CAS_RETRIES} retries")
 
-    def _duplicate(self, msg: Message, origin: str, seen: bytes) -> list[Out]:
-        first_origin, _, sent = seen.partition(b"\n")
-        if first_origin.decode() == origin:  # Kafka redelivered the same record: send its output again
-            self.counts["redelivered"] += 1
-            return _outs(msg.key, orjson.loads(sent))
-        self.counts["duplicate"] += 1
-        log.info("duplicate event ignored: %s (first applied from %s)", origin, first_origin.decode())
-        return []
+    async def _load(self, leads: dict[str, Any], acked: list[tuple[str, list[str]]]) -> dict[str, LeadRecord]:
+        try:
+            return await self.store.load_many(leads, acked=acked)
+        except BaseException:
+            self._acked = acked + self._acked  # the clean-up did not happen: keep it for the next trip
+            raise
+
+    def _take_acked(self) -> list[tuple[str, list[str]]]:
+        acked, self._acked = self._acked, []
+        return acked
+
+    def _compute(self, record: LeadRecord, events: list[tuple[Message, Event]], now_ms: int) -> Computed:
+        """Fold one lead's events of the batch; a step that raises is dead-lettered and the lead
+        computed again without it (the fold works in place on one copy of the state)."""
+        failed: dict[int, str] = {}
+        while True:
+            try:
+                return self._fold_lead(record, events, now_ms, failed)
+            except _StepFailed as exc:
+                failed[exc.index] = exc.reason
+
+    def _fold_lead(self, record: LeadRecord, events: list[tuple[Message, Event]], now_ms: int,
+                   failed: dict[int, str]) -> Computed:
+        state = copy_state(record.state) if record.state is not None else None
+        ids, offsets = bytearray(record.ids), dict(record.offsets)
+        snaps, deleted_ts = list(record.snaps), record.deleted_ts
+        pending: dict[str, dict[str, Any]] = {}
+        resent: list[str] = []
+        outs: list[Out] = []
+        counts: Counter[str] = Counter()
+        applied = False
+        for i, (msg, event) in enumerate(events):
+            source = f"{self.topic_kinds[msg.topic]}/{msg.partition}"
+            origin = f"{source}/{msg.offset}"
+            if i in failed:
+                outs.append(dead_letter(msg, f"could not process the event: {failed[i]}", now_ms))
+                counts["dead_letter"] += 1
+                offsets[source] = max(offsets.get(source, -1), msg.offset)
+                continue
+            if msg.offset <= offsets.get(source, -1):  # Kafka redelivered what this lead already applied
+                counts["redelivered"] += 1
+                if origin in record.pending:  # not acknowledged before the crash: send it again
+                    outs += _records(msg.key, record.pending[origin])
+                    resent.append(origin)
+                continue
+            digest = event_digest(event.event_id)
+            offsets[source] = msg.offset
+            if has_digest(bytes(ids), digest):
+                counts["duplicate"] += 1
+                applied = True  # the offset guard moved
+                continue
+            try:
+                r = step(state, event, self.scorer, scored_at_ms=now_ms, stage_snapshots=snaps,
+                         deleted_ts=deleted_ts, copy=False)
+            except Exception as exc:  # a valid event the code cannot handle: keep it, keep going
+                log.exception("could not process %s/%s", msg.topic, origin)
+                raise _StepFailed(i, repr(exc)) from None
+            applied = True
+            counts["scored"] += 1
+            state, snaps = self._after_step(r, snaps)
+            if r.state is None:
+                deleted_ts, ids, offsets = r.deleted_ts, bytearray(), {source: msg.offset}
+            else:
+                ids += digest
+                del ids[:-self.dedupe_ids * DIGEST_BYTES]
+            sent = {"scores": r.score, "hot": r.hot, "training": r.training}
+            pending[origin] = sent
+            outs += _records(msg.key, sent)
+        self.counts.update(counts)
+        if not applied:
+            return Computed(None, outs, failed, resent)
+        views = diff(contributions(record.state, rescore_every_ms=self.rescore_every_ms),
+                     contributions(state, rescore_every_ms=self.rescore_every_ms))
+        write = LeadWrite(record, state, bytes(ids), offsets, snaps, pending, deleted_ts, views)
+        return Computed(write, outs, failed, resent + list(pending))
+
+    @staticmethod
+    def _after_step(r: StepResult, snaps: list[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
+        if r.state is None or r.training is not None or (r.state.get("outcome") and snaps):
+            return r.state, []  # deleted or closed: the stage snapshots are gone
+        if r.stage_snapshot:
+            snaps = (snaps + [r.snapshot])[-MAX_STAGE_SNAPSHOTS:]
+        return r.state, snaps
 
 
-def _hash_fields(result: StepResult, now_ms: int) -> dict[str, Any]:
-    """The lead hash's fields besides ``state``: readable ones for people and dashboards."""
-    if result.state is None:
-        return {"deleted_ts": result.deleted_ts}
-    st = result.state
-    fields = {"score": st["score"], "grade": st["grade"], "stage": st["stage"] or "", "source": st["source"],
-              "updated_at": now_ms}
-    if result.snapshot is not None:
-        fields["snap_last"] = orjson.dumps(result.snapshot)
-    return fields
+class _StepFailed(Exception):
+    def __init__(self, index: int, reason: str) -> None:
+        self.index, self.reason = index, reason
 
 
-def _outs(key: bytes | None, outs: dict[str, Any]) -> list[Out]:
+def _records(key: bytes | None, sent: dict[str, Any]) -> list[Out]:
     """The records for one applied event; a missing score means a tombstone (lead deleted)."""
-    records = [Out("scores", key, orjson.dumps(outs["scores"]) if outs.get("scores") else None)]
-    records += [Out(kind, key, orjson.dumps(outs[kind])) for kind in ("hot", "training") if outs.get(kind)]
+    records = [Out("scores", key, orjson.dumps(sent["scores"]) if sent.get("scores") else None)]
+    records += [Out(kind, key, orjson.dumps(sent[kind])) for kind in ("hot", "training") if sent.get(kind)]
     return records

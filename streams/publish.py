@@ -21,8 +21,11 @@ from aiokafka.errors import KafkaError
 from tqdm import tqdm
 
 from models.events import parse_ts, topic_kind_of
+from models.fields import FieldPolicy
 from models.history import MappingError, RowResult, load_mapping, stream_history
+from models.rules import load_rules
 from models.simulate import simulate
+from streams.clients import kafka_kwargs
 from streams.settings import Settings
 from streams.topics import ensure_topics
 
@@ -53,7 +56,7 @@ async def publish_events(settings: Settings, events: Iterable[dict[str, Any]], r
         Where a progress line goes every few seconds.
     """
     await ensure_topics(settings, {settings.topic_web: settings.partitions, settings.topic_crm: settings.partitions})
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(**kafka_kwargs(settings), acks="all", linger_ms=5)
     await producer.start()
     counts: Counter[str] = Counter()
     pending: list[tuple[str, asyncio.Future[Any]]] = []
@@ -122,7 +125,7 @@ def run_simulation(settings: Settings, leads: int, rate: float, seed: int, speed
     return _publish(settings, events, rate, speedup)
 
 
-def open_file(file: str | Path, mapping_path: str | Path,
+def open_file(file: str | Path, mapping_path: str | Path, policy: FieldPolicy | None = None,
               delimiter: str = ",") -> tuple[Iterator[RowResult], list[str]]:
     """Rows of ``file`` converted lazily with the mapping at ``mapping_path``, and warnings.
 
@@ -133,16 +136,22 @@ def open_file(file: str | Path, mapping_path: str | Path,
         mapping = load_mapping(Path(mapping_path).read_text(encoding="utf-8"))
     except MappingError as exc:
         raise MappingError(f"{mapping_path}: {exc}") from None
+    if policy is not None:  # the worker learns by its own scoring config: it must agree
+        learnable = [f for f in mapping.private_fields if not policy.is_private(f)]
+        if learnable:
+            raise MappingError(f"mapping {mapping_path} marks {', '.join(map(repr, learnable))} private, but the "
+                               f"scoring config would let the model learn it: add {learnable[0]} = \"private\" to "
+                               f"[fields.declared] (LEADSTREAM_SCORING_CONFIG)")
     try:
         return stream_history(file, mapping, delimiter)
     except MappingError as exc:
         raise MappingError(f"mapping {mapping_path}: {exc}") from None
 
 
-def convert_file(file: str | Path, mapping_path: str | Path,
+def convert_file(file: str | Path, mapping_path: str | Path, policy: FieldPolicy | None = None,
                  delimiter: str = ",") -> tuple[list[RowResult], list[str]]:
     """:func:`open_file`, every row in a list (for small files and tests)."""
-    results, warnings = open_file(file, mapping_path, delimiter)
+    results, warnings = open_file(file, mapping_path, policy, delimiter)
     return list(results), warnings
 
 
@@ -155,7 +164,8 @@ def run_import(settings: Settings, file: str, mapping: str, delimiter: str = ","
     or Kafka failed, 2 when the mapping or the file cannot be used at all.
     """
     try:
-        results, warnings = open_file(file, mapping, delimiter)
+        policy = load_rules(settings.scoring_config.read_text()).fields
+        results, warnings = open_file(file, mapping, policy, delimiter)
     except (MappingError, OSError, ValueError) as exc:
         print(f"leadstream import: {exc}", file=sys.stderr)
         return 2

@@ -12,16 +12,18 @@ import orjson
 import redis.asyncio as aioredis
 
 from models.features import features
-from models.funnel import funnel_report
+from models.fields import public
 from models.rules import load_rules
-from streams.settings import Settings
+from streams.clients import redis_client
+from streams.settings import Settings, redact_url
 from streams.state import LeadStore, ModelStore
+from streams.views import Views
 
 
 @contextlib.asynccontextmanager
 async def _redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
     """A client for one report: opened, used, closed."""
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     try:
         yield client
     finally:
@@ -30,26 +32,22 @@ async def _redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
 
 async def lead_view(settings: Settings, lead_id: str) -> dict | None:
     async with _redis(settings) as client:
-        stored = await LeadStore(client, settings.dedupe_ttl_s).get(lead_id)
+        stored = await LeadStore(client).get(lead_id)
     if stored is None:
         return None
     rules = load_rules(settings.scoring_config.read_text())
-    state = stored["state"]
-    return {
-        "lead_id": lead_id,
-        "score": float(stored["score"]), "grade": stored["grade"], "source": stored["source"],
-        "stage": stored["stage"] or None, "reasons": state.get("reasons", []),
-        "hot": state.get("hot", False), "outcome": state.get("outcome"),
-        "features_now": features(state, int(time.time() * 1000), half_life_s=rules.half_life_s),
+    state = stored.pop("state")
+    return stored | {
+        "outcome": state.get("outcome"),
+        "features_now": public(features(state, int(time.time() * 1000), half_life_s=rules.half_life_s), rules.fields),
         "counts": state["counts"], "fields": state["fields"],
-        "stage_snapshots": stored["stage_snapshots"], "version": int(stored["v"]),
     }
 
 
 def print_lead(settings: Settings, lead_id: str) -> int:
     view = asyncio.run(lead_view(settings, lead_id))
     if view is None:
-        print(f"leadstream: no lead {lead_id!r} in {settings.redis_url}", file=sys.stderr)
+        print(f"leadstream: no lead {lead_id!r} in {redact_url(settings.redis_url)}", file=sys.stderr)
         return 1
     sys.stdout.write(orjson.dumps(view, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
@@ -63,30 +61,20 @@ async def model_report(settings: Settings) -> dict | None:
 def print_model(settings: Settings) -> int:
     report = asyncio.run(model_report(settings))
     if report is None:
-        print(f"leadstream: no model yet in {settings.redis_url}: it appears with the first closed deal", file=sys.stderr)
+        print(f"leadstream: no model yet in {redact_url(settings.redis_url)}: it appears with the first closed deal", file=sys.stderr)
         return 1
     sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
 
 
-async def leads_and_model(settings: Settings) -> tuple[list[dict], dict | None]:
-    """Every lead's state and the model report, for the funnel and the dashboard."""
+async def funnel(settings: Settings, stall_days: float) -> dict:
+    """The funnel report from the read models (never a scan), with the model's learned win rate per stage."""
     async with _redis(settings) as client:
-        states = [st async for st in LeadStore(client, settings.dedupe_ttl_s).states()]
-        return states, await ModelStore(client).report()
-
-
-def funnel_with_rates(states: list[dict], model: dict | None, stall_days: float) -> dict:
-    """The funnel report, with the model's learned win rate of each stage when there is a model."""
-    report = funnel_report(states, int(time.time() * 1000), stall_days)
+        report = await Views(client).funnel(now_ms=int(time.time() * 1000), stall_days=stall_days)
+        model = await ModelStore(client).report()
     for stage, rates in (model or {}).get("stage_rates", {}).items():
         report["stages"][stage]["learned_win_rate"] = rates["win_rate"]
     return report
-
-
-async def funnel(settings: Settings, stall_days: float) -> dict:
-    states, model = await leads_and_model(settings)
-    return funnel_with_rates(states, model, stall_days)
 
 
 def print_funnel(settings: Settings, stall_days: float, as_json: bool) -> int:

@@ -18,16 +18,58 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlunparse
 
 DEFAULT_SCORING_CONFIG = Path(__file__).resolve().parent.parent / "models" / "scoring.toml"
 
 
 class SettingsError(ValueError):
     """A setting has a value of the wrong form."""
+
+
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A password or token: printed, logged and repr'd as ``***``; :meth:`reveal` gives the value.
+
+    >>> s = Secret("hunter2")
+    >>> str(s), repr(s), f"{s}", s.reveal(), bool(Secret(""))
+    ('***', "Secret('***')", '***', 'hunter2', False)
+    """
+
+    value: str = field(repr=False)
+
+    def reveal(self) -> str:
+        return self.value
+
+    def __str__(self) -> str:
+        return "***" if self.value else ""
+
+    def __repr__(self) -> str:
+        return f"Secret({str(self)!r})"
+
+    def __bool__(self) -> bool:
+        return bool(self.value)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for messages and logs).
+
+    >>> redact_url("rediss://app:s3cret@redis.internal:6380/0"), redact_url("redis://127.0.0.1:6379/0")
+    ('rediss://app:***@redis.internal:6380/0', 'redis://127.0.0.1:6379/0')
+    """
+    parts = urlparse(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunparse(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 def _hostports(name: str, raw: str) -> str:
@@ -40,7 +82,37 @@ def _hostports(name: str, raw: str) -> str:
 def _redis_url(name: str, raw: str) -> str:
     url = urlparse(raw)
     if url.scheme not in ("redis", "rediss", "unix") or not (url.hostname or url.path):
-        raise SettingsError(f"{name}={raw!r}: expected a Redis URL such as redis://127.0.0.1:6379/0")
+        # The value may hold a password: never echo it.
+        raise SettingsError(f"{name}={redact_url(raw)!r}: expected a Redis URL such as redis://127.0.0.1:6379/0, "
+                            "redis://USER:PASSWORD@HOST:6379/0, or rediss://... for TLS")
+    return raw
+
+
+def _upper_choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        if raw.upper() not in choices:
+            raise SettingsError(f"{name}={raw!r}: expected one of {', '.join(choices)}")
+        return raw.upper()
+
+    return parse
+
+
+def _optional_file(name: str, raw: str) -> Path | None:
+    if raw == "-":
+        return None
+    path = Path(raw).expanduser()
+    if not path.is_file():
+        raise SettingsError(f"{name}={raw!r}: expected the path of an existing, readable file (PEM)")
+    return path
+
+
+def _secret(name: str, raw: str) -> Secret:
+    return Secret(raw)
+
+
+def _any_text(name: str, raw: str) -> str:
+    if len(raw) > 1000 or any(c in raw for c in "\r\n\0"):
+        raise SettingsError(f"{name}: expected one line of at most 1000 characters")
     return raw
 
 
@@ -92,12 +164,33 @@ def _text(name: str, raw: str) -> str:
     return raw
 
 
+def _token(name: str, raw: str) -> str:
+    if raw and not re.fullmatch(r"[\x21-\x7e]{16,512}", raw):
+        raise SettingsError(f"{name}=<hidden>: expected 16 to 512 printable characters without spaces "
+                            "(e.g. the output of `openssl rand -hex 32`)")
+    return raw
+
+
+def _optional_path(name: str, raw: str) -> Path | None:
+    return Path(raw).expanduser() if raw else None
+
+
+def _choice(*allowed: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        if raw not in allowed:
+            raise SettingsError(f"{name}={raw!r}: expected one of {', '.join(allowed)}")
+        return raw
+
+    return parse
+
+
 @dataclass(frozen=True)
 class Setting:
     env: str
     default: str
     parse: Callable[[str, str], Any]
     doc: str
+    secret: bool = False  # masked when shown; may also come from the file named by ``<env>_FILE``
 
 
 # The single table of settings: attribute name -> environment variable, default, parser, meaning.
@@ -124,8 +217,25 @@ SETTINGS: dict[str, Setting] = {
                               "Path of the points/grades/threshold config (TOML)."),
     "max_event_bytes": Setting("LEADSTREAM_MAX_EVENT_BYTES", "65536", _int(256),
                                "Larger input values are rejected to the dead-letter topic."),
-    "dedupe_ttl_s": Setting("LEADSTREAM_DEDUPE_TTL_SECONDS", "604800", _int(1),
-                            "How long a lead's seen event ids are kept (re-armed on every event of the lead)."),
+    "max_future_skew_s": Setting("LEADSTREAM_MAX_FUTURE_SKEW_SECONDS", "86400", _int(1),
+                                 "Events whose `ts` is further ahead of the receive time are rejected to the "
+                                 "dead-letter topic (a sender's wrong clock)."),
+    "dedupe_ids": Setting("LEADSTREAM_DEDUPE_IDS", "64", _int(1),
+                          "How many of a lead's latest event ids are remembered (8-byte digests) to ignore a "
+                          "repeated event_id; a Kafka redelivery is recognised by its offset whatever this is."),
+    "tombstone_ttl_s": Setting("LEADSTREAM_TOMBSTONE_TTL_SECONDS", "2592000", _int(1),
+                               "How long a deleted lead's tombstone is kept: late events from before the deletion "
+                               "get a tombstone instead of bringing the lead back."),
+    "batch_max_events": Setting("LEADSTREAM_BATCH_MAX_EVENTS", "500", _int(1),
+                                "Most input messages the scoring agent takes in one micro-batch."),
+    "batch_wait_s": Setting("LEADSTREAM_BATCH_WAIT_SECONDS", "0.005", _positive_float,
+                            "Longest wait for a micro-batch to fill before it is processed (adds to latency)."),
+    "rescore_every_s": Setting("LEADSTREAM_RESCORE_EVERY_SECONDS", "86400", _int(1),
+                               "An open lead with no event is rescored (time decay) this long after its last score."),
+    "rescore_rate": Setting("LEADSTREAM_RESCORE_RATE", "2000", _int(1),
+                            "Most leads per second one worker rescores without events (decay, new model)."),
+    "rescore_poll_s": Setting("LEADSTREAM_RESCORE_POLL_SECONDS", "1.0", _positive_float,
+                              "How often a worker looks for leads due for rescoring."),
     "model_min_outcomes": Setting("LEADSTREAM_MODEL_MIN_OUTCOMES", "50", _int(1),
                                   "Closed deals of EACH class the model needs before it takes part in scores."),
     "model_poll_s": Setting("LEADSTREAM_MODEL_POLL_SECONDS", "2.0", _positive_float,
@@ -133,10 +243,56 @@ SETTINGS: dict[str, Setting] = {
     "model_batch_every": Setting("LEADSTREAM_MODEL_BATCH_EVERY", "1000", _int(10),
                                  "Closed deals between two refits of the tournament's batch learner (batch_hgb, "
                                  "the vendors' cadence; also `leadstream evaluate`'s default --batch-every)."),
+    "checkpoint_every_deals": Setting("LEADSTREAM_CHECKPOINT_EVERY_DEALS", "100", _int(1),
+                                      "The trainer saves its checkpoint (and the serving model) after this many "
+                                      "closed deals, with the training offset: a crash replays the deals since."),
+    "checkpoint_every_s": Setting("LEADSTREAM_CHECKPOINT_EVERY_SECONDS", "10.0", _positive_float,
+                                  "... or this many seconds after the first deal not yet saved, whichever is first."),
     "session_timeout_s": Setting("LEADSTREAM_SESSION_TIMEOUT_SECONDS", "30", _int(6),
                                  "Kafka consumer session timeout: how soon a crashed worker's partitions move."),
+    "api_port": Setting("LEADSTREAM_API_PORT", "6067", _int(1),
+                        "Port of `leadstream api` (dashboard, read API, webhook ingest, metrics)."),
+    "api_bind": Setting("LEADSTREAM_API_BIND", "127.0.0.1", _text,
+                        "Address `leadstream api` listens on; anything but 127.0.0.1 needs LEADSTREAM_API_TOKEN."),
+    "api_token": Setting("LEADSTREAM_API_TOKEN", "", _token,
+                         "Bearer token every HTTP route except /healthz requires (worker and api). "
+                         "Empty: no authentication, and both listen on 127.0.0.1 only."),
+    "api_token_file": Setting("LEADSTREAM_API_TOKEN_FILE", "", _optional_path,
+                              "A file holding the token instead (e.g. a mounted secret); not with LEADSTREAM_API_TOKEN."),
+    "api_max_body_bytes": Setting("LEADSTREAM_API_MAX_BODY_BYTES", "1048576", _int(1024),
+                                  "Largest webhook request body `POST /events` accepts (larger: 413)."),
+    "api_max_batch": Setting("LEADSTREAM_API_MAX_BATCH", "1000", _int(1),
+                             "Most events one `POST /events` request may carry (more: 413)."),
+    "log_format": Setting("LEADSTREAM_LOG_FORMAT", "text", _choice("text", "json"),
+                          "Log lines of the worker and api: text, or json (one object per line)."),
     "home": Setting("LEADSTREAM_HOME", str(Path("~/.cache/leadstream").expanduser()), _path,
                     "Where `leadstream up` keeps the Kafka jars, data, logs and pid files."),
+    "kafka_security_protocol": Setting("LEADSTREAM_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT",
+                                       _upper_choice(*KAFKA_SECURITY_PROTOCOLS),
+                                       "Kafka security.protocol of every client: PLAINTEXT, SSL, SASL_PLAINTEXT or "
+                                       "SASL_SSL."),
+    "kafka_sasl_mechanism": Setting("LEADSTREAM_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512",
+                                    _upper_choice(*KAFKA_SASL_MECHANISMS),
+                                    "SASL mechanism with SASL_*: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."),
+    "kafka_sasl_username": Setting("LEADSTREAM_KAFKA_SASL_USERNAME", "", _any_text,
+                                   "SASL user name (required with SASL_PLAINTEXT / SASL_SSL)."),
+    "kafka_sasl_password": Setting("LEADSTREAM_KAFKA_SASL_PASSWORD", "", _secret,
+                                   "SASL password (required with SASL_*).", secret=True),
+    "kafka_ssl_cafile": Setting("LEADSTREAM_KAFKA_SSL_CAFILE", "-", _optional_file,
+                                "With SSL / SASL_SSL: PEM file of the CA that signed the brokers' certificates "
+                                "('-' = the system's CAs)."),
+    "kafka_ssl_certfile": Setting("LEADSTREAM_KAFKA_SSL_CERTFILE", "-", _optional_file,
+                                  "With SSL / SASL_SSL: PEM client certificate, for brokers that require mutual TLS "
+                                  "('-' = none)."),
+    "kafka_ssl_keyfile": Setting("LEADSTREAM_KAFKA_SSL_KEYFILE", "-", _optional_file,
+                                 "PEM private key of the client certificate ('-' = in the certificate file)."),
+    "redis_password": Setting("LEADSTREAM_REDIS_PASSWORD", "", _secret,
+                              "Redis password (requirepass, or the ACL user's named in the URL, "
+                              "redis://USER@HOST:PORT/DB); the alternative to a password in LEADSTREAM_REDIS.",
+                              secret=True),
+    "redis_ssl_cafile": Setting("LEADSTREAM_REDIS_SSL_CAFILE", "-", _optional_file,
+                                "With a rediss:// URL: PEM file of the CA that signed Redis's certificate "
+                                "('-' = the system's CAs)."),
 }
 
 
@@ -156,12 +312,48 @@ class Settings:
     web_bind: str
     scoring_config: Path
     max_event_bytes: int
-    dedupe_ttl_s: int
+    max_future_skew_s: int
+    dedupe_ids: int
+    tombstone_ttl_s: int
+    batch_max_events: int
+    batch_wait_s: float
+    rescore_every_s: int
+    rescore_rate: int
+    rescore_poll_s: float
     model_min_outcomes: int
     model_poll_s: float
     model_batch_every: int
+    checkpoint_every_deals: int
+    checkpoint_every_s: float
     session_timeout_s: int
+    api_port: int
+    api_bind: str
+    api_token: str = field(repr=False)
+    api_token_file: Path | None
+    api_max_body_bytes: int
+    api_max_batch: int
+    log_format: str
     home: Path
+    kafka_security_protocol: str
+    kafka_sasl_mechanism: str
+    kafka_sasl_username: str
+    kafka_sasl_password: Secret
+    kafka_ssl_cafile: Path | None
+    kafka_ssl_certfile: Path | None
+    kafka_ssl_keyfile: Path | None
+    redis_password: Secret
+    redis_ssl_cafile: Path | None
+
+    def __post_init__(self) -> None:
+        """Settings that only make sense together."""
+        sasl = self.kafka_security_protocol.startswith("SASL_")
+        if sasl and not (self.kafka_sasl_username and self.kafka_sasl_password):
+            raise SettingsError(f"LEADSTREAM_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                                "LEADSTREAM_KAFKA_SASL_USERNAME and LEADSTREAM_KAFKA_SASL_PASSWORD "
+                                "(or LEADSTREAM_KAFKA_SASL_PASSWORD_FILE)")
+        if urlparse(self.redis_url).password is not None and self.redis_password:
+            raise SettingsError("LEADSTREAM_REDIS has a password and LEADSTREAM_REDIS_PASSWORD is set too: "
+                                "expected the password in one place only")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -169,9 +361,16 @@ class Settings:
         env = os.environ if environ is None else environ
         values = {}
         for attr, s in SETTINGS.items():
-            raw = env.get(s.env)
+            raw = _secret_from_file(s, env) if s.secret else None
+            raw = env.get(s.env) if raw is None else raw
             values[attr] = s.parse(s.env, s.default if raw is None or raw == "" else raw)
+        values["api_token"] = _resolve_token(values["api_token"], values["api_token_file"])
         return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """Every setting as the environment variable that gives it (secrets revealed): for child processes."""
+        return {s.env: _env_text(getattr(self, attr)) for attr, s in SETTINGS.items()
+                if getattr(self, attr) is not None and attr != "api_token_file"}  # the token itself is passed
 
     @staticmethod
     def is_set(attr: str, environ: Mapping[str, str] | None = None) -> bool:
@@ -180,9 +379,61 @@ class Settings:
         return bool(env.get(SETTINGS[attr].env))
 
 
+def _resolve_token(token: str, path: Path | None) -> str:
+    """The token from LEADSTREAM_API_TOKEN or from the file LEADSTREAM_API_TOKEN_FILE names (not both)."""
+    if path is None:
+        return token
+    if token:
+        raise SettingsError("LEADSTREAM_API_TOKEN and LEADSTREAM_API_TOKEN_FILE are both set: expected only one")
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise SettingsError(f"LEADSTREAM_API_TOKEN_FILE={str(path)!r}: expected a readable file ({exc.strerror})") from None
+    if not text:
+        raise SettingsError(f"LEADSTREAM_API_TOKEN_FILE={str(path)!r}: expected a file holding the token, it is empty")
+    return _token("LEADSTREAM_API_TOKEN_FILE's content", text)
+
+
 assert [f.name for f in fields(Settings)] == list(SETTINGS), "Settings fields and SETTINGS table differ"
 
 
-def describe() -> str:
-    """A table of every setting, for ``leadstream settings`` and the README."""
-    return "\n".join(f"{s.env:32} default {s.default!r}\n    {s.doc}" for s in SETTINGS.values())
+def _secret_from_file(s: Setting, env: Mapping[str, str]) -> str | None:
+    """A secret's value from the file ``<env>_FILE`` names (a mounted Kubernetes secret), if set."""
+    path = env.get(f"{s.env}_FILE")
+    if not path:
+        return None
+    if env.get(s.env):
+        raise SettingsError(f"{s.env} and {s.env}_FILE are both set: expected one of them")
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{s.env}_FILE={path!r}: expected a readable file holding the secret "
+                            f"({type(exc).__name__})") from None
+
+
+def _env_text(value: Any) -> str:
+    if isinstance(value, Secret):
+        return value.reveal()
+    return "-" if value is None else str(value)
+
+
+def _shown(setting: Setting, env: Mapping[str, str]) -> str:
+    """The value in use as ``leadstream settings`` shows it ('' if not set): secrets and URL passwords masked."""
+    if setting.secret and env.get(f"{setting.env}_FILE"):
+        return f"*** (from {setting.env}_FILE)"
+    raw = env.get(setting.env)
+    if not raw:
+        return ""
+    return "***" if setting.secret else repr(redact_url(raw) if setting.parse is _redis_url else raw)
+
+
+def describe(environ: Mapping[str, str] | None = None) -> str:
+    """A table of every setting, for ``leadstream settings`` and the README: default, meaning and,
+    for those set in ``environ`` (default: the process environment), the value in use (secrets as ``***``)."""
+    env = os.environ if environ is None else environ
+    lines = []
+    for s in SETTINGS.values():
+        shown = _shown(s, env)
+        extra = f" Secret: or {s.env}_FILE, a file holding it." if s.secret else ""
+        lines.append(f"{s.env:34} default {s.default!r}{f'  now {shown}' if shown else ''}\n    {s.doc}{extra}")
+    return "\n".join(lines)

@@ -34,7 +34,8 @@ from urllib.parse import urlparse
 
 import redis
 
-from streams.settings import Settings
+from streams.clients import kafka_kwargs, redis_sync_client
+from streams.settings import Settings, redact_url
 
 POM = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "pom.xml"
 SERVICES = ("kafka", "redis")
@@ -82,7 +83,8 @@ def up(settings: Settings, environ: Mapping[str, str] | None = None,
     result = UpResult()
     for service in services:
         kafka = service == "kafka"
-        attr, address = ("kafka_bootstrap", settings.kafka_bootstrap) if kafka else ("redis_url", settings.redis_url)
+        attr, address = (("kafka_bootstrap", settings.kafka_bootstrap) if kafka
+                         else ("redis_url", redact_url(settings.redis_url)))
         answers = functools.partial(_kafka_answers if kafka else _redis_answers, settings)
         if Settings.is_set(attr, environ):
             # The user points at their own server: start nothing, just make sure it is there.
@@ -242,7 +244,7 @@ def _kafka_answers(settings: Settings) -> bool:
     async def probe() -> bool:
         from aiokafka import AIOKafkaClient
 
-        client = AIOKafkaClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=5000)
+        client = AIOKafkaClient(**kafka_kwargs(settings), request_timeout_ms=5000)
         try:
             await asyncio.wait_for(client.bootstrap(), 6.0)
             return bool(client.cluster.brokers())
@@ -274,8 +276,18 @@ def redis_config(settings: Settings) -> str:
         f'dir "{paths.redis / "data"}"',
         f'logfile "{paths.log("redis")}"',
         "loglevel notice",
+        *_redis_auth(settings),
         "",
     ])
+
+
+def _redis_auth(settings: Settings) -> list[str]:
+    """A configured password becomes the local server's ``requirepass`` (an ACL user needs a real server)."""
+    url = urlparse(settings.redis_url)
+    password = url.password or settings.redis_password.reveal()
+    if not password or url.username not in (None, "", "default"):
+        return []
+    return ['requirepass "' + password.replace("\\", "\\\\").replace('"', '\\"') + '"']
 
 
 def _redis_command(settings: Settings, paths: Paths, log_offset: int) -> list[str]:
@@ -285,12 +297,14 @@ def _redis_command(settings: Settings, paths: Paths, log_offset: int) -> list[st
                          "redis-server) or set LEADSTREAM_REDIS to an existing server")
     (paths.redis / "data").mkdir(parents=True, exist_ok=True)
     conf = paths.redis / "redis.conf"
+    conf.touch(mode=0o600)  # it may hold requirepass
+    conf.chmod(0o600)
     conf.write_text(redis_config(settings))
     return [server, str(conf)]
 
 
 def _redis_answers(settings: Settings) -> bool:
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    client = redis_sync_client(settings, socket_timeout=2, socket_connect_timeout=2)
     try:
         return bool(client.ping())
     except (redis.RedisError, OSError):

@@ -1,113 +1,241 @@
-"""Lead state and model checkpoints in Redis.
+"""Lead state, read models and model checkpoints in Redis.
 
-Key layout (every key of a lead shares the hash tag ``{<lead_id>}``, so it is Redis-Cluster safe):
+Key layout. Leads are spread over :data:`SHARDS` hash tags ``{00}`` .. ``{31}``: a lead's keys and
+the read models of its shard share one tag, so the write that updates a lead and its views is one
+Lua script on one Redis Cluster slot. A batch is a pipeline of such per-lead scripts, never one
+script over several leads.
 
-``lead:{ID}``  hash
-    ``state`` the folded state (JSON), ``v`` a version for compare-and-set, ``score``, ``grade``,
-    ``stage``, ``source``, ``updated_at`` (epoch ms) for humans and dashboards, ``snap_last`` the
-    latest feature snapshot (JSON). After ``lead_deleted`` only ``v`` and ``deleted_ts`` remain.
-``lead:{ID}:seen``  hash, expires ``LEADSTREAM_DEDUPE_TTL_SECONDS`` after the lead's last event
-    event_id -> ``topic/partition/offset`` of the message that applied it, a newline, the score
-    message sent for it. A known event_id changes nothing; if it comes back from the very same
-    offset (Kafka redelivery after a crash) its score is sent again, so no score is lost.
-``lead:{ID}:snaps``  list, the feature snapshots at each stage entry (bounded; deleted at close).
+``lead:{NN}:ID``  hash, one per lead
+    ``v`` version for compare-and-set; ``s`` the folded state (JSON: counts, fields, stage,
+    score, grade, reasons, the last scores); ``ids`` the 8-byte digests of the lead's last
+    ``LEADSTREAM_DEDUPE_IDS`` event ids; ``off`` the last applied offset per source
+    ``kind/partition`` (JSON); ``snaps`` the stage-entry feature snapshots (zlib'd JSON, only
+    while the deal is open); ``o:KIND/PARTITION/OFFSET`` the outputs sent for that input record,
+    kept only until Kafka has acknowledged them (re-sent if that offset is redelivered after a
+    crash), so a lead at rest has none.
+``gone:{NN}:HASH``  string, TTL ``LEADSTREAM_TOMBSTONE_TTL_SECONDS``
+    a deleted lead's deletion time, under a digest of its id (no identifier is kept): events up
+    to that time get a tombstone instead of bringing the lead back.
+``view:{NN}:c``  hash: the shard's counters (see :mod:`models.readmodel`)
+``view:{NN}:NAME``  sorted sets, member = lead id: ``lb`` open leads by score, ``lb:STAGE``,
+    ``lbo:OWNER``, ``hot``; ``st:STAGE`` / ``sto:OWNER`` open leads by stage entry time;
+    ``due`` open leads by next rescoring time; ``dtc`` closed leads by days to close.
 ``model:serving`` / ``model:version`` / ``model:trainer`` / ``model:report``
     the serving checkpoint (pickle), its version, the trainer's full state (pickle, with the
-    offset of the last training message it applied) and its metrics (JSON).
-
-Every event is one read round trip and one atomic write (a Lua script): the write only applies if
-``v`` is still the version that was read and the event_id is not yet in ``seen``.
+    offset of the last training message it applied) and its metrics (JSON), saved together every
+    ``LEADSTREAM_CHECKPOINT_EVERY_DEALS`` deals or ``LEADSTREAM_CHECKPOINT_EVERY_SECONDS``. They hold
+    aggregate weights over bounded features only: no private field's value (``models/fields.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import time
+import zlib
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from models.learner import MODEL_FORMAT, ServingModel, Trainer
-from models.scoring import MAX_STAGE_SNAPSHOTS
+from models.readmodel import ViewChanges
 
+SHARDS = 32  # fixed: changing it moves every key (a migration, not a setting)
+DIGEST_BYTES = 8
+
+# KEYS: lead hash, tombstone, view keys. ARGV: expected version, expected tombstone, delete (1/0),
+# tombstone to set ('' none), tombstone TTL, n fields, fields..., n deleted fields, names..., view ops.
 _WRITE = """
-if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return -1 end
 local v = redis.call('HGET', KEYS[1], 'v') or '0'
 if v ~= ARGV[1] then return 0 end
-if ARGV[5] == 'delete' then
-  redis.call('DEL', KEYS[1], KEYS[3])
-  redis.call('HSET', KEYS[1], 'v', tonumber(v) + 1, unpack(ARGV, 8))
+if (redis.call('GET', KEYS[2]) or '') ~= ARGV[2] then return 0 end
+if ARGV[4] ~= '' then redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5]) end
+local i = 6
+local n = tonumber(ARGV[i])
+if ARGV[3] == '1' then
+  redis.call('DEL', KEYS[1])
 else
-  redis.call('HSET', KEYS[1], 'v', tonumber(v) + 1, unpack(ARGV, 8))
-  if ARGV[5] == 'close' then redis.call('DEL', KEYS[3]) end
-  if ARGV[6] ~= '' then
-    redis.call('RPUSH', KEYS[3], ARGV[6])
-    redis.call('LTRIM', KEYS[3], -tonumber(ARGV[7]), -1)
+  redis.call('HSET', KEYS[1], 'v', tonumber(v) + 1, unpack(ARGV, i + 1, i + 2 * n))
+end
+i = i + 2 * n + 1
+local d = tonumber(ARGV[i])
+if d > 0 and ARGV[3] ~= '1' then redis.call('HDEL', KEYS[1], unpack(ARGV, i + 1, i + d)) end
+i = i + d + 1
+local member = ARGV[i]
+i = i + 1
+while i <= #ARGV do
+  local op, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
+  if op == 'z' then
+    redis.call('ZADD', key, ARGV[i + 2], member)
+    i = i + 3
+  elseif op == 'r' then
+    redis.call('ZREM', key, member)
+    i = i + 2
+  else
+    if redis.call('HINCRBY', key, ARGV[i + 2], ARGV[i + 3]) == 0 then redis.call('HDEL', key, ARGV[i + 2]) end
+    i = i + 4
   end
 end
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
 """
 
-APPLIED, CONFLICT, DUPLICATE = 1, 0, -1
+APPLIED, CONFLICT = 1, 0
 log = logging.getLogger(__name__)
 
 
+def shard_of(lead_id: str) -> int:
+    return zlib.crc32(lead_id.encode()) % SHARDS
+
+
+def tag(shard: int) -> str:
+    return f"{{{shard:02d}}}"
+
+
 def lead_key(lead_id: str) -> str:
-    return f"lead:{{{lead_id}}}"
+    return f"lead:{tag(shard_of(lead_id))}:{lead_id}"
+
+
+def tombstone_key(lead_id: str) -> str:
+    return f"gone:{tag(shard_of(lead_id))}:{hashlib.blake2b(lead_id.encode(), digest_size=16).hexdigest()}"
+
+
+def view_key(shard: int, name: str) -> str:
+    return f"view:{tag(shard)}:{name}"
+
+
+def event_digest(event_id: str) -> bytes:
+    return hashlib.blake2b(event_id.encode(), digest_size=DIGEST_BYTES).digest()
+
+
+def has_digest(ids: bytes, digest: bytes) -> bool:
+    """Whether ``digest`` is one of the fixed-size digests packed in ``ids``."""
+    start = ids.find(digest)
+    while start != -1:
+        if start % DIGEST_BYTES == 0:
+            return True
+        start = ids.find(digest, start + 1)
+    return False
 
 
 @dataclass
-class Loaded:
-    version: str
+class LeadRecord:
+    """A lead as loaded for a batch: everything the pure step needs, plus the guards."""
+
+    lead_id: str
+    version: str = "0"
+    state: dict[str, Any] | None = None
+    ids: bytes = b""
+    offsets: dict[str, int] = field(default_factory=dict)
+    snaps: list[dict[str, Any]] = field(default_factory=list)
+    pending: dict[str, dict[str, Any]] = field(default_factory=dict)  # origin "kind/partition/offset" -> outputs
+    tombstone: str = ""  # the deletion time as stored ('' when never deleted or expired)
+
+    @property
+    def deleted_ts(self) -> int | None:
+        return int(self.tombstone) if self.tombstone else None
+
+
+@dataclass
+class LeadWrite:
+    """The new content of a lead after a batch, and the view changes that go with it."""
+
+    record: LeadRecord  # as loaded: the compare-and-set expects its version and tombstone
     state: dict[str, Any] | None
-    last_snapshot: dict[str, Any] | None
-    seen: bytes | None  # the ``seen`` entry when the event_id was already applied
-    stage_snapshots: list[dict[str, Any]]
+    ids: bytes
+    offsets: dict[str, int]
+    snaps: list[dict[str, Any]]
+    pending: dict[str, dict[str, Any]]  # origin -> outputs of this write, kept until acknowledged
     deleted_ts: int | None
+    views: ViewChanges
+
+
+PENDING = "o:"  # prefix of the re-send fields
 
 
 class LeadStore:
-    def __init__(self, client: aioredis.Redis, dedupe_ttl_s: int, max_snapshots: int = MAX_STAGE_SNAPSHOTS) -> None:
+    def __init__(self, client: aioredis.Redis, tombstone_ttl_s: int = 30 * 86_400) -> None:
         self.client = client
-        self.dedupe_ttl_s = dedupe_ttl_s
-        self.max_snapshots = max_snapshots
-        self._write = client.register_script(_WRITE)
+        self.tombstone_ttl_s = tombstone_ttl_s
+        self._write_sha = hashlib.sha1(_WRITE.encode()).hexdigest()
 
-    async def load(self, lead_id: str, event_id: str, with_snapshots: bool = False) -> Loaded:
-        key = lead_key(lead_id)
+    async def load_many(self, lead_ids: Iterable[str], acked: Iterable[tuple[str, list[str]]] = ()
+                        ) -> dict[str, LeadRecord]:
+        """Every lead of a batch in one round trip (plus, in the same trip, the clean-up of the
+        re-send material of earlier writes whose outputs Kafka has acknowledged)."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.hmget(key, "v", "state", "snap_last", "deleted_ts")
-        pipe.hget(f"{key}:seen", event_id)
-        if with_snapshots:
-            pipe.lrange(f"{key}:snaps", 0, -1)
+        for lead_id, origins in acked:
+            pipe.hdel(lead_key(lead_id), *(PENDING + o for o in origins))
+        ids = list(lead_ids)
+        for lead_id in ids:
+            pipe.hgetall(lead_key(lead_id))
+            pipe.get(tombstone_key(lead_id))
         results = await pipe.execute()
-        (v, state, last, deleted), seen = results[0], results[1]
-        snaps = [orjson.loads(s) for s in results[2]] if with_snapshots else []
-        return Loaded((v or b"0").decode(), orjson.loads(state) if state else None,
-                      orjson.loads(last) if last else None, seen, snaps, int(deleted) if deleted else None)
+        results = results[len(results) - 2 * len(ids):]
+        return {lead_id: _record(lead_id, results[2 * i], results[2 * i + 1]) for i, lead_id in enumerate(ids)}
 
-    async def write(self, lead_id: str, event_id: str, *, expected_version: str, origin: str, sent: bytes,
-                    state: dict[str, Any] | None, fields: dict[str, Any] | None = None,
-                    stage_snapshot: bytes | None = None, close: bool = False) -> int:
-        """Apply one event atomically; returns APPLIED, CONFLICT (retry) or DUPLICATE."""
-        key = lead_key(lead_id)
-        mode = "delete" if state is None else ("close" if close else "upsert")
-        flat: list[Any] = [] if state is None else ["state", orjson.dumps(state)]
-        for k, v in (fields or {}).items():
-            flat += [k, v if isinstance(v, (bytes, str, int, float)) else orjson.dumps(v)]
-        args = [expected_version, event_id, origin.encode() + b"\n" + sent, self.dedupe_ttl_s, mode,
-                stage_snapshot or b"", self.max_snapshots, *flat]
-        return int(await self._write(keys=[key, f"{key}:seen", f"{key}:snaps"], args=args))
+    async def write_many(self, writes: list[LeadWrite]) -> list[int]:
+        """Apply each lead's write atomically (one pipelined round trip); APPLIED or CONFLICT each."""
+        if not writes:
+            return []
+        calls = [self._script_call(w) for w in writes]
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(self._write_sha, len(keys), *keys, *args)
+            try:
+                return [int(r) for r in await pipe.execute()]
+            except NoScriptError:  # first use, or Redis restarted: nothing ran; load it and write again
+                await self.client.script_load(_WRITE)
+        raise RuntimeError("the lead write script could not be loaded into Redis")
+
+    def _script_call(self, w: LeadWrite) -> tuple[list[str], list[Any]]:
+        lead_id = w.record.lead_id
+        shard = shard_of(lead_id)
+        tombstone = str(w.deleted_ts) if w.deleted_ts is not None and str(w.deleted_ts) != w.record.tombstone else ""
+        fields: list[Any] = []
+        removed: list[str] = []
+        if w.state is not None:
+            fields += ["s", orjson.dumps(w.state), "ids", w.ids, "off", orjson.dumps(w.offsets)]
+            if w.snaps:
+                fields += ["snaps", zlib.compress(orjson.dumps(w.snaps))]
+            elif w.record.snaps:
+                removed.append("snaps")
+            for origin, sent in w.pending.items():
+                fields += [PENDING + origin, orjson.dumps(sent)]
+        keys = [lead_key(lead_id), tombstone_key(lead_id)]
+        index: dict[str, int] = {}
+
+        def key_no(name: str) -> int:
+            if name not in index:
+                keys.append(view_key(shard, name))
+                index[name] = len(keys)
+            return index[name]
+
+        ops: list[Any] = []
+        for name, score in w.views.set_adds.items():
+            ops += ["z", key_no(name), score]
+        for name in w.views.set_removes:
+            ops += ["r", key_no(name)]
+        for name, delta in w.views.counters.items():
+            ops += ["h", key_no("c"), name, delta]
+        args = [w.record.version, w.record.tombstone, "1" if w.state is None else "0", tombstone,
+                self.tombstone_ttl_s, len(fields) // 2, *fields, len(removed), *removed, lead_id, *ops]
+        return keys, args
+
+    async def get(self, lead_id: str) -> dict[str, Any] | None:
+        """One lead for people and APIs: its state, score, grade, stage, source, the last scores."""
+        record = (await self.load_many([lead_id]))[lead_id]
+        return lead_view(record) if record.state is not None else None
 
     async def states(self, batch: int = 500) -> AsyncIterator[dict[str, Any]]:
-        """Every lead's folded state (SCAN + pipelined reads; for reports, not the hot path)."""
+        """Every lead's state (SCAN; for ``rebuild-views`` and offline reports, never for dashboards)."""
         keys: list[bytes] = []
-        async for key in self.client.scan_iter(match="lead:{*}", count=batch, _type="HASH"):
+        async for key in self.client.scan_iter(match="lead:{*}:*", count=batch, _type="HASH"):
             keys.append(key)
             if len(keys) >= batch:
                 for state in await self._states(keys):
@@ -119,43 +247,70 @@ class LeadStore:
     async def _states(self, keys: list[bytes]) -> list[dict[str, Any]]:
         pipe = self.client.pipeline(transaction=False)
         for key in keys:
-            pipe.hmget(key, "state", "grade")
-        out = []
-        for state, grade in await pipe.execute():
-            if state:
-                out.append(orjson.loads(state) | {"grade": (grade or b"?").decode()})
-        return out
+            pipe.hget(key, "s")
+        return [orjson.loads(raw) for raw in await pipe.execute() if raw]
 
-    async def get(self, lead_id: str) -> dict[str, Any] | None:
-        raw = await self.client.hgetall(lead_key(lead_id))
-        if b"state" not in raw:  # never seen, or deleted
-            return None
-        out = {k.decode(): v.decode() for k, v in raw.items() if k not in (b"state", b"snap_last")}
-        out["state"] = orjson.loads(raw[b"state"])
-        out["stage_snapshots"] = await self.client.llen(f"{lead_key(lead_id)}:snaps")
-        return out
+
+def lead_view(record: LeadRecord) -> dict[str, Any]:
+    state = record.state or {}
+    return {
+        "lead_id": record.lead_id, "v": record.version, "state": state,
+        "score": state.get("score"), "grade": state.get("grade"), "stage": state.get("stage"),
+        "source": state.get("source"), "hot": state.get("hot", False), "reasons": state.get("reasons", []),
+        "model_version": state.get("model_version"), "updated_at": state.get("scored_at"),
+        "history": [{"ts": ts, "score": score, "grade": grade, "trigger": trigger}
+                    for ts, score, grade, trigger in state.get("history", [])],
+        "stage_snapshots": len(record.snaps),
+    }
+
+
+def _record(lead_id: str, values: dict[bytes, bytes], tombstone: bytes | None) -> LeadRecord:
+    s, off, snaps = values.get(b"s"), values.get(b"off"), values.get(b"snaps")
+    pending = {k[2:].decode(): orjson.loads(v) for k, v in values.items() if k.startswith(b"o:")}
+    return LeadRecord(
+        lead_id, values.get(b"v", b"0").decode(), orjson.loads(s) if s else None, values.get(b"ids", b""),
+        orjson.loads(off) if off else {}, orjson.loads(zlib.decompress(snaps)) if snaps else [],
+        pending, (tombstone or b"").decode())
 
 
 class ModelStore:
-    """Versioned model checkpoints: one trainer writes, every scorer reads."""
+    """Versioned model checkpoints: one trainer writes, every scorer reads.
+
+    ``model:version`` (string), ``model:serving`` (pickle: the serving checkpoint), ``model:trainer``
+    (pickle: the trainer's whole state with the offset of the last training message applied),
+    ``model:report`` (JSON, with the checkpoint's size and save/load times).
+    """
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
+        self.load_ms: float | None = None  # unpickling time of the last trainer loaded
 
-    async def save(self, trainer: Trainer, learned_event_id: str | None = None) -> None:
+    async def save(self, trainer: Trainer, **extra: Any) -> dict[str, Any]:
+        """Write the trainer (with its ``last_offset``), the serving model, the version and the report
+        in one transaction; returns the checkpoint's figures (also in the report's ``checkpoint``)."""
+        started = time.perf_counter()
+        trainer_bytes = pickle.dumps(trainer)
+        serving_bytes = pickle.dumps(trainer.serving())
+        figures = {"trainer_bytes": len(trainer_bytes), "serving_bytes": len(serving_bytes),
+                   "offset": trainer.last_offset, "saved_at_ms": int(time.time() * 1000),
+                   "load_ms": self.load_ms, **extra}
         pipe = self.client.pipeline(transaction=True)  # version, checkpoint and trainer move together
-        if learned_event_id is not None:
-            pipe.sadd("model:learned", learned_event_id)
-        pipe.set("model:trainer", pickle.dumps(trainer))
-        pipe.set("model:serving", pickle.dumps(trainer.serving()))
+        pipe.set("model:trainer", trainer_bytes)
+        pipe.set("model:serving", serving_bytes)
         pipe.set("model:version", trainer.version)
-        pipe.set("model:report", orjson.dumps(trainer.report()))
+        report = trainer.report()
+        figures["save_ms"] = round((time.perf_counter() - started) * 1000, 2)  # pickling; the write follows
+        pipe.set("model:report", orjson.dumps(report | {"checkpoint": figures}))
         await pipe.execute()
+        figures["save_ms_with_write"] = round((time.perf_counter() - started) * 1000, 2)
+        return figures
 
     async def load_trainer(self) -> Trainer | None:
         """The saved trainer, or None when there is none or it is of an older model format."""
         raw = await self.client.get("model:trainer")
+        started = time.perf_counter()
         trainer = pickle.loads(raw) if raw else None
+        self.load_ms = round((time.perf_counter() - started) * 1000, 2) if raw else None
         if trainer is not None and _format(trainer) != MODEL_FORMAT:
             log.warning("model:trainer has format %s, not %s: starting a new model", _format(trainer), MODEL_FORMAT)
             return None

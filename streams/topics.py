@@ -11,6 +11,7 @@ import faust
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError, for_code
 
+from streams.clients import kafka_kwargs
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ async def ensure_topics(settings: Settings, plan: dict[str, int] | None = None, 
     :func:`topic_plan`) and wait until each partition has a leader; returns the names created.
     Existing topics are left as they are."""
     plan = topic_plan(settings) if plan is None else plan
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000)
+    admin = AIOKafkaAdminClient(**kafka_kwargs(settings), request_timeout_ms=10_000)
     await _start(admin, settings, timeout_s)
     try:
         missing = sorted(set(plan) - set(await admin.list_topics()))

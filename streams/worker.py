@@ -8,6 +8,8 @@ import faust
 
 from streams.agents import register_agents
 from streams.app import create_app
+from streams.clients import check_connections
+from streams.logs import handler
 from streams.settings import Settings
 from streams.topics import ensure_topics
 
@@ -20,8 +22,19 @@ def build_app(settings: Settings) -> faust.App:
 
 def run_worker(settings: Settings, loglevel: str = "info") -> int:
     (settings.home / "worker-data").mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
+    asyncio.run(check_connections(settings))  # a wrong password or CA: one clear line, not a retry loop
     asyncio.run(ensure_topics(settings))
     app = build_app(settings)
-    worker = faust.Worker(app, loglevel=loglevel)
+    # JSON lines when LEADSTREAM_LOG_FORMAT=json: Faust's own handler is replaced by ours.
+    handlers = [handler(settings)] if settings.log_format == "json" else None
+    if handlers:
+        app.conf.loghandlers = handlers
+    worker = faust.Worker(app, loglevel=loglevel, logging_config=_json_logging(loglevel) if handlers else None)
     worker.execute_from_commandline()  # returns when the worker stops (SIGTERM / Ctrl-C)
     return 0
+
+
+def _json_logging(loglevel: str) -> dict:
+    """A dictConfig that leaves the root logger without Faust's text handler (ours is added after)."""
+    return {"version": 1, "disable_existing_loggers": False,
+            "root": {"level": loglevel.upper(), "handlers": []}}

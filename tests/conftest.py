@@ -18,6 +18,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord
 
 from streams import stack as stack_mod
+from streams import clients
+from streams.clients import kafka_kwargs
 from streams.settings import Settings
 from streams.topics import ensure_topics
 
@@ -44,7 +46,7 @@ def stack() -> Iterator[Settings]:
 
 @pytest.fixture(scope="session")
 async def kafka_admin(stack: Settings) -> AsyncIterator[AIOKafkaAdminClient]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**kafka_kwargs(stack))
     await admin.start()
     yield admin
     await admin.close()
@@ -73,7 +75,7 @@ async def topic_factory(stack: Settings, kafka_admin: AIOKafkaAdminClient) -> As
 @pytest.fixture
 async def redis_client(stack: Settings) -> AsyncIterator[aioredis.Redis]:
     """A client on the tests' own database (15), empty at the start of each test."""
-    client = aioredis.Redis.from_url(redis_test_url(stack.redis_url))
+    client = clients.redis_client(stack, redis_test_url(stack.redis_url))
     await client.flushdb()
     yield client
     await client.aclose()
@@ -81,7 +83,7 @@ async def redis_client(stack: Settings) -> AsyncIterator[aioredis.Redis]:
 
 @pytest.fixture
 async def producer(stack: Settings) -> AsyncIterator[AIOKafkaProducer]:
-    prod = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, acks="all")
+    prod = AIOKafkaProducer(**kafka_kwargs(stack), acks="all")
     await prod.start()
     yield prod
     await prod.stop()
@@ -99,7 +101,7 @@ def consume(stack: Settings) -> Consume:
 
     async def read(topic: str, n: int, timeout: float = 30.0) -> list[ConsumerRecord]:
         # No group: reads every partition from the start, commits nothing, leaves no group behind.
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=stack.kafka_bootstrap, group_id=None,
+        consumer = AIOKafkaConsumer(topic, **kafka_kwargs(stack), group_id=None,
                                     auto_offset_reset="earliest", enable_auto_commit=False)
         await consumer.start()
         records: list[ConsumerRecord] = []

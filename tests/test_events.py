@@ -48,3 +48,31 @@ def test_every_type_has_a_schema_naming_its_topic():
         assert schema["properties"]["type"] == {"const": event_type}
         assert schema["x-topic"] == topic_kind_of(event_type)
     assert json.loads(json.dumps(validators()["lead_created"].schema))["properties"]["props"]["required"] == ["fields"]
+
+
+NOW = 1_772_359_200_000  # 2026-03-01T10:00:00Z, the receive time in the event-time tests
+DAY_MS = 86_400_000
+
+
+@pytest.mark.parametrize("ts,reason", [
+    (99999999999999999, "after 9999-12-31T23:59:59.999Z"),  # passed the schema and then broke the step
+    ("0001-01-01T00:00:00+01:00", "before 1970-01-01"),
+    ("1969-12-31T23:59:59Z", "before 1970-01-01"),
+    (NOW + DAY_MS + 1, "ahead of the receive time"),
+    ("2027-03-01T10:00:00Z", "31536000 s ahead of the receive time"),  # a clock off by a year
+])
+def test_event_times_out_of_range_or_too_far_ahead_are_rejected(ts, reason):
+    with pytest.raises(RejectedEvent) as exc:
+        parse_event(b"l1", raw(ts=ts), topic_kind="web", now_ms=NOW, max_future_skew_ms=DAY_MS)
+    assert reason in str(exc.value)
+
+
+@pytest.mark.parametrize("ts", [NOW + DAY_MS, NOW, 0, "1970-01-01T00:00:00Z", "2026-03-02T10:00:00Z"])
+def test_event_times_within_the_skew_are_accepted(ts):
+    ev = parse_event(b"l1", raw(ts=ts), topic_kind="web", now_ms=NOW, max_future_skew_ms=DAY_MS)
+    assert ev.ts_ms <= NOW + DAY_MS
+
+
+def test_without_a_receive_time_only_the_range_is_checked():
+    # History imports and offline evaluation replay old events: no clock to compare with.
+    assert parse_event(b"l1", raw(ts="9999-12-31T23:59:59Z"), topic_kind="web").ts_ms == 253402300799000

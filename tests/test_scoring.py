@@ -11,15 +11,12 @@ DAY = 86_400_000
 
 def play(events, scorer=None):
     scorer = scorer or Scorer(RULES)
-    state, results, stage_snaps, last = None, [], [], None
+    state, results, stage_snaps = None, [], []
     for i, (kind, ts, props) in enumerate(events):
-        r = step(state, Event(f"e{i}", "l1", kind, ts, props), scorer, scored_at_ms=ts,
-                 stage_snapshots=stage_snaps, last_snapshot=last)
+        r = step(state, Event(f"e{i}", "l1", kind, ts, props), scorer, scored_at_ms=ts, stage_snapshots=stage_snaps)
         state = r.state
-        if r.snapshot is not None:
-            last = r.snapshot
-            if r.stage_snapshot:
-                stage_snaps.append(r.snapshot)
+        if r.stage_snapshot:
+            stage_snaps.append(r.snapshot)
         results.append(r)
     return results
 

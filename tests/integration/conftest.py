@@ -14,7 +14,8 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from streams import demo
-from streams.settings import SETTINGS, Settings
+from streams.clients import redis_client
+from streams.settings import Settings
 from tests.conftest import redis_test_url
 
 
@@ -26,14 +27,19 @@ def _free_port() -> int:
 
 @pytest.fixture
 async def pipeline_settings(stack: Settings, kafka_admin: AIOKafkaAdminClient) -> AsyncIterator[Settings]:
-    """Settings of an isolated pipeline: unique topics and app id, the tests' Redis database.
-    Its topics (and the worker's internal ones) are deleted afterwards, so runs do not pile them up."""
+    """Settings of an isolated pipeline: unique topics and app id, the tests' Redis database (empty
+    at the start: no lead, view or model of another test). Its topics (and the worker's internal
+    ones) are deleted afterwards, so runs do not pile them up."""
     tag = uuid.uuid4().hex[:8]
     settings = dataclasses.replace(
         stack, app_id=f"leadstream-test-{tag}", redis_url=redis_test_url(stack.redis_url),
         topic_web=f"web-{tag}", topic_crm=f"crm-{tag}", topic_scores=f"scores-{tag}", topic_hot=f"hot-{tag}",
         topic_dead_letter=f"dlq-{tag}", topic_training=f"training-{tag}", partitions=4, web_port=_free_port(),
+        api_port=_free_port(),
         session_timeout_s=6)
+    client = redis_client(settings)
+    await client.flushdb()
+    await client.aclose()
     yield settings
     ours = [t for t in await kafka_admin.list_topics() if tag in t]
     if ours:
@@ -41,10 +47,7 @@ async def pipeline_settings(stack: Settings, kafka_admin: AIOKafkaAdminClient) -
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    for attr, s in SETTINGS.items():
-        env[s.env] = str(getattr(settings, attr))
-    return env
+    return dict(os.environ) | settings.to_env()
 
 
 StartWorker = Callable[..., subprocess.Popen]

@@ -68,7 +68,7 @@ async def test_model_learns_from_closed_deals_and_beats_the_rules(pipeline_setti
     await asyncio.sleep(2 * s.model_poll_s + 1)  # scorers pick up the latest checkpoint
     await publish_events(s, events, progress=None)
     await wait_until_scored(s, {e["event_id"] for e in events})
-    last = {lead.lead_id: orjson.loads(await redis_client.hget(lead_key(lead.lead_id), "state")) for lead in held_out}
+    last = {lead.lead_id: orjson.loads(await redis_client.hget(lead_key(lead.lead_id), "s")) for lead in held_out}
     closed = [lead for lead in held_out if lead.outcome]
     labels = [int(lead.outcome == "won") for lead in closed]
     model_auc = roc_auc([last[lead.lead_id]["score"] for lead in closed], labels)

@@ -1,122 +1,226 @@
-"""The pipeline's Redis side against the real Redis: atomic writes, redelivery, conflicts, snapshots."""
+"""The pipeline's Redis side against the real Redis: batches, atomic writes, redelivery, conflicts,
+snapshots, deletes, and read models that equal their rebuild."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 
 import orjson
 import pytest
 
 from models.rules import DEFAULT_CONFIG, load_rules
 from models.scoring import Scorer
+from models.simulate import simulate
 from streams.pipeline import EventPipeline, Message
-from streams.state import CONFLICT, DUPLICATE, LeadStore, lead_key
+from streams.state import APPLIED, CONFLICT, DIGEST_BYTES, LeadStore, LeadWrite, lead_key, tombstone_key
+from streams.views import Views, dump_views, rebuild_views
 
 pytestmark = pytest.mark.integration
 DAY = 86_400_000
+RULES = load_rules(DEFAULT_CONFIG.read_text())
+
+
+def make_pipeline(redis_client, **kwargs):
+    return EventPipeline(LeadStore(redis_client, 3600), Scorer(RULES), topic_kinds={"web": "web", "crm": "crm"},
+                         max_event_bytes=65536, **kwargs)
 
 
 @pytest.fixture
 def pipeline(redis_client):
-    store = LeadStore(redis_client, dedupe_ttl_s=3600)
-    return EventPipeline(store, Scorer(load_rules(DEFAULT_CONFIG.read_text())),
-                         topic_kinds={"web": "web", "crm": "crm"}, max_event_bytes=65536)
+    return make_pipeline(redis_client)
 
 
-def msg(offset, event_id, type_, ts, topic="web", lead="l1", **props):
+def msg(offset, event_id, type_, ts, topic="web", lead="l1", partition=0, **props):
     doc = {"event_id": event_id, "lead_id": lead, "type": type_, "ts": ts, "props": props}
-    return Message(topic, 0, offset, lead.encode(), orjson.dumps(doc))
+    return Message(topic, partition, offset, lead.encode(), orjson.dumps(doc))
 
 
-async def counts(redis_client, lead="l1"):
-    return orjson.loads(await redis_client.hget(lead_key(lead), "state"))["counts"]
+async def handle(pipeline, *msgs, ack=True):
+    outs = await pipeline.handle_batch(list(msgs))
+    if ack:
+        pipeline.acknowledged()
+    return outs
 
 
-async def test_redelivery_resends_the_same_outputs_and_a_producer_duplicate_sends_nothing(pipeline, redis_client):
-    first = await pipeline.handle(msg(0, "e1", "download", 0))
+async def counts(pipeline, lead="l1"):
+    return (await pipeline.store.get(lead))["state"]["counts"]
+
+
+async def test_a_batch_scores_every_event_in_partition_order(pipeline, redis_client):
+    batch = [msg(i, f"e{i}", "click", i * 1000, lead=f"l{i % 3}") for i in range(30)]
+    outs = await handle(pipeline, *batch)
+    scores = [orjson.loads(o.value) for o in outs if o.kind == "scores"]
+    assert [s["event_id"] for s in scores if s["lead_id"] == "l1"] == [f"e{i}" for i in range(1, 30, 3)]
+    assert len(scores) == 30 and all(s["trigger"] == "event" for s in scores)
+    assert await counts(pipeline, "l0") == {"click": 10}
+    assert (await pipeline.store.get("l0"))["v"] == "1"  # one write per lead per batch
+
+
+async def test_redelivery_resends_until_acknowledged_and_a_producer_duplicate_sends_nothing(pipeline, redis_client):
+    first = await handle(pipeline, msg(0, "e1", "download", 0), ack=False)
     assert [o.kind for o in first] == ["scores"]
-    again = await pipeline.handle(msg(0, "e1", "download", 0))  # same offset: Kafka redelivered it
+    assert await redis_client.hexists(lead_key("l1"), "o:web/0/0")  # kept until Kafka acknowledged it
+    again = await handle(pipeline, msg(0, "e1", "download", 0))  # same offset: Kafka redelivered it
     assert again == first
-    assert await pipeline.handle(msg(7, "e1", "download", 0)) == []  # same event_id, new offset
-    assert await counts(redis_client) == {"download": 1}
-    assert pipeline.counts["redelivered"] == 1 and pipeline.counts["duplicate"] == 1
-    assert await redis_client.ttl(lead_key("l1") + ":seen") > 3000
+    await pipeline.flush_acked()
+    assert not await redis_client.hexists(lead_key("l1"), "o:web/0/0")  # acknowledged: the material is gone
+    assert await handle(pipeline, msg(0, "e1", "download", 0)) == []  # delivered before: nothing to re-send
+    assert await handle(pipeline, msg(7, "e1", "download", 0)) == []  # same event_id, new offset
+    assert await counts(pipeline) == {"download": 1}
+    assert pipeline.counts["redelivered"] == 2 and pipeline.counts["duplicate"] == 1
 
 
-async def test_a_stale_write_is_refused_and_the_event_is_applied_on_top(pipeline, redis_client):
+async def test_dedupe_memory_is_bounded_per_lead(redis_client):
+    pipeline = make_pipeline(redis_client, dedupe_ids=8)
+    await handle(pipeline, *[msg(i, f"e{i}", "click", i) for i in range(50)])
+    assert len(await redis_client.hget(lead_key("l1"), "ids")) == 8 * DIGEST_BYTES
+    await handle(pipeline, msg(60, "e49", "click", 49))  # a recent id: ignored
+    await handle(pipeline, msg(61, "e1", "click", 1))  # older than the window: counted (documented policy)
+    assert await counts(pipeline) == {"click": 51}
+
+
+async def test_a_stale_write_is_refused_and_racing_writers_apply_every_event_once(pipeline, redis_client):
     store = pipeline.store
-    loaded = await store.load("l1", "x")
-    await pipeline.handle(msg(0, "e1", "click", 0))  # another writer gets in between
-    status = await store.write("l1", "x", expected_version=loaded.version, origin="web/0/9", sent=b"{}",
-                               state={"counts": {}})
-    assert status == CONFLICT
-    assert await store.write("l1", "e1", expected_version="1", origin="web/0/9", sent=b"{}", state={}) == DUPLICATE
+    stale = (await store.load_many(["l1"]))["l1"]
+    await handle(pipeline, msg(0, "e1", "click", 0))  # another writer gets in between
+    write = LeadWrite(stale, {"counts": {}}, b"", {}, [], {}, None, __import__("models.readmodel").readmodel.ViewChanges())
+    assert await store.write_many([write]) == [CONFLICT]
     # Writers racing on one lead (as during a rebalance overlap): every event lands exactly once.
-    await asyncio.gather(*(pipeline.handle(msg(i, f"c{i}", "click", i)) for i in range(1, 6)))
-    assert await counts(redis_client) == {"click": 6}
-    assert (await store.load("l1", "none")).version == "6"
-    assert pipeline.counts["cas_retry"] > 0
+    racers = [make_pipeline(redis_client) for _ in range(5)]
+    await asyncio.gather(*(handle(p, msg(i, f"c{i}", "click", i, partition=i)) for i, p in enumerate(racers, 1)))
+    assert await counts(pipeline) == {"click": 6}
+    assert sum(p.counts["cas_retry"] for p in racers) > 0
+    assert APPLIED == 1
 
 
 async def test_closing_a_deal_emits_its_snapshots_and_drops_them(pipeline, redis_client):
-    await pipeline.handle(msg(0, "e1", "lead_created", 0, topic="crm", fields={"country": "Germany"}))
-    await pipeline.handle(msg(1, "e2", "stage_changed", DAY, topic="crm", stage="contacted"))
-    await pipeline.handle(msg(2, "e3", "download", 2 * DAY))
-    await pipeline.handle(msg(3, "e4", "stage_changed", 3 * DAY, topic="crm", stage="proposal"))
-    assert await redis_client.llen(lead_key("l1") + ":snaps") == 2
-    outs = await pipeline.handle(msg(4, "e5", "deal_won", 4 * DAY, topic="crm"))
+    await handle(pipeline, msg(0, "e1", "lead_created", 0, topic="crm", fields={"country": "Germany"}),
+                 msg(1, "e2", "stage_changed", DAY, topic="crm", stage="contacted"))
+    await handle(pipeline, msg(2, "e3", "download", 2 * DAY), msg(3, "e4", "stage_changed", 3 * DAY, topic="crm", stage="proposal"))
+    assert len((await pipeline.store.load_many(["l1"]))["l1"].snaps) == 2
+    outs = await handle(pipeline, msg(4, "e5", "deal_won", 4 * DAY, topic="crm"))
     training = orjson.loads(next(o.value for o in outs if o.kind == "training"))
     assert training["won"] is True and [s["stage"] for s in training["snapshots"]] == ["contacted", "proposal", "proposal"]
     assert all(s["ts"] < 4 * DAY for s in training["snapshots"])
-    assert not await redis_client.exists(lead_key("l1") + ":snaps")
+    assert not await redis_client.hexists(lead_key("l1"), "snaps")
 
 
-async def test_delete_leaves_only_a_marker_and_a_tombstone(pipeline, redis_client):
-    await pipeline.handle(msg(0, "e1", "click", DAY))
-    outs = await pipeline.handle(msg(1, "e2", "lead_deleted", 2 * DAY, topic="crm"))
+async def test_delete_removes_the_lead_everywhere_and_late_events_get_a_tombstone(pipeline, redis_client):
+    await handle(pipeline, msg(0, "e1", "lead_created", DAY, topic="crm", fields={"owner": "Ana", "email": "a@b.c"}),
+                 msg(1, "e2", "click", DAY))
+    assert (await Views(redis_client).leaderboard())[0][0]["lead_id"] == "l1"
+    outs = await handle(pipeline, msg(2, "e3", "lead_deleted", 2 * DAY, topic="crm"))
     assert [(o.kind, o.value) for o in outs] == [("scores", None)]
-    assert set(await redis_client.hgetall(lead_key("l1"))) == {b"v", b"deleted_ts"}
-    assert await pipeline.store.get("l1") is None
-    late = await pipeline.handle(msg(2, "e3", "download", DAY + 5))
+    assert not await redis_client.exists(lead_key("l1")) and await pipeline.store.get("l1") is None
+    assert await redis_client.get(tombstone_key("l1")) == str(2 * DAY).encode()
+    late = await handle(pipeline, msg(3, "e4", "download", DAY + 5))
     assert [(o.kind, o.value) for o in late] == [("scores", None)]
-    assert not await redis_client.hexists(lead_key("l1"), "state")
+    await pipeline.flush_acked()
+    for key in await redis_client.keys("*"):  # nothing names the lead or holds its data any more
+        assert b"l1" not in key
+        kind = (await redis_client.type(key)).decode()
+        content = (await redis_client.hgetall(key) if kind == "hash" else await redis_client.zrange(key, 0, -1)
+                   if kind == "zset" else await redis_client.get(key))
+        assert b"l1" not in orjson.dumps(content, default=str).replace(b"\\", b"") and b"a@b.c" not in repr(content).encode()
+    newer = await handle(pipeline, msg(4, "e5", "download", 3 * DAY))
+    assert orjson.loads(newer[0].value)["lead_id"] == "l1" and await counts(pipeline) == {"download": 1}
 
 
 async def test_bad_input_is_dead_lettered_with_raw_bytes(pipeline):
-    (out,) = await pipeline.handle(Message("web", 3, 42, b"l1", b"\xff\xfe not json"))
+    (out,) = await handle(pipeline, Message("web", 3, 42, b"l1", b"\xff\xfe not json"))
     doc = orjson.loads(out.value)
     assert out.kind == "dead_letter" and doc["offset"] == 42 and doc["partition"] == 3
     assert doc["error"].startswith("invalid JSON") and doc["raw"] == "//4gbm90IGpzb24="
 
 
-async def test_an_event_the_code_cannot_handle_is_dead_lettered_not_lost(pipeline, monkeypatch):
+async def test_an_event_the_code_cannot_handle_is_dead_lettered_and_the_rest_of_the_batch_applied(pipeline, monkeypatch):
     import streams.pipeline as mod
 
-    def broken(*args, **kwargs):
-        raise OverflowError("math range error")
+    real = mod.step
+
+    def broken(state, event, *args, **kwargs):
+        if event.event_id == "bad":
+            raise OverflowError("math range error")
+        return real(state, event, *args, **kwargs)
 
     monkeypatch.setattr(mod, "step", broken)
-    (out,) = await pipeline.handle(msg(5, "e1", "click", 0))
-    assert out.kind == "dead_letter"
-    assert orjson.loads(out.value)["error"] == "could not process the event: OverflowError('math range error')"
+    outs = await handle(pipeline, msg(5, "e1", "click", 0), msg(6, "bad", "click", 1), msg(7, "e3", "click", 2))
+    assert [o.kind for o in outs] == ["scores", "dead_letter", "scores"]
+    assert orjson.loads(outs[1].value)["error"] == "could not process the event: OverflowError('math range error')"
+    assert await counts(pipeline) == {"click": 2}
 
 
 async def test_the_agent_retries_while_redis_is_unreachable(pipeline):
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from streams.agents import handle_with_retry
+    from streams.retry import with_retry
 
-    real, calls = pipeline.handle, []
+    real, calls = pipeline.handle_batch, []
 
-    async def flaky(m):
-        calls.append(m.offset)
+    async def flaky(msgs):
+        calls.append(len(msgs))
         if len(calls) < 3:
             raise RedisConnectionError("connection refused")
-        return await real(m)
+        return await real(msgs)
 
-    pipeline.handle = flaky
-    outs = await handle_with_retry(pipeline, msg(0, "e1", "click", 0))
-    assert calls == [0, 0, 0] and [o.kind for o in outs] == ["scores"]
+    outs = await with_retry(lambda: flaky([msg(0, "e1", "click", 0)]), "test")
+    assert calls == [1, 1, 1] and [o.kind for o in outs] == ["scores"]
+
+
+async def test_decay_and_model_rescoring_go_through_the_write_path(pipeline, redis_client):
+    from models.learner import Trainer
+
+    await handle(pipeline, msg(0, "e1", "lead_created", 0, topic="crm", fields={"age": 30}),
+                 msg(1, "e2", "download", 1000), msg(2, "e3", "download", 2000))
+    before = await pipeline.store.get("l1")
+    outs = await pipeline.rescore_leads(["l1"], "decay", now_ms=200 * DAY)
+    decayed = orjson.loads(outs[0].value)
+    assert decayed["trigger"] == "decay" and decayed["event_id"] is None and decayed["score"] < before["score"]
+    after = await pipeline.store.get("l1")
+    assert after["state"]["counts"] == before["state"]["counts"] and after["history"][-1]["trigger"] == "decay"
+    due = await redis_client.zscore(lead_key("l1").replace("lead:", "view:").rsplit(":", 1)[0] + ":due", "l1")
+    assert due == 200 * DAY + pipeline.rescore_every_ms
+    trainer = Trainer(min_outcomes=1)
+    for won in (True, False):
+        trainer.learn([{"features": {"n_download": 2.0 * won}, "rules_score": 0.5, "stage": None}], won)
+    pipeline.scorer.model = trainer.serving()
+    (out,) = await pipeline.rescore_leads(["l1", "nobody"], "model", now_ms=200 * DAY)
+    assert orjson.loads(out.value)["trigger"] == "model" and orjson.loads(out.value)["model_version"] == 2
+    assert await pipeline.rescore_leads(["l1"], "model", now_ms=200 * DAY) == []  # already on this model
+
+
+async def test_views_equal_their_rebuild_after_a_random_stream(redis_client):
+    """Duplicates, redeliveries, late events, deletes and racing writers: the incremental views equal
+    the views rebuilt from the lead hashes."""
+    rng = random.Random(7)
+    events = simulate(40, seed=11)
+    for i, e in enumerate(rng.sample(events, 30)):  # late deletes, and late events after them
+        events.append({**e, "event_id": f"del-{i}", "type": "lead_deleted", "props": {}})
+    for e in rng.sample(events, 60):
+        events.append({**e, "ts": e["ts"] - rng.randint(0, 5 * DAY) if isinstance(e["ts"], int) else e["ts"],
+                       "event_id": f"late-{rng.random()}"})
+    events += rng.sample(events, 40)  # producer duplicates
+    msgs = []
+    for offset, e in enumerate(events):
+        topic = "crm" if e["type"] in ("lead_created", "lead_updated", "stage_changed", "deal_won", "deal_lost",
+                                       "lead_deleted", "activity_created", "activity_completed",
+                                       "activity_overdue", "email_replied") else "web"
+        e = dict(e)
+        if e["type"] in ("lead_created", "lead_updated"):
+            e["props"] = {"fields": {**e["props"].get("fields", {}), "owner": rng.choice(["Ana", "Bo", None])}}
+        msgs.append(Message(topic, 0, offset, e["lead_id"].encode(), orjson.dumps(e)))
+    a, b = make_pipeline(redis_client), make_pipeline(redis_client)
+    i = 0
+    while i < len(msgs):
+        n = rng.randint(1, 80)
+        chunk = msgs[i:i + n]
+        await asyncio.gather(handle(a, *chunk), handle(b, *chunk[: rng.randint(0, len(chunk))]))  # b redelivers
+        i += n
+    incremental = await dump_views(redis_client)
+    assert incremental and any(k.endswith(":lb") for k in incremental)
+    await rebuild_views(redis_client, a.rescore_every_ms)
+    assert await dump_views(redis_client) == incremental
 
 
 async def test_checkpoints_round_trip_and_an_old_format_is_not_served(redis_client):
@@ -127,10 +231,13 @@ async def test_checkpoints_round_trip_and_an_old_format_is_not_served(redis_clie
 
     store, trainer = ModelStore(redis_client), Trainer(min_outcomes=1)
     trainer.learn([{"features": {"n_click": 1.0}, "rules_score": 0.4, "stage": "new"}], True)
-    await store.save(trainer, learned_event_id="deal-1")
+    trainer.last_offset = 41
+    figures = await store.save(trainer)
     loaded = await store.load_trainer()
-    assert (loaded.version, loaded.n_won, await store.version()) == (1, 1, 1)
-    assert (await store.load_serving()).version == 1 and await redis_client.sismember("model:learned", "deal-1")
+    assert (loaded.version, loaded.n_won, loaded.last_offset, await store.version()) == (1, 1, 41, 1)
+    assert (await store.load_serving()).version == 1
+    assert figures["trainer_bytes"] == len(await redis_client.get("model:trainer")) and store.load_ms is not None
+    assert (await store.report())["checkpoint"]["offset"] == 41
     serving = trainer.serving()
     del vars(trainer)["format"], vars(serving)["format"]  # checkpoints from before the format field
     await redis_client.set("model:trainer", pickle.dumps(trainer))
@@ -147,12 +254,13 @@ async def test_lead_and_model_reports_read_back_what_the_pipeline_wrote(pipeline
     from tests.conftest import redis_test_url
 
     settings = dataclasses.replace(stack, redis_url=redis_test_url(stack.redis_url))
-    await pipeline.handle(msg(0, "e1", "lead_created", 0, topic="crm", fields={"country": "Germany", "age": 30}))
-    await pipeline.handle(msg(1, "e2", "download", 1000))
+    await handle(pipeline, msg(0, "e1", "lead_created", 0, topic="crm", fields={"country": "Germany", "age": 30}))
+    await handle(pipeline, msg(1, "e2", "download", 1000))
     view = await lead_view(settings, "l1")
     assert view["counts"] == {"lead_created": 1, "download": 1} and view["fields"]["country"] == "Germany"
     assert view["grade"] in {"A+", "A", "B+", "B", "C", "D"} and view["source"] == "rules"
     assert [r["feature"] for r in view["reasons"]][2] == "country=germany"  # after download and age, 50 each
+    assert [h["trigger"] for h in view["history"]] == ["event", "event"]
     assert view["features_now"]["recency_s"] > 0 and await lead_view(settings, "nobody") is None
     assert await model_report(settings) is None  # no closed deal yet
     await ModelStore(pipeline.store.client).save(Trainer(min_outcomes=1))

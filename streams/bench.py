@@ -1,0 +1,478 @@
+"""``leadstream bench``: measured speed and memory, against the running stack, in one run.
+
+What it measures (a table on stdout, ``--json FILE`` for the figures):
+
+- ``passthrough``: a plain aiokafka consume -> orjson decode -> produce of the same records on
+  the same broker: the ceiling the hardware, broker and client allow; our throughput is a ratio
+  of it, measured in the same run (absolute figures move with the machine's load).
+- ``burst``: one ``leadstream worker`` (the real process, same code path) on N simulated events
+  published as fast as possible: events per second from the first publish to the last score.
+- ``workers``: the same burst with 2 workers in one group on the topics' partitions.
+- ``latency``: event -> score latency at steady offered rates, each for a bounded time, with and
+  without a reader loading the dashboard every second.
+- ``step``: the pure per-event step (decode + validate + fold + features + score), rules / model.
+- ``memory``: Redis bytes per lead and per event (``MEMORY USAGE`` of every key, views included)
+  after the pipeline's own write path wrote ``--memory-leads`` simulated leads.
+- ``reads`` and ``rescoring``: dashboard, funnel and leaderboard read times at that many leads,
+  and a full rescoring pass after a model change (leads per second, same write path).
+
+Each run uses its own topics, app id and Redis database (``--redis-db``), and cleans them up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from models.events import parse_event, topic_kind_of
+from models.features import copy_state
+from models.learner import Trainer
+from models.rules import load_rules
+from models.scoring import Scorer, step
+from models.simulate import simulate
+from streams.demo import start_api, start_worker, stop_worker
+from streams.pipeline import EventPipeline, Message
+from streams.publish import topic_for
+from streams.clients import kafka_kwargs, redis_client
+from streams.settings import SETTINGS, Settings
+from streams.state import LeadStore
+from streams.topics import ensure_topics
+from streams.views import Views
+
+Figures = dict[str, Any]
+READER_RATE = 1000.0  # the offered rate at which a dashboard reader's effect on the worker is measured
+
+
+def bench_settings(base: Settings, redis_db: int, tag: str) -> Settings:
+    redis_url = base.redis_url.rsplit("/", 1)[0] + f"/{redis_db}"
+    return dataclasses.replace(
+        base, app_id=f"bench-{tag}", topic_web=f"bench-web-{tag}", topic_crm=f"bench-crm-{tag}",
+        topic_scores=f"bench-scores-{tag}", topic_hot=f"bench-hot-{tag}", topic_dead_letter=f"bench-dlq-{tag}",
+        topic_training=f"bench-training-{tag}", redis_url=redis_url, web_port=base.web_port + 100,
+        api_port=base.api_port + 100)
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    return {s.env: str(getattr(settings, attr)) for attr, s in SETTINGS.items() if getattr(settings, attr) is not None}
+
+
+# ---- the pure step -------------------------------------------------------------------------------
+
+def bench_step(events: list[dict[str, Any]], rules_text: str, batch: int = 500) -> Figures:
+    """Per-event CPU of decode + validate + fold + features + score, as the worker runs it (one state
+    copy per lead per batch), with the rules only and with a trained model."""
+    rules = load_rules(rules_text)
+    trainer = Trainer(min_outcomes=5)
+    states: dict[str, Any] = {}
+    for e in events:  # train a model on the stream's own outcomes first
+        ev = parse_event(e["lead_id"].encode(), orjson.dumps(e), topic_kind=topic_kind_of(e["type"]))
+        r = step(states.get(ev.lead_id), ev, Scorer(rules), scored_at_ms=0, stage_snapshots=[])
+        states[ev.lead_id] = r.state
+        if r.training:
+            trainer.learn(r.training["snapshots"], r.training["won"])
+    raw = [(e["lead_id"].encode(), orjson.dumps(e), topic_kind_of(e["type"])) for e in events]
+    figures = {}
+    for name, model in (("rules", None), ("model", trainer.serving())):
+        scorer = Scorer(rules, model)
+        stored: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        for start in range(0, len(raw), batch):
+            working: dict[str, Any] = {}
+            for key, value, kind in raw[start:start + batch]:
+                ev = parse_event(key, value, topic_kind=kind)
+                if ev.lead_id not in working:
+                    prior = stored.get(ev.lead_id)
+                    working[ev.lead_id] = copy_state(prior) if prior is not None else None
+                r = step(working[ev.lead_id], ev, scorer, scored_at_ms=0, stage_snapshots=[], copy=False)
+                working[ev.lead_id] = r.state
+            stored.update(working)
+        figures[name] = round((time.perf_counter() - t0) / len(raw) * 1e6, 1)
+    return {"us_per_event_rules": figures["rules"], "us_per_event_model": figures["model"],
+            "model_source": Scorer(rules, trainer.serving()).score({}).source}
+
+
+# ---- Kafka: publish, collect ---------------------------------------------------------------------
+
+async def _publish_burst(producer: AIOKafkaProducer, records: list[tuple[str, bytes, bytes]]) -> float:
+    t0 = time.perf_counter()
+    futures = [await producer.send(topic, key=key, value=value) for topic, key, value in records]
+    await asyncio.gather(*futures)
+    return t0
+
+
+async def _collect(settings: Settings, topic: str, n: int, timeout_s: float, prefix: bytes | None = None,
+                   on_record: Callable[[Any, float], None] | None = None) -> float:
+    """Consume ``topic`` from its start until ``n`` records arrived (with ``prefix``: only the event
+    scores and tombstones of leads whose id starts with it); returns when the last one did."""
+    consumer = AIOKafkaConsumer(topic, **kafka_kwargs(settings), group_id=None, auto_offset_reset="earliest",
+                                enable_auto_commit=False, fetch_max_bytes=50 * 1024 * 1024)
+    await consumer.start()
+    seen, last = 0, time.perf_counter()
+    deadline = last + timeout_s
+    try:
+        while seen < n and time.perf_counter() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=200, max_records=10_000)).values():
+                now = time.perf_counter()
+                for r in batch:
+                    if prefix is not None and not (r.key.startswith(prefix) and _is_event_score(r.value)):
+                        continue
+                    seen, last = seen + 1, now
+                    if on_record is not None:
+                        on_record(r, now)
+    finally:
+        await consumer.stop()
+    if seen < n:
+        raise RuntimeError(f"{topic}: {seen} of {n} records within {timeout_s:.0f} s")
+    return last
+
+
+def _is_event_score(value: bytes | None) -> bool:
+    return value is None or b'"trigger":"event"' in value
+
+
+def _records(settings: Settings, events: list[dict[str, Any]]) -> list[tuple[str, bytes, bytes]]:
+    return [(topic_for(settings, e["type"]), e["lead_id"].encode(), orjson.dumps(e)) for e in events]
+
+
+async def bench_passthrough(settings: Settings, events: list[dict[str, Any]]) -> Figures:
+    """The ceiling: plain aiokafka consume -> orjson decode -> produce of the same records."""
+    src, dst = f"{settings.topic_web}-pt-in", f"{settings.topic_web}-pt-out"
+    await ensure_topics(settings, {src: settings.partitions, dst: settings.partitions})
+    producer = AIOKafkaProducer(**kafka_kwargs(settings), acks="all", linger_ms=5,
+                                max_batch_size=256 * 1024)
+    await producer.start()
+    consumer = AIOKafkaConsumer(src, **kafka_kwargs(settings), group_id=f"pt-{uuid.uuid4().hex[:6]}",
+                                auto_offset_reset="earliest", enable_auto_commit=True)
+    await consumer.start()
+    n = len(events)
+
+    async def forward() -> None:
+        done = 0
+        while done < n:
+            for tp, batch in (await consumer.getmany(timeout_ms=100, max_records=500)).items():
+                futures = []
+                for r in batch:
+                    doc = orjson.loads(r.value)
+                    futures.append(await producer.send(dst, key=r.key, value=orjson.dumps(doc)))
+                await asyncio.gather(*futures)
+                done += len(batch)
+
+    task = asyncio.create_task(forward())
+    collector = asyncio.create_task(_collect(settings, dst, n, 300))
+    t0 = await _publish_burst(producer, [(src, key, value) for _, key, value in _records(settings, events)])
+    last = await collector
+    await task
+    await consumer.stop()
+    await producer.stop()
+    return {"events": n, "events_per_s": round(n / (last - t0))}
+
+
+async def bench_burst(settings: Settings, events: list[dict[str, Any]]) -> Figures:
+    """Events per second of the running worker(s): first publish to last score consumed."""
+    producer = AIOKafkaProducer(**kafka_kwargs(settings), acks="all", linger_ms=5,
+                                max_batch_size=256 * 1024)
+    await producer.start()
+    latencies: list[float] = []
+    sent_at: dict[str, float] = {}
+    last_of = {e["lead_id"]: e["event_id"] for e in events}
+
+    def on_record(r: Any, now: float) -> None:  # a tombstone has no event_id: its lead's last event
+        event_id = orjson.loads(r.value)["event_id"] if r.value else last_of[r.key.decode()]
+        latencies.append(now - sent_at.get(event_id, now))
+
+    prefix = events[0]["lead_id"].split("-", 1)[0].encode() + b"-"
+    collector = asyncio.create_task(_collect(settings, settings.topic_scores, len(events), 600,
+                                             prefix, on_record))
+    records = _records(settings, events)
+    now = time.perf_counter()
+    sent_at.update({e["event_id"]: now for e in events})
+    t0 = await _publish_burst(producer, records)
+    last = await collector
+    await producer.stop()
+    q = statistics.quantiles(latencies[-len(events):], n=100)
+    return {"events": len(events), "events_per_s": round(len(events) / (last - t0)),
+            "latency_p50_ms": round(q[49] * 1000), "latency_p99_ms": round(q[98] * 1000)}
+
+
+async def bench_latency(settings: Settings, events: list[dict[str, Any]], rate: float, seconds: float,
+                        reader: Callable[[], Awaitable[None]] | None = None) -> Figures:
+    """Event -> score latency at a steady offered ``rate`` for ``seconds`` (optionally with a reader)."""
+    n = min(len(events), int(rate * seconds))
+    events = events[:n]
+    producer = AIOKafkaProducer(**kafka_kwargs(settings), acks=1, linger_ms=0)
+    await producer.start()
+    sent_at: dict[str, float] = {}
+    latencies: list[float] = []
+
+    def on_record(r: Any, now: float) -> None:
+        if r.value:
+            event_id = orjson.loads(r.value)["event_id"]
+            if event_id in sent_at:
+                latencies.append(now - sent_at[event_id])
+
+    prefix = events[0]["lead_id"].split("-", 1)[0].encode() + b"-"
+    collector = asyncio.create_task(_collect(settings, settings.topic_scores, n, seconds + 120,
+                                             prefix, on_record))
+    stop_reader = asyncio.Event()
+
+    async def read_loop() -> None:
+        while not stop_reader.is_set():
+            await reader()  # type: ignore[misc]
+            await asyncio.sleep(1.0)
+
+    reading = asyncio.create_task(read_loop()) if reader else None
+    t0 = time.perf_counter()
+    for i, (topic, key, value) in enumerate(_records(settings, events)):
+        target = t0 + i / rate
+        if target > time.perf_counter():
+            await asyncio.sleep(target - time.perf_counter())
+        sent_at[orjson.loads(value)["event_id"]] = time.perf_counter()
+        await producer.send(topic, key=key, value=value)
+    await collector
+    stop_reader.set()
+    if reading:
+        await reading
+    await producer.stop()
+    q = statistics.quantiles(latencies, n=100)
+    return {"rate": rate, "events": n, "p50_ms": round(q[49] * 1000, 1), "p95_ms": round(q[94] * 1000, 1),
+            "p99_ms": round(q[98] * 1000, 1)}
+
+
+def _fresh_events(leads: int, seed: int, prefix: str) -> list[dict[str, Any]]:
+    return [e | {"event_id": f"{prefix}-{e['event_id']}", "lead_id": f"{prefix}-{e['lead_id']}"}
+            for e in simulate(leads, seed=seed)]
+
+
+async def bench_pipeline(settings: Settings, leads: int, rates: list[float], seconds: float) -> Figures:
+    """Burst, 2 workers, latency at steady rates with and without a dashboard reader."""
+    await ensure_topics(settings)
+    log_dir = Path(settings.home) / "logs"
+    figures: Figures = {}
+    workers = [start_worker(settings, log_dir / f"bench-worker-0-{settings.app_id}.log", env=_env(settings))]
+    try:
+        burst_events = _fresh_events(leads, 7, "b1")
+        figures["burst_1_worker"] = await bench_burst(settings, burst_events)
+        figures["latency"] = []
+        for rate in rates:
+            events = _fresh_events(max(50, int(rate * seconds / 25)), int(rate), f"r{int(rate)}")
+            figures["latency"].append(await bench_latency(settings, events, rate, seconds))
+        # The dashboard is served by `leadstream api`, its own process: does reading it move the worker's p99?
+        api = start_api(settings, log_dir / f"bench-api-{settings.app_id}.log", env=_env(settings))
+        workers.append(api)
+        dashboard = f"http://127.0.0.1:{settings.api_port}/dashboard"
+        reader_rate = READER_RATE if READER_RATE in rates else rates[0]
+        events = _fresh_events(max(50, int(reader_rate * seconds / 25)), 1001, "reader")
+        figures["latency_with_dashboard_reader"] = await bench_latency(
+            settings, events, reader_rate, seconds, reader=lambda: asyncio.to_thread(_get, dashboard))
+        second = dataclasses.replace(settings, web_port=settings.web_port + 1)
+        workers.append(start_worker(second, log_dir / f"bench-worker-1-{settings.app_id}.log", env=_env(second)))
+        await asyncio.sleep(3)  # the group rebalances over both workers
+        events = _fresh_events(leads, 8, "b2")
+        figures["burst_2_workers"] = await bench_burst(settings, events)
+    finally:
+        for w in workers:
+            stop_worker(w)
+    return figures
+
+
+def _get(url: str) -> None:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as response:
+        response.read()
+
+
+# ---- Redis: memory, reads, rescoring -------------------------------------------------------------
+
+async def bench_memory_and_reads(settings: Settings, leads: int, rules_text: str) -> Figures:
+    """Write ``leads`` simulated leads through the pipeline's write path, then measure memory, reads and
+    a full model rescoring pass."""
+    client = redis_client(settings)
+    await client.flushdb()
+    rules = load_rules(rules_text)
+    pipeline = EventPipeline(LeadStore(client), Scorer(rules), topic_kinds={"web": "web", "crm": "crm"},
+                             max_event_bytes=settings.max_event_bytes, dedupe_ids=settings.dedupe_ids,
+                             rescore_every_ms=settings.rescore_every_s * 1000)
+    n_events, offset, t0 = 0, 0, time.perf_counter()
+    for chunk in range(0, leads, 1000):
+        events = sorted(_fresh_events(min(1000, leads - chunk), 100 + chunk, f"m{chunk}"), key=lambda e: e["ts"])
+        msgs = []
+        for e in events:
+            kind = topic_kind_of(e["type"])
+            msgs.append(Message(kind, 0, offset, e["lead_id"].encode(), orjson.dumps(e)))
+            offset += 1
+        for i in range(0, len(msgs), settings.batch_max_events):
+            await pipeline.handle_batch(msgs[i:i + settings.batch_max_events])
+            pipeline.acknowledged()
+        n_events += len(msgs)
+    await pipeline.flush_acked()
+    write_s = time.perf_counter() - t0
+    memory = await _memory(client)
+    figures: Figures = {"leads": leads, "events": n_events, "write_events_per_s": round(n_events / write_s),
+                        "bytes_per_lead": round(memory["total"] / leads), "bytes_per_event": round(memory["total"] / n_events),
+                        "bytes_per_lead_by_kind": {k: round(v / leads) for k, v in memory.items() if k != "total"}}
+    figures["reads_ms"] = await _time_reads(client, rules)
+    trainer = Trainer(min_outcomes=1)
+    for won in (True, False):
+        trainer.learn([{"features": {"n_download": 2.0 * won}, "rules_score": 0.5, "stage": None}], won)
+    pipeline.scorer.model = trainer.serving()
+    figures["rescoring"] = await _rescoring_pass(client, pipeline, settings.batch_max_events)
+    await client.flushdb()
+    await client.aclose()
+    return figures
+
+
+async def _memory(client: aioredis.Redis) -> dict[str, int]:
+    by_kind: dict[str, int] = {"total": 0}
+    keys = [key async for key in client.scan_iter(count=5000)]
+    for i in range(0, len(keys), 5000):
+        pipe = client.pipeline(transaction=False)
+        for key in keys[i:i + 5000]:
+            pipe.memory_usage(key, samples=0)
+        for key, used in zip(keys[i:i + 5000], await pipe.execute()):
+            kind = key.decode().split(":", 1)[0]
+            by_kind[kind] = by_kind.get(kind, 0) + (used or 0)
+            by_kind["total"] += used or 0
+    return by_kind
+
+
+async def _time_reads(client: aioredis.Redis, rules: Any) -> Figures:
+    views = Views(client, rules.grades)
+    now = int(time.time() * 1000)
+    reads = {
+        "leaderboard_top_50": lambda: views.leaderboard(limit=50),
+        "leaderboard_stage_filter": lambda: views.leaderboard(stage="proposal", limit=50),
+        "leaderboard_grade_filter": lambda: views.leaderboard(grade="B", limit=50),
+        "funnel": lambda: views.funnel(now_ms=now),
+        "owners": lambda: views.owners(now_ms=now),
+        "success_curve": lambda: views.success_curve(),
+    }
+    figures = {}
+    for name, read in reads.items():
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            await read()
+            times.append(time.perf_counter() - t0)
+        figures[name] = round(statistics.median(times) * 1000, 1)
+    return figures
+
+
+async def _rescoring_pass(client: aioredis.Redis, pipeline: EventPipeline, batch: int) -> Figures:
+    from streams.state import SHARDS, view_key
+
+    leads: list[str] = []
+    for shard in range(SHARDS):
+        leads += [m.decode() for m in await client.zrevrange(view_key(shard, "lb"), 0, -1)]
+    t0 = time.perf_counter()
+    sent = 0
+    for i in range(0, len(leads), batch):
+        sent += len(await pipeline.rescore_leads(leads[i:i + batch], "model"))
+    seconds = time.perf_counter() - t0
+    return {"open_leads": len(leads), "rescored": sent, "leads_per_s": round(len(leads) / seconds) if seconds else None}
+
+
+# ---- the command ---------------------------------------------------------------------------------
+
+async def _cleanup(settings: Settings) -> None:
+    admin = AIOKafkaAdminClient(**kafka_kwargs(settings))
+    await admin.start()
+    try:
+        ours = [t for t in await admin.list_topics() if settings.app_id.removeprefix("bench-") in t]
+        if ours:
+            await admin.delete_topics(ours)
+    finally:
+        await admin.close()
+    client = redis_client(settings)
+    await client.flushdb()
+    await client.aclose()
+
+
+def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float, memory_leads: int,
+              redis_db: int, json_path: Path | None, parts: set[str]) -> int:
+    tag = uuid.uuid4().hex[:8]
+    settings = bench_settings(base, redis_db, tag)
+    rules_text = settings.scoring_config.read_text()
+    events = _fresh_events(leads, 99, "pt")
+    figures: Figures = {"machine": _machine(), "leads": leads, "events": len(events)}
+    try:
+        if "step" in parts:
+            figures["step"] = bench_step(simulate(min(leads, 300), seed=99), rules_text)
+            _print_step(figures["step"])
+        if "pipeline" in parts:
+            figures["passthrough"] = asyncio.run(bench_passthrough(settings, events))
+            figures.update(asyncio.run(bench_pipeline(settings, leads, rates, seconds)))
+            figures["ratio_to_passthrough"] = round(
+                figures["burst_1_worker"]["events_per_s"] / figures["passthrough"]["events_per_s"], 3)
+            _print_pipeline(figures)
+        if "memory" in parts:
+            figures["memory"] = asyncio.run(bench_memory_and_reads(settings, memory_leads, rules_text))
+            _print_memory(figures["memory"])
+    finally:
+        asyncio.run(_cleanup(settings))
+    if json_path is not None:
+        json_path.write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
+        print(f"figures written to {json_path}")
+    return 0
+
+
+def _machine() -> dict[str, Any]:
+    import os
+    import platform
+
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            "load_avg_1m": round(os.getloadavg()[0], 2), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _print_step(f: Figures) -> None:
+    print(f"pure step (decode + validate + fold + features + score): rules {f['us_per_event_rules']} us/event, "
+          f"model {f['us_per_event_model']} us/event ({f['model_source']})")
+
+
+def _print_pipeline(f: Figures) -> None:
+    rows = [
+        ("plain aiokafka passthrough (ceiling)", f"{f['passthrough']['events_per_s']:,} events/s"),
+        ("one worker, burst", f"{f['burst_1_worker']['events_per_s']:,} events/s "
+                              f"({f['ratio_to_passthrough']:.0%} of the passthrough)"),
+        ("two workers, burst", f"{f['burst_2_workers']['events_per_s']:,} events/s"),
+    ]
+    rows += [(f"latency at {r['rate']:,.0f} events/s", f"p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms, p99 {r['p99_ms']} ms")
+             for r in f["latency"]]
+    r = f["latency_with_dashboard_reader"]
+    rows.append((f"latency at {r['rate']:,.0f}/s, dashboard read every 1 s",
+                 f"p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms, p99 {r['p99_ms']} ms"))
+    _table(rows)
+
+
+def _print_memory(f: Figures) -> None:
+    rows = [(f"Redis memory at {f['leads']:,} leads ({f['events']:,} events)",
+             f"{f['bytes_per_lead']:,} B/lead, {f['bytes_per_event']} B/event ({f['bytes_per_lead_by_kind']})")]
+    rows += [(f"read: {name}", f"{ms} ms") for name, ms in f["reads_ms"].items()]
+    rows.append(("full rescoring pass after a model change", f"{f['rescoring']['leads_per_s']:,} leads/s "
+                                                             f"({f['rescoring']['open_leads']:,} open leads)"))
+    _table(rows)
+
+
+def _table(rows: list[tuple[str, str]]) -> None:
+    width = max(len(a) for a, _ in rows)
+    for a, b in rows:
+        print(f"{a:<{width}}  {b}")
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    rates = [float(r) for r in args.rates.split(",") if r]
+    return run_bench(settings, leads=args.leads, rates=rates, seconds=args.seconds, memory_leads=args.memory_leads,
+                     redis_db=args.redis_db, json_path=args.json, parts=set(args.only.split(",")))
+

@@ -1,0 +1,187 @@
+"""Every Kafka and Redis client the project opens gets its connection settings here.
+
+One place turns :class:`Settings` into aiokafka keyword arguments (security protocol, SASL,
+TLS), Faust broker credentials and a Redis client; and one preflight check turns a wrong
+password, CA or protocol into one clear line naming the setting, before a worker starts.
+
+>>> from streams.settings import Settings
+>>> kafka_kwargs(Settings.from_env({}))
+{'bootstrap_servers': '127.0.0.1:9092', 'security_protocol': 'PLAINTEXT'}
+>>> kw = kafka_kwargs(Settings.from_env({"LEADSTREAM_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+...     "LEADSTREAM_KAFKA_SASL_USERNAME": "scorer", "LEADSTREAM_KAFKA_SASL_PASSWORD": "pw"}))
+>>> kw["sasl_mechanism"], kw["sasl_plain_username"], kw["sasl_plain_password"], "ssl_context" in kw
+('SCRAM-SHA-512', 'scorer', 'pw', False)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any
+from urllib.parse import urlparse
+
+import faust
+import redis
+import redis.asyncio as aioredis
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    IllegalSaslStateError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
+from aiokafka.helpers import create_ssl_context
+
+from streams.settings import Settings, redact_url
+
+CHECK_TIMEOUT_S = 10.0
+
+
+class ConnectionCheckError(RuntimeError):
+    """Kafka or Redis refused the configured connection; the message names the setting to fix."""
+
+
+# ---------------------------------------------------------------------------------------------- Kafka
+
+
+def kafka_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context for SSL / SASL_SSL (None otherwise): the CA, and a client certificate if given."""
+    if not settings.kafka_security_protocol.endswith("SSL"):
+        return None
+    return create_ssl_context(cafile=settings.kafka_ssl_cafile, certfile=settings.kafka_ssl_certfile,
+                              keyfile=settings.kafka_ssl_keyfile)
+
+
+def kafka_kwargs(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for any aiokafka client (producer, consumer, admin, ``AIOKafkaClient``)."""
+    kwargs: dict[str, Any] = {"bootstrap_servers": settings.kafka_bootstrap,
+                              "security_protocol": settings.kafka_security_protocol}
+    context = kafka_ssl_context(settings)
+    if context is not None:
+        kwargs["ssl_context"] = context
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        kwargs |= {"sasl_mechanism": settings.kafka_sasl_mechanism,
+                   "sasl_plain_username": settings.kafka_sasl_username,
+                   "sasl_plain_password": settings.kafka_sasl_password.reveal()}
+    return kwargs
+
+
+def faust_credentials(settings: Settings) -> faust.auth.Credentials | None:
+    """Faust's ``broker_credentials`` for the same connection as :func:`kafka_kwargs` (None = PLAINTEXT)."""
+    context = kafka_ssl_context(settings)
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        # Faust sets SASL_SSL itself when a context is given, SASL_PLAINTEXT otherwise.
+        return faust.SASLCredentials(username=settings.kafka_sasl_username,
+                                     password=settings.kafka_sasl_password.reveal(),
+                                     mechanism=settings.kafka_sasl_mechanism, ssl_context=context)
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- Redis
+
+
+def redis_kwargs(settings: Settings) -> dict[str, Any]:
+    """What the URL cannot say: the password from LEADSTREAM_REDIS_PASSWORD(_FILE), the TLS CA file."""
+    kwargs: dict[str, Any] = {}
+    if settings.redis_password:
+        kwargs["password"] = settings.redis_password.reveal()
+    if settings.redis_ssl_cafile is not None and urlparse(settings.redis_url).scheme == "rediss":
+        kwargs["ssl_ca_certs"] = str(settings.redis_ssl_cafile)
+    return kwargs
+
+
+def redis_client(settings: Settings, url: str | None = None, **extra: Any) -> aioredis.Redis:
+    """An asyncio Redis client for ``url`` (default: LEADSTREAM_REDIS) with the configured credentials."""
+    return aioredis.Redis.from_url(url or settings.redis_url, **redis_kwargs(settings), **extra)
+
+
+def redis_sync_client(settings: Settings, url: str | None = None, **extra: Any) -> redis.Redis:
+    """The blocking variant of :func:`redis_client` (for probes and scripts)."""
+    return redis.Redis.from_url(url or settings.redis_url, **redis_kwargs(settings), **extra)
+
+
+# ---------------------------------------------------------------------------------------------- preflight
+
+
+async def check_kafka(settings: Settings, timeout_s: float = CHECK_TIMEOUT_S) -> None:
+    """Log in to the first reachable bootstrap server as every client will, or raise
+    :class:`ConnectionCheckError` naming the setting that is wrong.
+
+    aiokafka's own bootstrap logs such errors and retries; this check surfaces them once.
+    """
+    kw = kafka_kwargs(settings)
+    kw.pop("bootstrap_servers")
+    errors = []
+    for hostport in settings.kafka_bootstrap.split(","):
+        host, _, port = hostport.rpartition(":")
+        try:
+            conn = await asyncio.wait_for(create_conn(host.strip("[]"), int(port), request_timeout_ms=5000, **kw),
+                                          timeout_s)
+        except Exception as exc:  # noqa: BLE001 - every failure is explained below
+            errors.append((hostport, exc))
+            continue
+        conn.close()
+        return
+    raise ConnectionCheckError(explain_kafka_error(settings, *errors[0]))
+
+
+def explain_kafka_error(settings: Settings, hostport: str, exc: BaseException) -> str:
+    """One line: what failed and which setting to look at."""
+    where = f"Kafka at {hostport} (LEADSTREAM_KAFKA)"
+    proto = f"LEADSTREAM_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol}"
+    if isinstance(exc, SaslAuthenticationFailed | IllegalSaslStateError):
+        return (f"{where} refused the SASL login of user {settings.kafka_sasl_username!r} with "
+                f"{settings.kafka_sasl_mechanism}: check LEADSTREAM_KAFKA_SASL_USERNAME and "
+                f"LEADSTREAM_KAFKA_SASL_PASSWORD (or _FILE) [{_short(exc)}]")
+    if isinstance(exc, UnsupportedSaslMechanismError):
+        return (f"{where} does not accept LEADSTREAM_KAFKA_SASL_MECHANISM={settings.kafka_sasl_mechanism} "
+                f"[{_short(exc)}]")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"{where}: its TLS certificate is not trusted: check LEADSTREAM_KAFKA_SSL_CAFILE "
+                f"(now {settings.kafka_ssl_cafile or 'the system CAs'}) [{_short(exc)}]")
+    if isinstance(exc, ssl.SSLError):
+        return f"{where}: the TLS handshake failed: does the listener expect {proto}? [{_short(exc)}]"
+    if isinstance(exc, asyncio.TimeoutError) or "timeout" in type(exc).__name__.lower():
+        return f"{where} did not answer within {CHECK_TIMEOUT_S:.0f} s: does the listener expect {proto}?"
+    if isinstance(exc, ConnectionError | OSError):
+        return f"{where} is unreachable: {_short(exc)}; is it running? (`leadstream up` starts a local one)"
+    if isinstance(exc, KafkaError):
+        # e.g. a PLAINTEXT client on a TLS listener: the broker just closes the connection.
+        return f"{where}: {_short(exc)}: does the listener expect {proto} and these LEADSTREAM_KAFKA_SASL_* settings?"
+    return f"{where}: {_short(exc)}"
+
+
+async def check_redis(settings: Settings, timeout_s: float = CHECK_TIMEOUT_S) -> None:
+    """PING Redis with the configured credentials, or raise :class:`ConnectionCheckError` naming the setting."""
+    client = redis_client(settings, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    where = f"Redis at {redact_url(settings.redis_url)} (LEADSTREAM_REDIS)"
+    try:
+        await client.ping()
+    except redis.AuthenticationError as exc:
+        raise ConnectionCheckError(f"{where} refused the login: check the user and password in LEADSTREAM_REDIS "
+                                   f"or LEADSTREAM_REDIS_PASSWORD (or _FILE) [{_short(exc)}]") from None
+    except redis.ResponseError as exc:
+        if "NOAUTH" in str(exc) or "NOPERM" in str(exc):
+            raise ConnectionCheckError(f"{where} requires a password or an ACL permission: set it in "
+                                       f"LEADSTREAM_REDIS or LEADSTREAM_REDIS_PASSWORD (or _FILE) "
+                                       f"[{_short(exc)}]") from None
+        raise ConnectionCheckError(f"{where}: {_short(exc)}") from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        hint = (" check LEADSTREAM_REDIS_SSL_CAFILE and the rediss:// scheme;" if "SSL" in str(exc)
+                or "certificate" in str(exc) else "")
+        raise ConnectionCheckError(f"{where} is unreachable:{hint} {_short(exc)}") from None
+    finally:
+        await client.aclose()
+
+
+async def check_connections(settings: Settings) -> None:
+    """Both checks; the first failure is raised."""
+    await check_kafka(settings)
+    await check_redis(settings)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__

@@ -1,0 +1,122 @@
+"""Sending a batch's records, and rescoring leads when no event arrives (time decay, a new model).
+
+Rescoring goes through the pipeline's own write path (same compare-and-set, so it never races a
+lead's events) and emits score messages with ``trigger`` ``decay`` or ``model``. A worker rescores
+only the leads of the input partitions assigned to it, so workers never do the same lead twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+
+import faust
+import redis.asyncio as aioredis
+from aiokafka.partitioner import murmur2
+
+from streams.pipeline import EventPipeline, Out
+from streams.settings import Settings
+from streams.state import SHARDS, view_key
+from streams.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class Sender:
+    """Produce a batch's records without awaiting them one by one, then wait for all acks."""
+
+    def __init__(self, app: faust.App, topics: Topics) -> None:
+        self.app = app
+        self.names = {kind: topics.by_kind(kind).get_topic_name() for kind in ("scores", "hot", "dead_letter", "training")}
+
+    async def send_all(self, outs: list[Out]) -> None:
+        producer = self.app.producer
+        futures: list[Awaitable[object]] = []
+        for out in outs:
+            futures.append(await producer.send(self.names[out.kind], out.key, out.value, None, None, None))
+        if futures:
+            await asyncio.gather(*futures)
+
+
+def partition_of(lead_id: str, partitions: int) -> int:
+    """The input partition a lead's events are on (the Kafka clients' default partitioner on the key)."""
+    return (murmur2(lead_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+class Rescorer:
+    """Rescore due leads (decay) and, after a new model version, every open lead, most valuable first.
+
+    Both are bounded by ``LEADSTREAM_RESCORE_RATE`` leads per second per worker, and both yield to
+    events: while the scoring agent is busy (its batches come full or carry more than a batch a
+    poll interval) a tick rescores a tenth of that, in small chunks between the event batches. A model pass runs to its end
+    even if newer versions arrive meanwhile; then the next pass starts if the version moved on.
+    """
+
+    def __init__(self, app: faust.App, settings: Settings, pipeline: EventPipeline, client: aioredis.Redis,
+                 sender: Sender) -> None:
+        self.app, self.settings, self.pipeline, self.client, self.sender = app, settings, pipeline, client, sender
+        self._model_ranks: list[int] | None = None  # per shard: next rank of the leaderboard to rescore
+        self._pass_version = -1  # the model version the last pass started with
+        self._model_moved = False
+
+    def model_changed(self) -> None:
+        self._model_moved = True
+        if self._model_ranks is None:
+            self._start_pass()
+
+    def _start_pass(self) -> None:
+        self._model_ranks = [0] * SHARDS  # from the top of every shard
+        self._pass_version = self.pipeline.scorer.version
+        self._model_moved = False
+
+    def owned(self) -> set[int]:
+        return {tp.partition for tp in self.app.consumer.assignment() if tp.topic == self.settings.topic_web}
+
+    async def tick(self) -> None:
+        owned = self.owned()
+        if not owned:
+            return
+        budget = max(1, int(self.settings.rescore_rate * self.settings.rescore_poll_s))
+        if self.pipeline.busy(self.settings.rescore_poll_s, self.settings.batch_max_events):
+            budget = max(1, budget // 10)  # events first, but quiet leads still move
+        now_ms = int(time.time() * 1000)
+        due = await self._due(now_ms, budget, owned)
+        if due:
+            await self._rescore(due, "decay", now_ms)
+        left = budget - len(due)
+        if self._model_ranks is not None and left > 0 and self.pipeline.scorer.version > 0:
+            await self._rescore(await self._next_for_model(left, owned), "model", now_ms)
+
+    async def _due(self, now_ms: int, limit: int, owned: set[int]) -> list[str]:
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(SHARDS):
+            pipe.zrangebyscore(view_key(shard, "due"), "-inf", now_ms, start=0, num=limit)
+        leads = [m.decode() for members in await pipe.execute() for m in members]
+        return [lead for lead in leads if partition_of(lead, self.settings.partitions) in owned][:limit]
+
+    async def _next_for_model(self, limit: int, owned: set[int]) -> list[str]:
+        """The next leads of the pass, highest scores first in each shard."""
+        ranks = self._model_ranks
+        assert ranks is not None
+        per_shard = max(1, limit // SHARDS)
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(SHARDS):
+            pipe.zrevrange(view_key(shard, "lb"), ranks[shard], ranks[shard] + per_shard - 1)
+        leads: list[str] = []
+        for shard, members in enumerate(await pipe.execute()):
+            ranks[shard] += len(members)
+            leads += [m.decode() for m in members]
+        if not leads:
+            log.info("rescoring: every open lead is scored by model version %d", self._pass_version)
+            self._model_ranks = None
+            if self._model_moved:
+                self._start_pass()
+        return [lead for lead in leads if partition_of(lead, self.settings.partitions) in owned]
+
+    async def _rescore(self, leads: list[str], trigger: str, now_ms: int) -> None:
+        step = 100  # small batches: the scoring agent gets the event loop between them
+        for i in range(0, len(leads), step):
+            outs = await self.pipeline.rescore_leads(leads[i:i + step], trigger, now_ms)
+            await self.sender.send_all(outs)
