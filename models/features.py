@@ -27,8 +27,10 @@ Features = dict[str, float | str]
 
 # Events the lead itself starts: they define "last touch" (recency); CRM bookkeeping does not.
 TOUCH_TYPES = frozenset(WEB_TYPES) | {"email_replied"}
-MAX_PAGES = 500  # distinct pages are tracked as a bounded set of url hashes
-MAX_ACTIVITIES = 200
+# Bounds that keep a lead's stored state small whatever it does (issue: memory per lead must not
+# grow with its events): distinct pages and sessions as sets of 32-bit hashes, the latest activities.
+MAX_PAGES = 100
+MAX_ACTIVITIES = 50
 _DIGITS = [str(i) for i in range(13)]
 _STAGE_INDEX = {s: i for i, s in enumerate(STAGES)}
 
@@ -82,14 +84,20 @@ def _fold_decay(s: State, event_type: str, ts: int, half_life_s: float) -> None:
 
 def _on_visit(s: State, e: Event) -> None:
     sid = e.props.get("session_id")
-    if sid and sid not in s["sessions"] and len(s["sessions"]) < MAX_PAGES:
-        s["sessions"].append(sid)
+    if sid:
+        sid = _short_hash(str(sid))
+        if sid not in s["sessions"] and len(s["sessions"]) < MAX_PAGES:
+            s["sessions"].append(sid)
     s["visit_duration_s"] += float(e.props.get("duration_s", 0.0))
     s["visit_pages"] = s.get("visit_pages", 0) + float(e.props.get("pages", 0))
 
 
+def _short_hash(text: str) -> str:
+    return format(zlib.crc32(text.encode()), "08x")
+
+
 def _on_page_view(s: State, e: Event) -> None:
-    page = format(zlib.crc32(e.props["url"].encode()), "08x")
+    page = _short_hash(e.props["url"])
     if page not in s["pages"] and len(s["pages"]) < MAX_PAGES:
         s["pages"].append(page)
 
@@ -120,10 +128,11 @@ def _on_activity(s: State, e: Event) -> None:
     if status == "created":
         status = "open"
     acts = s["activities"]
-    current = acts.get(e.props["activity_id"])
+    activity = _short_hash(e.props["activity_id"])  # the CRM's id may be long: a lead keeps 8 characters
+    current = acts.get(activity)
     if current is not None and e.ts_ms < current[1]:
         return
-    acts[e.props["activity_id"]] = [status, e.ts_ms, e.props["kind"]]
+    acts[activity] = [status, e.ts_ms, e.props["kind"]]
     if len(acts) > MAX_ACTIVITIES:  # forget the oldest
         del acts[min(acts, key=lambda k: acts[k][1])]
 

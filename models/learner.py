@@ -57,7 +57,7 @@ def vectorize(f: Features, stage_rates: StageRates | None = None, encoder: Encod
     default policy), so the feature space is bounded whatever the input.
 
     >>> vectorize({"stage": "new", "n_click": 3.0, "f_email": "maria@example.com", "f_city": "berlin"})
-    {'stage=new': 1.0, 'n_click': 1.3863, 'h=211': 1.0}
+    {'stage=new': 1.0, 'n_click': 1.3862943611198906, 'h=211': 1.0}
     """
     return vectorize_labelled(f, stage_rates, encoder)[0]
 
@@ -69,7 +69,7 @@ def vectorize_labelled(f: Features, stage_rates: StageRates | None = None,
     x: dict[str, float] = {}
     log1p = math.log1p
     for k, v in encoded.items():
-        if k.startswith(_LOG_PREFIXES):
+        if _log_scaled(k):
             x[k] = log1p(v) if v > 0.0 else 0.0
         else:
             x[k] = float(v)
@@ -79,6 +79,16 @@ def vectorize_labelled(f: Features, stage_rates: StageRates | None = None,
 
 
 _DEFAULT_ENCODER = Encoder()
+_LOG_SCALED: dict[str, bool] = {}  # feature name -> log-scaled? (the encoder bounds the names)
+
+
+def _log_scaled(name: str) -> bool:
+    known = _LOG_SCALED.get(name)
+    if known is None:
+        if len(_LOG_SCALED) > 100_000:
+            _LOG_SCALED.clear()
+        known = _LOG_SCALED[name] = name.startswith(_LOG_PREFIXES)
+    return known
 
 
 def _numeric(x: dict[str, float]) -> dict[str, float]:
@@ -133,10 +143,11 @@ def predict_explain(model: base.Classifier, x: dict[str, float], top: int = 5,
     scaled = steps[0].transform_one(x)
     p = steps[-1].predict_proba_one(scaled).get(True, 0.0)
     weights = steps[-1].weights
-    contrib = [(k, weights.get(k, 0.0) * v) for k, v in scaled.items()]
-    ranked = heapq.nsmallest(top, (kv for kv in contrib if kv[1]), key=lambda kv: (-abs(kv[1]), kv[0]))
+    get = weights.get
+    contrib = [(abs(c), k, c) for k, v in scaled.items() if (c := get(k, 0.0) * v)]
+    ranked = sorted(heapq.nlargest(top, contrib), key=lambda t: (-t[0], t[1]))  # ties: by name
     labels = labels or {}
-    return p, [{"feature": labels.get(k, k), "contribution": round(v, 4)} for k, v in ranked]
+    return p, [{"feature": labels.get(k, k), "contribution": round(c, 4)} for _, k, c in ranked]
 
 
 @dataclass

@@ -74,6 +74,12 @@ def _import(args: argparse.Namespace, settings: Settings) -> int:
     return run_import(settings, args.file, args.mapping, args.delimiter)
 
 
+def _forget(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.publish import run_forget
+
+    return run_forget(settings, args.lead_ids)
+
+
 def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from models.evaluate import run_evaluate
     from models.learner import MODEL_KINDS
@@ -166,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--mapping", required=True)
     imp.add_argument("--delimiter", default=",", help="CSV value separator: ',' (default), ';' (European CRM "
                                                        "exports), or 'tab'")
+    fg = add("forget", _forget, "Erase leads (right to erasure): publish a lead_deleted for each; the worker removes "
+                                "them from every Redis key, views included, and sends a tombstone to the scores topic.")
+    fg.add_argument("lead_ids", nargs="+")
     ev = add("evaluate", _evaluate, "Replay a history offline through the stream's code, test-then-train.")
     ev.add_argument("file")
     ev.add_argument("--mapping", required=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -123,6 +124,23 @@ def run_simulation(settings: Settings, leads: int, rate: float, seed: int, speed
     print(f"simulating {leads} leads (seed {seed}): {len(events)} events to {settings.topic_web} and "
           f"{settings.topic_crm}", file=sys.stderr)
     return _publish(settings, events, rate, speedup)
+
+
+def forget_event(lead_id: str, now_ms: int) -> dict[str, Any]:
+    """The ``lead_deleted`` event that erases a lead (GDPR erasure): it goes through the stream like
+    any CRM event, so the same write removes the lead's state and read models everywhere."""
+    return {"event_id": f"forget-{uuid.uuid4().hex}", "lead_id": lead_id, "type": "lead_deleted", "ts": now_ms,
+            "props": {}}
+
+
+def run_forget(settings: Settings, lead_ids: list[str]) -> int:
+    """``leadstream forget``: publish a ``lead_deleted`` for each lead (0 ok, 1 Kafka failed)."""
+    now_ms = int(time.time() * 1000)
+    code = _publish(settings, [forget_event(lead, now_ms) for lead in lead_ids], 0.0, 0.0)
+    if code == 0:
+        print(f"erasure requested for {len(lead_ids)} lead(s): the worker removes their state, read models and "
+              f"re-send material from Redis and sends a tombstone to {settings.topic_scores}", file=sys.stderr)
+    return code
 
 
 def open_file(file: str | Path, mapping_path: str | Path, policy: FieldPolicy | None = None,
