@@ -260,7 +260,7 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
     """
     trainer = Trainer(min_outcomes=min_outcomes, kind=model_kind, batch_every=batch_every,
                       encoder=Encoder(rules.fields))
-    scorer = Scorer(rules, trainer.serving())
+    scorer = Scorer(rules, trainer.serving(copy_state=False))
     # The per-event model score feeds no feature, snapshot or figure here (only the score message
     # and the hot flag, which evaluate does not report): events are stepped with the rules alone and
     # the model scores each deal once, at its close. Same features, same figures, far less work.
@@ -307,17 +307,18 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
         if r.training is None:
             continue
         features = r.training["snapshots"][-1]["features"]  # the last snapshot before the outcome
-        served = scorer.score(features)
         assert scorer.model is not None
-        learners = trainer.tournament.predict_all(vectorize(features, trainer.stage_rates, trainer.encoder))
-        p_model = learners[trainer.tournament.champion]
+        learners = scorer.model.learner_predictions(features)  # every learner, before learning the deal
+        served = scorer.score(features)  # the champion's figure is not computed again
+        p_model = learners[scorer.model.champion]
+        x = vectorize(features, trainer.stage_rates, trainer.encoder)
         result.predictions.append(Prediction(
             len(result.predictions), lead, bool(r.training["won"]), served.rules_score, p_model, served.score,
             served.source, served.model_version, learners))
-        trainer.learn(r.training["snapshots"], r.training["won"])
+        trainer.learn(r.training["snapshots"], r.training["won"], last=(x, learners))
         if keep_examples:
             result.examples.append(r.training)
-        scorer.model = trainer.serving()
+        scorer.model = trainer.serving(copy_state=False)  # a new one after every deal: no copies needed
     result.leads = len(leads)
     report = trainer.report()
     result.trainer = {k: report[k] for k in ("version", "kind", "outcomes", "drifts", "rejected_promotions",

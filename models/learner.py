@@ -38,8 +38,8 @@ from models.events import STAGES
 from models.features import Features
 from models.fields import Encoder
 from models.metrics import Prequential
-from models.tournament import (LEARNER_NAMES, Learner, StageModels, Tournament, make_learners, predict_with,
-                               serving_learners)
+from models.tournament import (LEARNER_NAMES, Learner, StageModels, Tournament, make_learners, predict_all,
+                               predict_with, serving_learners)
 
 MODEL_KINDS = ("tournament", "logreg", "hoeffding", "forest", "naive_bayes")
 # Bumped whenever features or the model pipeline change incompatibly: a checkpoint of another
@@ -198,7 +198,22 @@ class ServingModel:
         if not self.learners:
             return predict_explain(self.model, x, labels=labels)
         reasons = predict_explain(self.model, x, labels=labels)[1] if self.model is not None else []
+        known = self.__dict__.get("_all")
+        if known is not None and known[0] is f:
+            return known[1][self.champion], reasons
         return predict_with(self.learners, self.champion, x), reasons
+
+    def learner_predictions(self, f: Features) -> dict[str, float]:
+        """Every learner's P(won). Kept for this features object, so that a :meth:`predict` of the
+        same object right after does not ask every learner again (``evaluate`` asks both)."""
+        preds = predict_all(self.learners, vectorize(f, self.stage_rates, self.encoder))
+        self.__dict__["_all"] = (f, preds)
+        return preds
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_all", None)  # never in a checkpoint
+        return state
 
     def stage_probabilities(self, f: Features) -> dict[str, float]:
         """P(won) as of each funnel stage, from what the lead did before it (see :class:`StageModels`)."""
@@ -249,17 +264,19 @@ class Trainer:
         """Times a challenger led the window but not by the margin, so the champion stayed."""
         return self.tournament.refused
 
-    def learn(self, snapshots: list[dict[str, Any]], won: bool) -> bool:
+    def learn(self, snapshots: list[dict[str, Any]], won: bool,
+              last: tuple[dict[str, float], dict[str, float]] | None = None) -> bool:
         """Score every snapshot of the deal with every learner, then learn them; True when the champion changed.
 
         Every snapshot is scored before any learner learns any of them (they share the label).
+        ``last`` is ``(x, predictions)`` for the last snapshot when the caller already scored it.
         """
         y = int(won)
         drifted = False
         champion = self.tournament.champion
         xs = [vectorize(snap["features"], self.stage_rates, self.encoder) for snap in snapshots]
         stages = [snap.get("stage") or "none" for snap in snapshots]
-        for snap, x, stage, preds in zip(snapshots, xs, stages, self.tournament.test_then_train_many(xs, y, stages)):
+        for snap, x, stage, preds in zip(snapshots, xs, stages, self.tournament.test_then_train_many(xs, y, stages, last)):
             p_champion = preds[champion]
             self.rules_metrics.update(snap["rules_score"], y)
             self.champion_metrics.update(p_champion, y)
@@ -304,13 +321,15 @@ class Trainer:
         """Run the due batch refits (blocking: call it in a thread from the worker); seconds spent."""
         return sum(learner.refit() for learner in self.tournament.refits_due())
 
-    def serving(self) -> ServingModel:
+    def serving(self, copy_state: bool = True) -> ServingModel:
         """The checkpoint: every learner, shared (not copied: the store pickles it at once; the batch
-        learner's last fit goes without its training window); stage rates and encoder copied."""
+        learner's last fit goes without its training window); stage rates and encoder copied unless
+        ``copy_state`` is false (``evaluate``, which takes a new one after every deal)."""
         logreg = self.tournament.learners.get("logreg")
         linear = logreg.model if logreg is not None else None
-        return ServingModel(self.version, linear, copy.deepcopy(self.stage_rates), self.n_won, self.n_lost,
-                            self.min_outcomes, copy.deepcopy(self.encoder),
+        keep = copy.deepcopy if copy_state else (lambda obj: obj)
+        return ServingModel(self.version, linear, keep(self.stage_rates), self.n_won, self.n_lost,
+                            self.min_outcomes, keep(self.encoder),
                             learners=serving_learners(self.tournament.learners), champion=self.tournament.champion,
                             stage_models=self.stage_models)
 

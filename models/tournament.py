@@ -429,10 +429,13 @@ class Tournament:
         """
         return self.test_then_train_many([x], y, [stage])[0]
 
-    def test_then_train_many(self, xs: Sequence[X], y: int, stages: Sequence[str | None]) -> list[dict[str, float]]:
+    def test_then_train_many(self, xs: Sequence[X], y: int, stages: Sequence[str | None],
+                             last: tuple[X, dict[str, float]] | None = None) -> list[dict[str, float]]:
         """:meth:`test_then_train` for the snapshots of one deal: all are scored before any is learned
-        (they share the label: learning the first would leak it into the second's figure)."""
-        all_preds = [self.predict_all(x) for x in xs]
+        (they share the label: learning the first would leak it into the second's figure).
+        ``last``: ``(x, predictions)`` already made for the last snapshot, used when ``x`` is equal."""
+        all_preds = [last[1] if last is not None and i == len(xs) - 1 and last[0] == x else self.predict_all(x)
+                     for i, x in enumerate(xs)]
         for preds, stage in zip(all_preds, stages):
             per = self.per_stage.setdefault(stage or "none", {})
             for name, p in preds.items():
