@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from models.events import Event, RejectedEvent, parse_event, topic_kind_of
 from models.history import MappingError, load_mapping, stream_history
-from models.learner import Trainer, vectorize
+from models.learner import Trainer
 from models.metrics import log_loss, roc_auc
 from models.fields import Encoder
 from models.rules import ConfigError, Rules, load_rules
@@ -308,10 +308,9 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
             continue
         features = r.training["snapshots"][-1]["features"]  # the last snapshot before the outcome
         assert scorer.model is not None
-        learners = scorer.model.learner_predictions(features)  # every learner, before learning the deal
+        learners, x = scorer.model.score_all(features)  # every learner, before learning the deal
         served = scorer.score(features)  # the champion's figure is not computed again
         p_model = learners[scorer.model.champion]
-        x = vectorize(features, trainer.stage_rates, trainer.encoder)
         result.predictions.append(Prediction(
             len(result.predictions), lead, bool(r.training["won"]), served.rules_score, p_model, served.score,
             served.source, served.model_version, learners))

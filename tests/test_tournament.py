@@ -210,3 +210,16 @@ def test_rows_are_read_lazily(tmp_path: Path) -> None:
     no_order = load_mapping(MAPPING.replace('order = "n"\n', ""))
     converted = rows_to_events(rows, no_order)
     assert next(converted).line == 3  # without an order column rows come out as they are read
+
+
+def test_fast_auc_is_the_exact_auc() -> None:
+    from models.metrics import roc_auc
+    from models.tournament import fast_auc
+
+    rng = random.Random(5)
+    for _ in range(20):
+        n = rng.randint(2, 300)
+        scores = [round(rng.random(), 1) for _ in range(n)]  # many ties
+        labels = [int(rng.random() < 0.4) for _ in range(n)]
+        exact = roc_auc(scores, labels)
+        assert (fast_auc(scores, labels) is None) if exact is None else abs(fast_auc(scores, labels) - exact) < 1e-12
