@@ -116,6 +116,14 @@ class BatchHGB:
             return 0.5
         return _sigmoid(self.model.raw(BatchHGB._row(x, self.columns, self.codes, self.template)))
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The checkpoint keeps the last fit, not the window of rows (megabytes, and raw inputs): after a
+        restart the learner serves its last fit and refits once ``every`` new deals have come in."""
+        state = dict(self.__dict__)
+        state["rows"] = deque(maxlen=self.window)
+        state["since_fit"] = 0
+        return state
+
     def frozen(self) -> FrozenHGB:
         """The fitted model alone, for the serving checkpoint (without the window of rows)."""
         return FrozenHGB(self.model, self.columns, self.codes, self.template)
@@ -195,6 +203,7 @@ class BatchHGB:
         return row
 
 
+_BINS = 200  # score bins of each learner's running figures (overall, per stage): a bounded checkpoint
 _SMOOTH = 20.0  # pseudo-deals at the window's win rate: a rare category is not taken at face value
 _BINARY = ("h=",)  # hashed buckets (models.fields) mix fields: each is its own 0/1 column
 
@@ -424,13 +433,15 @@ class Tournament:
     seen: int = 0
     whole: dict[str, Prequential] = field(default_factory=dict)
     per_stage: dict[str, dict[str, Prequential]] = field(default_factory=dict)
-    recent: deque[tuple[dict[str, float], int]] = field(default_factory=deque)
+    recent: dict[str, deque[float]] = field(default_factory=dict)  # learner -> its recent predictions
+    recent_labels: deque[int] = field(default_factory=deque)
     window_auc: dict[str, float | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.champion:
             self.champion = self.default if self.default in self.learners else next(iter(self.learners))
-        self.recent = deque(self.recent, maxlen=self.window)
+        self.recent = {n: deque(self.recent.get(n, ()), maxlen=self.window) for n in self.learners}
+        self.recent_labels = deque(self.recent_labels, maxlen=self.window)
 
     def predict_all(self, x: X) -> dict[str, float]:
         """Every learner's P(won) for ``x``."""
@@ -457,9 +468,10 @@ class Tournament:
         for preds, stage in zip(all_preds, stages):
             per = self.per_stage.setdefault(stage or "none", {})
             for name, p in preds.items():
-                self.whole.setdefault(name, Prequential()).update(p, y)
-                per.setdefault(name, Prequential()).update(p, y)
-            self.recent.append((preds, y))
+                self.whole.setdefault(name, Prequential(bins=_BINS)).update(p, y)
+                per.setdefault(name, Prequential(bins=_BINS)).update(p, y)
+                self.recent[name].append(p)
+            self.recent_labels.append(y)
         for x, preds in zip(xs, all_preds):
             for learner in self.learners.values():
                 if isinstance(learner, Stack):
@@ -474,10 +486,10 @@ class Tournament:
 
     def select(self) -> bool:
         """Choose the champion on the window; True when it changed."""
-        labels = [y for _, y in self.recent]
+        labels = list(self.recent_labels)
         if len(labels) < self.min_window or len(set(labels)) < 2:
             return False
-        self.window_auc = {n: fast_auc([p[n] for p, _ in self.recent], labels) for n in self.learners}
+        self.window_auc = {n: fast_auc(list(self.recent[n]), labels) for n in self.learners}
         scored = {n: a for n, a in self.window_auc.items() if a is not None}
         best = max(scored, key=lambda n: (scored[n], n == self.champion))
         current = scored.get(self.champion, 0.0)
