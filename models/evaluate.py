@@ -25,15 +25,16 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
+from tqdm import tqdm
 
 from models.events import Event, RejectedEvent, parse_event, topic_kind_of
-from models.history import BAD_LINE, MappingError, load_mapping, read_rows, rows_to_events
+from models.history import MappingError, load_mapping, stream_history
 from models.learner import Trainer
 from models.metrics import log_loss, roc_auc
 from models.fields import Encoder
@@ -125,6 +126,7 @@ class Prediction:
     served: float
     source: str  # what the stream would have sent: "rules", "blend" or "model"
     model_version: int
+    learners: dict[str, float] = field(default_factory=dict)  # every tournament learner's P(won), before learning
 
 
 @dataclass
@@ -139,8 +141,9 @@ class EvaluationResult:
     closed_without_snapshot: int = 0
     trainer: dict[str, Any] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)  # only with keep_examples
-    model_kind: str = "logreg"
+    model_kind: str = "tournament"
     min_outcomes: int = 50
+    batch_every: int = 1000
 
     def part(self, which: str) -> list[Prediction]:
         """``"whole"`` or ``"last_20pct"`` (the last :data:`HOLDOUT` of the deals by arrival)."""
@@ -151,16 +154,29 @@ class EvaluationResult:
         raise ValueError(f"part {which!r}: expected 'whole' or 'last_20pct'")
 
     def metrics(self, which: str = "whole") -> dict[str, dict[str, float | int | None]]:
-        """Metrics of each of :data:`SCORERS` on one part."""
+        """Metrics of each of :data:`SCORERS`, then of each tournament learner, on one part."""
         preds = self.part(which)
         labels = [int(p.won) for p in preds]
-        return {name: score_metrics([getattr(p, name) for p in preds], labels) for name in SCORERS}
+        out = {name: score_metrics([getattr(p, name) for p in preds], labels) for name in SCORERS}
+        for name in (preds[0].learners if preds else {}):
+            out[name] = score_metrics([p.learners[name] for p in preds], labels)
+        return out
+
+    def freshness(self, metrics: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+        """The served model against the batch learner retrained every ``batch_every`` deals (ROC AUC)."""
+        out: dict[str, Any] = {"batch_every": self.batch_every}
+        for part, m in metrics.items():
+            served, batch = m["served"]["roc_auc"], m.get("batch_hgb", {}).get("roc_auc")
+            out[part] = {"served": served, "batch_hgb": batch,
+                         "gain": None if served is None or batch is None else round(served - batch, 4)}
+        return out
 
     def report(self) -> dict[str, Any]:
         """Everything as one JSON-able dict."""
         n = len(self.predictions)
         start = holdout_start(n)
         won = sum(p.won for p in self.predictions)
+        metrics = {"whole": self.metrics("whole"), "last_20pct": self.metrics("last_20pct")}
         return {
             "model_kind": self.model_kind,
             "min_outcomes": self.min_outcomes,
@@ -171,7 +187,8 @@ class EvaluationResult:
             "deals": {"n": n, "won": won, "lost": n - won,
                       "closed_without_snapshot": self.closed_without_snapshot},
             "last_20pct": {"first_deal_index": start, "n": n - start},
-            "metrics": {"whole": self.metrics("whole"), "last_20pct": self.metrics("last_20pct")},
+            "metrics": metrics,
+            "freshness": self.freshness(metrics),
             "served_sources": {
                 part: dict(sorted(Counter(p.source for p in self.part(part)).items()))
                 for part in ("whole", "last_20pct")
@@ -190,7 +207,8 @@ def _as_event(raw: Event | Mapping[str, Any]) -> Event:
 
 
 def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *, min_outcomes: int = 50,
-                    model_kind: str = "logreg", keep_examples: bool = False) -> EvaluationResult:
+                    model_kind: str = "tournament", keep_examples: bool = False,
+                    batch_every: int = 1000) -> EvaluationResult:
     """Replay ``events`` (in arrival order) through the stream's step, scorer and trainer.
 
     Parameters
@@ -206,7 +224,10 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
     min_outcomes
         Closed deals of each class before the model takes part in the served score.
     model_kind
-        One of :data:`models.learner.MODEL_KINDS`.
+        One of :data:`models.learner.MODEL_KINDS` (``tournament``: every learner, the champion served).
+    batch_every
+        Deals between two refits of the batch learner (``batch_hgb``, the vendors' cadence); it runs
+        inline here (offline).
     keep_examples
         Also keep every training example (``{"snapshots": [...], "won": bool, ...}`` as the stream
         sends it to the trainer) in ``examples``, in arrival order: for offline model studies
@@ -237,14 +258,19 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
     >>> result.metrics()["rules"]["roc_auc"], result.report()["deals"]["n"]
     (1.0, 4)
     """
-    trainer = Trainer(min_outcomes=min_outcomes, kind=model_kind, encoder=Encoder(rules.fields))
-    scorer = Scorer(rules, trainer.serving())
+    trainer = Trainer(min_outcomes=min_outcomes, kind=model_kind, batch_every=batch_every,
+                      encoder=Encoder(rules.fields))
+    scorer = Scorer(rules, trainer.serving(copy_state=False))
+    # The per-event model score feeds no feature, snapshot or figure here (only the score message
+    # and the hot flag, which evaluate does not report): events are stepped with the rules alone and
+    # the model scores each deal once, at its close. Same features, same figures, far less work.
+    stepper = Scorer(rules)
     states: dict[str, dict[str, Any]] = {}
     stage_snaps: dict[str, list[dict[str, Any]]] = {}
     deleted: dict[str, int] = {}  # when a lead was deleted: older events must not bring it back
     seen: set[tuple[str, str]] = set()
     leads: set[str] = set()
-    result = EvaluationResult([], model_kind=model_kind, min_outcomes=min_outcomes)
+    result = EvaluationResult([], model_kind=model_kind, min_outcomes=min_outcomes, batch_every=batch_every)
     for raw in events:
         try:
             event = _as_event(raw)
@@ -261,7 +287,7 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
         before = states.get(lead)
         closing = event.type in ("deal_won", "deal_lost")
         first_close = closing and (before is None or before.get("outcome") is None)
-        r = step(before, event, scorer, scored_at_ms=event.ts_ms, stage_snapshots=stage_snaps.get(lead),
+        r = step(before, event, stepper, scored_at_ms=event.ts_ms, stage_snapshots=stage_snaps.get(lead),
                  deleted_ts=deleted.get(lead), copy=False)
         if r.state is None:  # deleted: the stream drops the state and both kinds of snapshot, keeps deleted_ts
             if r.deleted_ts is not None:
@@ -281,19 +307,21 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
         if r.training is None:
             continue
         features = r.training["snapshots"][-1]["features"]  # the last snapshot before the outcome
-        served = scorer.score(features)
         assert scorer.model is not None
-        p_model, _ = scorer.model.predict(features)
+        learners, x = scorer.model.score_all(features)  # every learner, before learning the deal
+        served = scorer.score(features)  # the champion's figure is not computed again
+        p_model = learners[scorer.model.champion]
         result.predictions.append(Prediction(
             len(result.predictions), lead, bool(r.training["won"]), served.rules_score, p_model, served.score,
-            served.source, served.model_version))
-        trainer.learn(r.training["snapshots"], r.training["won"])
+            served.source, served.model_version, learners))
+        trainer.learn(r.training["snapshots"], r.training["won"], last=(x, learners))
         if keep_examples:
             result.examples.append(r.training)
-        scorer.model = trainer.serving()
+        scorer.model = trainer.serving(copy_state=False)  # a new one after every deal: no copies needed
     result.leads = len(leads)
     report = trainer.report()
-    result.trainer = {k: report[k] for k in ("version", "kind", "outcomes", "drifts", "rejected_promotions")}
+    result.trainer = {k: report[k] for k in ("version", "kind", "outcomes", "drifts", "rejected_promotions",
+                                             "tournament", "stage_models")}
     result.trainer["prequential_snapshots"] = {k: report[k] for k in ("rules", "champion", "challenger")}
     return result
 
@@ -350,7 +378,8 @@ def _shown(path: str | Path) -> str:
 
 
 def run_evaluate(file: str | Path, mapping: str | Path, scoring_config_path: str | Path, as_json: bool = False,
-                 min_outcomes: int = 50, model_kind: str = "logreg") -> int:
+                 min_outcomes: int = 50, model_kind: str = "tournament", batch_every: int = 1000,
+                 delimiter: str = ",") -> int:
     """``leadstream evaluate FILE --mapping MAPPING [--json]``.
 
     Reads the history with :mod:`models.history`, lists every bad row with its line on stderr,
@@ -365,31 +394,35 @@ def run_evaluate(file: str | Path, mapping: str | Path, scoring_config_path: str
             parsed = load_mapping(Path(mapping).read_text(encoding="utf-8"))
         except MappingError as exc:
             raise MappingError(f"{mapping}: {exc}") from None
-        rows = list(read_rows(file))
+        try:
+            results, warnings = stream_history(file, parsed, delimiter)
+        except MappingError as exc:
+            raise MappingError(f"mapping {mapping}: {exc}") from None
     except (ConfigError, MappingError, OSError, ValueError) as exc:
         print(f"leadstream evaluate: {exc}", file=sys.stderr)
         return 2
     rules = dataclasses.replace(rules, fields=rules.fields.with_private(parsed.private_fields))
-    columns = {c for _, row in rows if BAD_LINE not in row for c in row}
-    absent = sorted(parsed.columns - columns)
-    if rows and absent:
-        print(f"leadstream evaluate: mapping {mapping}: columns not in {file}: {', '.join(map(repr, absent))}",
-              file=sys.stderr)
-        return 2
-    for column in sorted(columns - parsed.columns - set(parsed.drop)):
-        print(f"warning: column {column!r} is neither mapped nor in [drop]: ignored", file=sys.stderr)
-    results = list(rows_to_events(rows, parsed))
-    bad = [r for r in results if r.error]
-    for r in bad:
-        print(f"{file}:{r.line}: bad row{f' (lead {r.lead_id})' if r.lead_id else ''}: {r.error}", file=sys.stderr)
-    if bad:
-        print(f"{len(bad)} of {len(results)} rows are bad and left out of the evaluation", file=sys.stderr)
-    evaluation = evaluate_events((e for r in results for e in r.events), rules, min_outcomes=min_outcomes,
-                                 model_kind=model_kind)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    rows = {"read": 0, "bad": 0}
+
+    def events() -> Iterator[dict[str, Any]]:
+        for r in tqdm(results, desc="evaluate", unit=" rows", disable=None, file=sys.stderr):
+            rows["read"] += 1
+            if r.error:
+                rows["bad"] += 1
+                print(f"{file}:{r.line}: bad row{f' (lead {r.lead_id})' if r.lead_id else ''}: {r.error}",
+                      file=sys.stderr)
+            yield from r.events
+
+    evaluation = evaluate_events(events(), rules, min_outcomes=min_outcomes, model_kind=model_kind,
+                                 batch_every=batch_every)
+    if rows["bad"]:
+        print(f"{rows['bad']} of {rows['read']} rows are bad and left out of the evaluation", file=sys.stderr)
     for reason, count in sorted(evaluation.rejected.items()):
         print(f"{count} events rejected: {reason}", file=sys.stderr)
     report = {"file": str(file), "mapping": str(mapping), "scoring_config": _shown(scoring_config_path),
-              "rows": {"read": len(results), "bad": len(bad)}, **evaluation.report(),
+              "rows": rows, **evaluation.report(),
               "elapsed_s": round(time.perf_counter() - started, 2)}
     if as_json:
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")

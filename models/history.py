@@ -1,6 +1,7 @@
 """Historical exports (one row per lead) to contract events, driven by a TOML mapping.
 
-Pure: rows come in as ``(line, row)`` pairs; only :func:`read_rows` opens a file (CSV or JSON Lines).
+Pure: rows come in as ``(line, row)`` pairs; only :func:`read_rows` opens a file (CSV or JSON Lines)
+and :func:`spill_run` writes the sorted runs of a long export to temporary files.
 The mapping format is documented in ``deploy/mappings/README.md``. Each good row becomes, in order:
 ``lead_created`` (explicit fields), the behavioural events (counts expanded into that many events,
 totals and rates carried as props of those events), then ``deal_won``/``deal_lost`` unless the
@@ -35,10 +36,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import heapq
+import itertools
 import math
+import pickle
 import re
+import tempfile
 import tomllib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +54,8 @@ import orjson
 from models.events import WEB_TYPES, parse_ts, validators
 
 BAD_LINE = "__bad_line__"  # key of a row read_rows could not parse; its value is the reason
+ROW_ID = "@row"  # [lead] id = "@row": the export has no id column, the lead id is "row-{line}"
+RUN_ROWS = 50_000  # rows sorted in memory at once; longer exports are sorted in runs spilled to disk
 BEHAVIOUR_EVENTS = (*WEB_TYPES, "email_replied")
 TABLES = ("lead", "outcome", "values", "explicit", "behaviour", "drop")
 DEFAULT_START = "2026-01-01T00:00:00Z"
@@ -105,7 +112,7 @@ class Mapping:
     @property
     def columns(self) -> set[str]:
         """Every column the mapping reads."""
-        cols = {self.id_column, self.outcome_column} | {e.column for e in self.explicit}
+        cols = {self.outcome_column} | ({self.id_column} - {ROW_ID}) | {e.column for e in self.explicit}
         cols |= {b.column for b in self.behaviour}
         return cols | ({self.order_column} if self.order_column else set())
 
@@ -257,7 +264,8 @@ def load_mapping(source: str | dict[str, Any]) -> Mapping:
     _only("lead", lead, ("id", "order", "order_kind", "start", "row_gap_s"))
     _only("outcome", outcome, ("column", "positive", "negative"))
     _only("values", values, ("missing", "true", "false"))
-    id_column = _str("lead", lead, "id", "the name of the column holding the lead id")
+    id_column = _str("lead", lead, "id", "the name of the column holding the lead id "
+                     f"(or \"{ROW_ID}\": the row's line number, for an export without one)")
     order = _str("lead", lead, "order", "the name of the column giving arrival order", required=False)
     order_kind = lead.get("order_kind", "sequence")
     if order_kind not in ("sequence", "time"):
@@ -319,19 +327,24 @@ def _check_consistency(explicit: tuple[Explicit, ...], behaviour: tuple[Behaviou
 # ---------------------------------------------------------------- rows
 
 
-def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_rows(path: str | Path, delimiter: str = ",") -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line, row)`` pairs of a ``.csv`` (header line first) or ``.jsonl`` / ``.ndjson`` file.
 
-    A line that cannot be read as a row comes out as ``{BAD_LINE: reason}``, so that
-    :func:`rows_to_events` reports it instead of it being skipped. Blank lines are not rows.
+    Read lazily, one row at a time (memory does not grow with the file). ``delimiter`` separates
+    CSV values (``";"`` for European CRM exports; ``"\\t"`` or ``"tab"`` for a tab). A line that
+    cannot be read as a row comes out as ``{BAD_LINE: reason}``, so that :func:`rows_to_events`
+    reports it instead of it being skipped. Blank lines are not rows.
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in (".csv", ".jsonl", ".ndjson"):
-        raise ValueError(f"{path}: unknown file type {suffix!r}; expected .csv, .jsonl or .ndjson")
-    with path.open(newline="" if suffix == ".csv" else None, encoding="utf-8-sig") as f:
-        if suffix == ".csv":
-            yield from _csv_rows(csv.reader(f), path)
+    if suffix not in (".csv", ".jsonl", ".ndjson", ".tsv"):
+        raise ValueError(f"{path}: unknown file type {suffix!r}; expected .csv, .tsv, .jsonl or .ndjson")
+    delimiter = "\t" if suffix == ".tsv" or delimiter in ("tab", "\\t") else delimiter
+    if len(delimiter) != 1:
+        raise ValueError(f"delimiter {delimiter!r}: expected one character, such as ',' or ';' (or 'tab')")
+    with path.open(newline="" if suffix in (".csv", ".tsv") else None, encoding="utf-8-sig") as f:
+        if suffix in (".csv", ".tsv"):
+            yield from _csv_rows(csv.reader(f, delimiter=delimiter), path)
             return
         for line, text in enumerate(f, start=1):
             if not text.strip():
@@ -344,6 +357,35 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not isinstance(doc, dict):
                 doc = {BAD_LINE: f"expected a JSON object, got {type(doc).__name__}"}
             yield line, doc
+
+
+PEEK_ROWS = 1000  # rows looked at before streaming, to check the mapping's columns
+
+
+def stream_history(path: str | Path, mapping: Mapping, delimiter: str = ",",
+                   run_rows: int = RUN_ROWS) -> tuple[Iterator[RowResult], list[str]]:
+    """A history file as lazily converted rows, and warnings: the file side of import and evaluate.
+
+    The mapping's columns are checked on the first :data:`PEEK_ROWS` rows (for a CSV file: its
+    header) before anything is converted. Memory stays bounded whatever the file's length (long
+    exports are sorted in runs spilled to temporary files, see :func:`rows_to_events`).
+
+    Raises
+    ------
+    MappingError
+        The mapping names columns the file does not have.
+    OSError, ValueError
+        The file cannot be read (unknown type, bad delimiter, duplicate header names).
+    """
+    rows = read_rows(path, delimiter)
+    head = list(itertools.islice(rows, PEEK_ROWS))
+    columns = {c for _, row in head if BAD_LINE not in row for c in row}
+    absent = sorted(mapping.columns - columns)
+    if head and absent:
+        raise MappingError(f"columns not in {path}: {', '.join(map(repr, absent))}")
+    unmapped = sorted(columns - mapping.columns - set(mapping.drop))
+    warnings = [f"column {c!r} is neither mapped nor in [drop]: ignored" for c in unmapped]
+    return rows_to_events(itertools.chain(head, rows), mapping, spill=spill_run, run_rows=run_rows), warnings
 
 
 def _csv_rows(reader: Any, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -437,7 +479,7 @@ def _parse_row(line: int, row: Row, mapping: Mapping) -> _Parsed | str:
     if BAD_LINE in row:
         return str(row[BAD_LINE])
     problems: list[str] = []
-    lead_id = _cell(row, mapping.id_column, mapping)
+    lead_id = f"row-{line}" if mapping.id_column == ROW_ID else _cell(row, mapping.id_column, mapping)
     if lead_id is None:
         problems.append(f"column {mapping.id_column!r} (lead id): missing")
     elif not isinstance(lead_id, (str, int)) or isinstance(lead_id, bool) or len(str(lead_id)) > 200:
@@ -513,34 +555,95 @@ def _row_events(p: _Parsed, t0: int) -> list[dict[str, Any]]:
              "props": props} for k, (t, props) in enumerate(items)]
 
 
-def rows_to_events(rows: Iterable[tuple[int, Row]], mapping: Mapping) -> Iterator[RowResult]:
+Spill = Callable[[list[_Parsed]], Iterator[_Parsed]]
+
+
+def rows_to_events(rows: Iterable[tuple[int, Row]], mapping: Mapping, *, spill: Spill | None = None,
+                   run_rows: int = RUN_ROWS) -> Iterator[RowResult]:
     """Convert ``(line, row)`` pairs; one :class:`RowResult` per row, none skipped.
 
-    Bad rows (with ``error`` naming the column and the problem) come first, in line order; then
-    the good rows sorted by the order column (stable; file order when there is none). With
+    With an order column, bad rows (``error`` naming the column and the problem) come first, in
+    line order, then the good rows sorted by it (stable). Without one, every row comes out in file
+    order as soon as it is read. With
     ``order_kind = "sequence"`` row ``r`` starts at ``start + r * row_gap_s`` (or 1 s after the
     previous row's last event, whichever is later), so arrival order is kept; with ``"time"`` it
     starts at its own time. A row's events are 1 s apart.
+
+    Rows are consumed lazily. Sorting needs every good row, so they are held as parsed rows; with
+    ``spill`` (:func:`spill_run`), every ``run_rows`` of them are sorted and handed to it (it
+    writes them out and gives them back later), and the sorted runs are merged: memory stays
+    bounded for any length of export. Without an order column nothing is sorted or held.
     """
+    seen: dict[int, int] = {}  # 64-bit hash of a lead id -> its line: 1M ids in tens of MB
+    runs: list[Iterator[_Parsed]] = []
     good: list[_Parsed] = []
-    seen: dict[str, int] = {}
+    timer = _Stamper(mapping)
     for line, row in rows:
         parsed = _parse_row(line, row, mapping)
-        if isinstance(parsed, _Parsed) and parsed.lead_id in seen:
-            parsed = f"lead id {parsed.lead_id!r} already on line {seen[parsed.lead_id]}"
+        if isinstance(parsed, _Parsed):
+            key = _id_hash(parsed.lead_id)
+            if key in seen:
+                parsed = f"lead id {parsed.lead_id!r} already on line {seen[key]}"
+            else:
+                seen[key] = line
         if isinstance(parsed, str):
-            lead = row.get(mapping.id_column) if BAD_LINE not in row else None
+            lead = f"row-{line}" if mapping.id_column == ROW_ID else (
+                row.get(mapping.id_column) if BAD_LINE not in row else None)
             yield RowResult(line, str(lead) if lead else None, [], parsed)
             continue
-        seen[parsed.lead_id] = line
+        if mapping.order_column is None:  # file order is arrival order: nothing to sort or hold
+            yield timer.row(parsed)
+            continue
         good.append(parsed)
-    good.sort(key=lambda p: p.order)
-    next_free = mapping.start_ms
-    for rank, p in enumerate(good):
-        if mapping.order_kind == "time":
-            t0 = int(p.order)
-        else:
-            t0 = max(mapping.start_ms + int(rank * mapping.row_gap_s * 1000), next_free)
+        if spill is not None and len(good) >= run_rows:
+            good.sort(key=_sort_key)
+            runs.append(spill(good))
+            good = []
+    good.sort(key=_sort_key)
+    ordered = heapq.merge(*runs, iter(good), key=_sort_key) if runs else iter(good)
+    for p in ordered:
+        yield timer.row(p)
+
+
+class _Stamper:
+    """Event times of the good rows, in arrival order (see :func:`rows_to_events`)."""
+
+    def __init__(self, mapping: Mapping) -> None:
+        self.mapping, self.rank, self.next_free = mapping, 0, mapping.start_ms
+
+    def row(self, p: _Parsed) -> RowResult:
+        m = self.mapping
+        t0 = int(p.order) if m.order_kind == "time" else \
+            max(m.start_ms + int(self.rank * m.row_gap_s * 1000), self.next_free)
         events = _row_events(p, t0)
-        next_free = events[-1]["ts"] + 1000
-        yield RowResult(p.line, p.lead_id, events)
+        self.rank += 1
+        self.next_free = events[-1]["ts"] + 1000
+        return RowResult(p.line, p.lead_id, events)
+
+
+def _sort_key(p: _Parsed) -> tuple[float, int]:
+    return p.order, p.line  # stable: file order among equal order values
+
+
+def _id_hash(lead_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(lead_id.encode(), digest_size=8).digest(), "little")
+
+
+def spill_run(run: list[_Parsed]) -> Iterator[_Parsed]:
+    """Write a sorted run of parsed rows to an anonymous temporary file; read it back lazily.
+
+    The file side of :func:`rows_to_events`' external sort (like :func:`read_rows`, it does I/O).
+    """
+    f = tempfile.TemporaryFile()
+    for p in run:
+        pickle.dump(p, f, protocol=pickle.HIGHEST_PROTOCOL)
+    count = len(run)
+    run.clear()
+
+    def back() -> Iterator[_Parsed]:
+        with f:
+            f.seek(0)
+            for _ in range(count):
+                yield pickle.load(f)
+
+    return back()

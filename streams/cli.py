@@ -71,7 +71,7 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> int:
 def _import(args: argparse.Namespace, settings: Settings) -> int:
     from streams.publish import run_import
 
-    return run_import(settings, args.file, args.mapping)
+    return run_import(settings, args.file, args.mapping, args.delimiter)
 
 
 def _forget(args: argparse.Namespace, settings: Settings) -> int:
@@ -88,8 +88,12 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
         print(f"leadstream evaluate: --model-kind {args.model_kind!r}: expected one of {', '.join(MODEL_KINDS)}",
               file=sys.stderr)
         return 2
+    if args.batch_every < 0:
+        print(f"leadstream evaluate: --batch-every {args.batch_every}: expected a whole number >= 1", file=sys.stderr)
+        return 2
     return run_evaluate(args.file, args.mapping, settings.scoring_config, as_json=args.json,
-                        min_outcomes=settings.model_min_outcomes, model_kind=args.model_kind)
+                        min_outcomes=settings.model_min_outcomes, model_kind=args.model_kind,
+                        batch_every=args.batch_every or settings.model_batch_every, delimiter=args.delimiter)
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -166,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp = add("import", _import, "Publish a historical export (CSV or JSON Lines) as contract events.")
     imp.add_argument("file")
     imp.add_argument("--mapping", required=True)
+    imp.add_argument("--delimiter", default=",", help="CSV value separator: ',' (default), ';' (European CRM "
+                                                       "exports), or 'tab'")
     fg = add("forget", _forget, "Erase leads (right to erasure): publish a lead_deleted for each; the worker removes "
                                 "them from every Redis key, views included, and sends a tombstone to the scores topic.")
     fg.add_argument("lead_ids", nargs="+")
@@ -173,8 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("file")
     ev.add_argument("--mapping", required=True)
     ev.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
-    ev.add_argument("--model-kind", default="logreg",
-                    help="the online learner to replay with: logreg (what the stream uses), hoeffding, forest, naive_bayes")
+    ev.add_argument("--delimiter", default=",", help="CSV value separator: ',' (default), ';' or 'tab'")
+    ev.add_argument("--model-kind", default="tournament",
+                    help="tournament (every learner competes, the champion is served: what the stream runs), "
+                         "or one learner alone: logreg, hoeffding, forest, naive_bayes")
+    ev.add_argument("--batch-every", type=int, default=0,
+                    help="deals between two refits of the batch learner batch_hgb (the vendors' cadence); "
+                         "default LEADSTREAM_MODEL_BATCH_EVERY")
     demo = add("demo", _demo, "Start the stack and a worker, stream simulated traffic, and show scores.")
     demo.add_argument("--leads", type=int, default=300)
     demo.add_argument("--rate", type=float, default=500.0)

@@ -67,7 +67,8 @@ REDIS_RETRIES = Counter("leadstream_redis_retries", "Retries of a message after 
                         registry=REGISTRY)
 MODEL_VERSION = Gauge("leadstream_model_version", "Version of the serving model checkpoint (0 = none yet).",
                       registry=REGISTRY)
-LEARNER_AUC = Gauge("leadstream_learner_auc", "Prequential ROC AUC per learner (rules, champion, challenger).",
+LEARNER_AUC = Gauge("leadstream_learner_auc",
+                    "Prequential ROC AUC per learner (rules, champion, challenger, each tournament learner).",
                     ["learner"], registry=REGISTRY)
 LEARNER_OUTCOMES = Gauge("leadstream_learner_outcomes", "Closed deals the model has learned from.", ["outcome"],
                          registry=REGISTRY)
@@ -159,6 +160,10 @@ def set_model_report(report: dict[str, Any] | None) -> None:
     MODEL_VERSION.set(report.get("version", 0))
     for learner in ("rules", "champion", "challenger"):
         auc = (report.get(learner) or {}).get("roc_auc")
+        if auc is not None:
+            LEARNER_AUC.labels(learner).set(auc)
+    for learner, figures in ((report.get("tournament") or {}).get("learners") or {}).items():  # every competitor
+        auc = (figures.get("whole") or {}).get("roc_auc")
         if auc is not None:
             LEARNER_AUC.labels(learner).set(auc)
     for outcome, n in (report.get("outcomes") or {}).items():

@@ -12,18 +12,19 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from tqdm import tqdm
 
 from models.events import parse_ts, topic_kind_of
 from models.fields import FieldPolicy
+from models.history import MappingError, RowResult, load_mapping, stream_history
 from models.rules import load_rules
-from models.history import BAD_LINE, MappingError, RowResult, load_mapping, read_rows, rows_to_events
 from models.simulate import simulate
 from streams.clients import kafka_kwargs
 from streams.settings import Settings
@@ -142,8 +143,9 @@ def run_forget(settings: Settings, lead_ids: list[str]) -> int:
     return code
 
 
-def convert_file(file: str | Path, mapping_path: str | Path, policy: FieldPolicy | None = None) -> tuple[list[RowResult], list[str]]:
-    """Read ``file`` with the mapping at ``mapping_path``: (row results, warnings).
+def open_file(file: str | Path, mapping_path: str | Path, policy: FieldPolicy | None = None,
+              delimiter: str = ",") -> tuple[Iterator[RowResult], list[str]]:
+    """Rows of ``file`` converted lazily with the mapping at ``mapping_path``, and warnings.
 
     Raises ``MappingError`` for a bad mapping or one naming columns the file lacks, ``OSError`` or
     ``ValueError`` for an unreadable file.
@@ -152,44 +154,61 @@ def convert_file(file: str | Path, mapping_path: str | Path, policy: FieldPolicy
         mapping = load_mapping(Path(mapping_path).read_text(encoding="utf-8"))
     except MappingError as exc:
         raise MappingError(f"{mapping_path}: {exc}") from None
-    rows = list(read_rows(file))
-    columns = {c for _, row in rows if BAD_LINE not in row for c in row}
-    absent = sorted(mapping.columns - columns)
-    if rows and absent:
-        raise MappingError(f"mapping {mapping_path}: columns not in {file}: {', '.join(map(repr, absent))}")
     if policy is not None:  # the worker learns by its own scoring config: it must agree
         learnable = [f for f in mapping.private_fields if not policy.is_private(f)]
         if learnable:
             raise MappingError(f"mapping {mapping_path} marks {', '.join(map(repr, learnable))} private, but the "
                                f"scoring config would let the model learn it: add {learnable[0]} = \"private\" to "
                                f"[fields.declared] (LEADSTREAM_SCORING_CONFIG)")
-    unmapped = sorted(columns - mapping.columns - set(mapping.drop))
-    warnings = [f"column {c!r} is neither mapped nor in [drop]: ignored" for c in unmapped]
-    return list(rows_to_events(rows, mapping)), warnings
+    try:
+        return stream_history(file, mapping, delimiter)
+    except MappingError as exc:
+        raise MappingError(f"mapping {mapping_path}: {exc}") from None
 
 
-def run_import(settings: Settings, file: str, mapping: str) -> int:
-    """``leadstream import``: publish a history export as contract events.
+def convert_file(file: str | Path, mapping_path: str | Path, policy: FieldPolicy | None = None,
+                 delimiter: str = ",") -> tuple[list[RowResult], list[str]]:
+    """:func:`open_file`, every row in a list (for small files and tests)."""
+    results, warnings = open_file(file, mapping_path, policy, delimiter)
+    return list(results), warnings
 
-    Exit code 0 when every row was published, 1 when some rows were bad (the good ones are still
-    published; each bad row is listed on stderr with its line) or Kafka failed, 2 when the mapping
-    or the file cannot be used at all.
+
+def run_import(settings: Settings, file: str, mapping: str, delimiter: str = ",") -> int:
+    """``leadstream import``: publish a history export as contract events, streaming.
+
+    Rows are read, converted and published one at a time (memory does not grow with the file),
+    with a progress bar on a terminal. Exit code 0 when every row was published, 1 when some rows
+    were bad (the good ones are still published; each bad row is listed on stderr with its line)
+    or Kafka failed, 2 when the mapping or the file cannot be used at all.
     """
     try:
         policy = load_rules(settings.scoring_config.read_text()).fields
-        results, warnings = convert_file(file, mapping, policy)
+        results, warnings = open_file(file, mapping, policy, delimiter)
     except (MappingError, OSError, ValueError) as exc:
         print(f"leadstream import: {exc}", file=sys.stderr)
         return 2
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    bad = [r for r in results if r.error]
-    for r in bad:
-        print(f"{file}:{r.line}: bad row{f' (lead {r.lead_id})' if r.lead_id else ''}: {r.error}", file=sys.stderr)
-    print(f"read {len(results)} rows from {file}: {len(results) - len(bad)} converted, {len(bad)} bad",
+    rows = {"read": 0}
+    bad: list[int] = []
+
+    def events() -> Iterator[dict[str, Any]]:
+        for r in tqdm(results, desc="import", unit=" rows", disable=None, file=sys.stderr):
+            rows["read"] += 1
+            if r.error:
+                bad.append(r.line)
+                print(f"{file}:{r.line}: bad row{f' (lead {r.lead_id})' if r.lead_id else ''}: {r.error}",
+                      file=sys.stderr)
+            yield from r.events
+
+    try:
+        code = _publish(settings, events(), rate=0.0, speedup=0.0)
+    except (OSError, ValueError) as exc:  # the file became unreadable half-way
+        print(f"leadstream import: {exc}", file=sys.stderr)
+        return 2
+    print(f"read {rows['read']} rows from {file}: {rows['read'] - len(bad)} converted, {len(bad)} bad",
           file=sys.stderr)
-    code = _publish(settings, (e for r in results for e in r.events), rate=0.0, speedup=0.0)
     if bad:
-        print(f"{len(bad)} bad rows were not imported (lines {', '.join(str(r.line) for r in bad[:20])}"
+        print(f"{len(bad)} bad rows were not imported (lines {', '.join(str(line) for line in bad[:20])}"
               f"{', ...' if len(bad) > 20 else ''})", file=sys.stderr)
     return code or (1 if bad else 0)

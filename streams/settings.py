@@ -244,6 +244,9 @@ SETTINGS: dict[str, Setting] = {
                                   "Closed deals of EACH class the model needs before it takes part in scores."),
     "model_poll_s": Setting("LEADSTREAM_MODEL_POLL_SECONDS", "2.0", _positive_float,
                             "How often scorers check Redis for a newer model checkpoint."),
+    "model_batch_every": Setting("LEADSTREAM_MODEL_BATCH_EVERY", "1000", _int(10),
+                                 "Closed deals between two refits of the tournament's batch learner (batch_hgb, "
+                                 "the vendors' cadence; also `leadstream evaluate`'s default --batch-every)."),
     "checkpoint_every_deals": Setting("LEADSTREAM_CHECKPOINT_EVERY_DEALS", "100", _int(1),
                                       "The trainer saves its checkpoint (and the serving model) after this many "
                                       "closed deals, with the training offset: a crash replays the deals since."),
@@ -324,6 +327,7 @@ class Settings:
     rescore_poll_s: float
     model_min_outcomes: int
     model_poll_s: float
+    model_batch_every: int
     checkpoint_every_deals: int
     checkpoint_every_s: float
     session_timeout_s: int

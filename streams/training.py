@@ -69,8 +69,10 @@ class TrainingLoop:
         trainer = await with_retry(self.models.load_trainer, "model:trainer")
         if trainer is None:  # a new trainer continues the version numbers, so consumers see them rise
             trainer = Trainer(min_outcomes=self.settings.model_min_outcomes, version=await self.models.version(),
-                              encoder=Encoder(self.policy))
+                              encoder=Encoder(self.policy), batch_every=self.settings.model_batch_every)
         trainer.min_outcomes = self.settings.model_min_outcomes  # the setting wins over the checkpoint's
+        trainer.set_batch_every(self.settings.model_batch_every)
+        trainer.defer_refits_to_caller()  # batch refits run in a thread (learn), not on the event loop
         if trainer.encoder.policy != self.policy:
             log.warning("trainer: the field policy changed since the checkpoint; the new one applies from now on")
             trainer.encoder.policy = self.policy
@@ -95,9 +97,11 @@ class TrainingLoop:
             example = orjson.loads(m.value)
             drifts = trainer.drifts
             if trainer.learn(example["snapshots"], example["won"]):
-                log.debug("trainer: model version %d promoted", trainer.version)
+                log.info("trainer: champion is now %s (model version %d)", trainer.tournament.champion, trainer.version)
+            if trainer.refits_due():  # the batch learner's refit (0.1-3 s) in a thread: the event loop goes on
+                log.info("trainer: batch learner refitted in %.2f s", await asyncio.to_thread(trainer.refit))
             if trainer.drifts > drifts:
-                log.warning("trainer: drift in the serving model's error (drift #%d); the challenger takes over",
+                log.warning("trainer: drift in the serving model's error (drift #%d); the champion is chosen again",
                             trainer.drifts)
         except Exception as exc:  # a training message the trainer cannot use: keep it, keep learning
             await self.on_bad(m, exc)

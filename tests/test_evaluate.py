@@ -177,11 +177,18 @@ def test_run_evaluate_json_shape(capsys: pytest.CaptureFixture[str]) -> None:
     assert doc["deals"] == {"n": 20, "won": 8, "lost": 12, "closed_without_snapshot": 0}
     assert doc["last_20pct"] == {"first_deal_index": 16, "n": 4}
     assert set(doc["metrics"]) == {"whole", "last_20pct"}
-    for part in doc["metrics"].values():
-        assert set(part) == {"rules", "model", "served"}
+    for part in doc["metrics"].values():  # the stream's three scorers, then one entry per tournament learner
+        assert set(part) == {"rules", "model", "served", "logreg", "hoeffding", "naive_bayes", "batch_hgb", "stack"}
         for m in part.values():
             assert set(m) == {"n", "won", "win_rate", "roc_auc", "log_loss", "brier", "top_decile_lift"}
     assert doc["metrics"]["whole"]["rules"]["roc_auc"] == round(79 / 96, 4)
+    champion = doc["trainer"]["tournament"]["champion"]
+    assert doc["metrics"]["whole"]["model"] == doc["metrics"]["whole"][champion]  # no champion change on 20 deals
+    fresh = doc["freshness"]
+    assert fresh["batch_every"] == 1000 and set(fresh) == {"batch_every", "whole", "last_20pct"}
+    for part in ("whole", "last_20pct"):
+        served, batch = doc["metrics"][part]["served"]["roc_auc"], doc["metrics"][part]["batch_hgb"]["roc_auc"]
+        assert fresh[part] == {"served": served, "batch_hgb": batch, "gain": round(served - batch, 4)}
     assert sum(doc["served_sources"]["whole"].values()) == 20 and doc["served_sources"]["whole"]["rules"] >= 3
     # the bad row is reported with its line, never dropped silently
     assert f"{SMALL_CSV}:9: bad row (lead r-bad): column 'Downloads' (download count): 'many' is not a whole" in err

@@ -1,0 +1,560 @@
+"""A live model tournament: several learners on the same prequential stream. Pure, no I/O.
+
+Every learner implements :class:`Learner` (``name``, ``predict_proba(x)``, ``learn(x, y)``) on the
+feature dicts of :func:`models.learner.vectorize`. :class:`Tournament` scores each labelled
+snapshot with *every* learner before any of them learns from it (test-then-train), keeps their
+figures (overall, per stage, and over a window of recent snapshots), and names a champion: the
+learner with the best windowed ROC AUC, replaced only when another one beats it by a margin (so the
+champion does not flap). :class:`StageModels` gives per-stage success probabilities.
+
+Learners: ``logreg`` (River logistic regression, the original model), ``hoeffding`` (River's
+Hoeffding adaptive tree), ``naive_bayes`` (Bernoulli/Gaussian naive Bayes on the sparse dicts), ``batch_hgb`` (scikit-learn
+HistGradientBoosting refitted every ``every`` outcomes on a window of recent snapshots: the vendors'
+cadence) and ``stack`` (an online logistic regression over the other learners' log-odds).
+
+>>> t = Tournament(make_learners(("logreg", "naive_bayes")), window=50, select_every=10, margin=0.0)
+>>> for i in range(200):
+...     y = i % 2
+...     _ = t.test_then_train({"n_download": float(3 * y + i % 3), "stage=new": 1.0}, y, "new")
+>>> t.champion in t.learners, t.report()["learners"]["logreg"]["whole"]["n"]
+(True, 200)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from river import linear_model, optim
+
+from models.events import STAGES
+from models.metrics import Prequential
+
+LEARNER_NAMES = ("logreg", "hoeffding", "naive_bayes", "batch_hgb", "stack")
+X = dict[str, float]
+
+
+class Learner(Protocol):
+    """What every learner of the tournament implements."""
+
+    name: str
+
+    def predict_proba(self, x: X) -> float:
+        """P(won) for one feature dict; 0.5 before it has learned anything."""
+
+    def learn(self, x: X, y: bool) -> None:
+        """Learn one labelled example."""
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-4), 1 - 1e-4)
+    return math.log(p / (1 - p))
+
+
+class RiverLearner:
+    """A River classifier (``models.learner.make_model(kind)``) as a :class:`Learner`.
+
+    >>> r = RiverLearner("logreg")
+    >>> r.predict_proba({"a": 1.0})
+    0.5
+    """
+
+    def __init__(self, kind: str, name: str | None = None) -> None:
+        from models.learner import make_model  # learner imports this module: import late
+
+        self.name = name or kind
+        self.model = make_model(kind)
+        self.seen = 0
+
+    def predict_proba(self, x: X) -> float:
+        if not self.seen:  # untrained River trees say 0, not "don't know"
+            return 0.5
+        return float(self.model.predict_proba_one(x).get(True, 0.0))
+
+    def learn(self, x: X, y: bool) -> None:
+        self.model.learn_one(x, bool(y))
+        self.seen += 1
+
+
+class BatchHGB:
+    """scikit-learn HistGradientBoosting, refitted every ``every`` outcomes on the last ``window``.
+
+    Between refits the model is frozen (the vendors' cadence). Columns are fixed at each refit: the
+    numeric keys seen in the window (absent = NaN, HGB's missing) and one per categorical field.
+    ``defer=True`` leaves a due refit to :meth:`refit` (the worker runs it in a thread);
+    otherwise it runs inline in :meth:`learn`.
+
+    >>> b = BatchHGB(every=20, window=100, min_rows=20)
+    >>> for i in range(40):
+    ...     b.learn({"n": float(i % 2), "s=a": 1.0}, bool(i % 2))
+    >>> b.fits, b.predict_proba({"n": 1.0, "s=a": 1.0}) > 0.5 > b.predict_proba({"n": 0.0, "s=a": 1.0})
+    (2, True)
+    """
+
+    name = "batch_hgb"
+
+    def __init__(self, every: int = 1000, window: int = 5000, min_rows: int = 100, defer: bool = False,
+                 max_columns: int = 400, **params: Any) -> None:
+        self.every, self.window, self.min_rows, self.defer = every, window, min_rows, defer
+        self.max_columns = max_columns
+        self.params = {"max_iter": 100, "learning_rate": 0.1, "max_leaf_nodes": 15, "random_state": 0,
+                       "early_stopping": False, **params}
+        self.rows: deque[tuple[X, bool]] = deque(maxlen=window)
+        self.since_fit = 0
+        self.fits = 0
+        self.fit_seconds = 0.0
+        self.columns: dict[str, int] = {}
+        self.model: FlatTrees | None = None
+        self.codes: dict[str, dict[str, float]] = {}
+        self.template: Any = None
+
+    def predict_proba(self, x: X) -> float:
+        if self.model is None:
+            return 0.5
+        return _sigmoid(self.model.raw(BatchHGB._row(x, self.columns, self.codes, self.template)))
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The checkpoint keeps the last fit, not the window of rows (megabytes, and raw inputs): after a
+        restart the learner serves its last fit and refits once ``every`` new deals have come in."""
+        state = dict(self.__dict__)
+        state["rows"] = deque(maxlen=self.window)
+        state["since_fit"] = 0
+        return state
+
+    def frozen(self) -> FrozenHGB:
+        """The fitted model alone, for the serving checkpoint (without the window of rows)."""
+        return FrozenHGB(self.model, self.columns, self.codes, self.template)
+
+    def learn(self, x: X, y: bool) -> None:
+        self.rows.append((x, bool(y)))
+        self.since_fit += 1
+        if not self.defer and self.refit_due():
+            self.refit()
+
+    def refit_due(self) -> bool:
+        return self.since_fit >= self.every and len(self.rows) >= self.min_rows \
+            and len({y for _, y in self.rows}) == 2
+
+    def refit(self) -> float:
+        """Fit on the window now; returns the seconds it took (also summed in ``fit_seconds``).
+
+        Each categorical field (the one-hot keys ``field=value``) becomes one column holding the
+        value's smoothed win rate in the window: ordering categories by win rate is how trees split
+        a category best for a binary label, and 30 columns instead of 150 make the fit ~5x faster.
+        """
+        import time
+
+        import numpy as np
+        from sklearn.ensemble import HistGradientBoostingClassifier
+        from threadpoolctl import threadpool_limits
+
+        started = time.perf_counter()
+        rows = list(self.rows)
+        prior = sum(y for _, y in rows) / len(rows)
+        tallies: dict[str, dict[str, list[int]]] = {}  # field -> value -> [won, seen]
+        numeric: dict[str, int] = {}
+        for x, y in rows:
+            for k in x:
+                if "=" in k and not k.startswith(_BINARY):
+                    field_, value = k.split("=", 1)
+                    t = tallies.setdefault(field_, {}).setdefault(value, [0, 0])
+                    t[0] += y
+                    t[1] += 1
+                else:
+                    numeric[k] = numeric.get(k, 0) + 1
+        codes = {f: {v: (won + _SMOOTH * prior) / (seen + _SMOOTH) for v, (won, seen) in vals.items()}
+                 for f, vals in tallies.items()}
+        keep = sorted(numeric, key=lambda k: -numeric[k])[:self.max_columns]
+        columns = {k: j for j, k in enumerate(sorted(keep) + sorted(codes))}  # a stable layout
+        template = np.full(len(columns), np.nan)
+        template[[j for k, j in columns.items() if k.startswith(_BINARY)]] = 0.0  # an absent bucket is 0
+        X_ = np.empty((len(rows), len(columns)))
+        for i, (x, _) in enumerate(rows):
+            X_[i] = self._row(x, columns, codes, template)
+        y = np.array([y for _, y in rows], dtype=int)
+        with threadpool_limits(1):  # OpenMP threads only fight over the worker's cores at this size
+            model = HistGradientBoostingClassifier(**self.params).fit(X_, y)
+        # swapped together: predictions never see a half fit
+        self.model, self.columns, self.codes, self.template = FlatTrees.of(model), columns, codes, template
+        self.since_fit = 0
+        self.fits += 1
+        spent = time.perf_counter() - started
+        self.fit_seconds += spent
+        return spent
+
+    @staticmethod
+    def _row(x: X, columns: dict[str, int], codes: dict[str, dict[str, float]], template: Any) -> Any:
+        import numpy as np
+
+        row = template.copy()
+        for k, v in x.items():
+            if "=" in k and not k.startswith(_BINARY):
+                field_, value = k.split("=", 1)
+                j = columns.get(field_)
+                if j is not None:
+                    row[j] = codes[field_].get(value, np.nan)  # a value not in the window: missing
+            else:
+                j = columns.get(k)
+                if j is not None:
+                    row[j] = v
+        return row
+
+
+_BINS = 200  # score bins of each learner's running figures (overall, per stage): a bounded checkpoint
+_SMOOTH = 20.0  # pseudo-deals at the window's win rate: a rare category is not taken at face value
+_BINARY = ("h=",)  # hashed buckets (models.fields) mix fields: each is its own 0/1 column
+
+
+class NaiveBayes:
+    """Naive Bayes over sparse feature dicts: Bernoulli for one-hot keys, Gaussian for numbers.
+
+    Only the keys present in ``x`` are looked at (River's GaussianNB walks every feature ever seen
+    and costs about 1 ms per prediction here); absent one-hot keys carry no evidence.
+
+    >>> nb = NaiveBayes()
+    >>> for _ in range(20):
+    ...     nb.learn({"src=ad": 1.0, "n": 3.0}, True); nb.learn({"src=web": 1.0, "n": 0.0}, False)
+    >>> nb.predict_proba({"src=ad": 1.0, "n": 3.0}) > 0.9 > 0.1 > nb.predict_proba({"src=web": 1.0, "n": 0.0})
+    True
+    """
+
+    name = "naive_bayes"
+
+    def __init__(self) -> None:
+        self.n = [0, 0]
+        self.hits: list[dict[str, int]] = [{}, {}]  # one-hot key -> times seen with the class
+        self.moments: list[dict[str, list[float]]] = [{}, {}]  # number -> [count, mean, M2] (Welford)
+
+    def predict_proba(self, x: X) -> float:
+        if not (self.n[0] and self.n[1]):
+            return 0.5
+        logp = [math.log(self.n[c] / (self.n[0] + self.n[1])) for c in (0, 1)]
+        for c in (0, 1):
+            for k, v in x.items():
+                if "=" in k:
+                    logp[c] += math.log((self.hits[c].get(k, 0) + 1) / (self.n[c] + 2))
+                else:
+                    m = self.moments[c].get(k)
+                    if m is None or m[0] < 2:
+                        continue
+                    var = m[2] / (m[0] - 1) + 1e-2  # floor: a constant feature must not dominate
+                    logp[c] += -0.5 * (math.log(2 * math.pi * var) + (v - m[1]) ** 2 / var)
+        return _sigmoid(logp[1] - logp[0])
+
+    def learn(self, x: X, y: bool) -> None:
+        c = int(y)
+        self.n[c] += 1
+        for k, v in x.items():
+            if "=" in k:
+                self.hits[c][k] = self.hits[c].get(k, 0) + 1
+            else:
+                m = self.moments[c].setdefault(k, [0, 0.0, 0.0])
+                m[0] += 1
+                delta = v - m[1]
+                m[1] += delta / m[0]
+                m[2] += delta * (v - m[1])
+
+
+@dataclass
+class FrozenHGB:
+    """A :class:`BatchHGB`'s last fit, predicting only: what scorers load."""
+
+    model: FlatTrees | None
+    columns: dict[str, int]
+    codes: dict[str, dict[str, float]]
+    template: Any
+    name: str = "batch_hgb"
+
+    predict_proba = BatchHGB.predict_proba
+
+
+def serving_learners(learners: dict[str, Any]) -> dict[str, Any]:
+    """The learners as scorers need them: batch learners without their training window."""
+    return {n: l.frozen() if isinstance(l, BatchHGB) else l for n, l in learners.items()}
+
+
+def _sigmoid(z: float) -> float:
+    z = min(max(z, -700.0), 700.0)
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+class FlatTrees:
+    """A fitted HistGradientBoosting model as flat arrays, walked for all trees at once with numpy.
+
+    scikit-learn's ``predict_proba`` costs milliseconds for one row (input checks, thread pools);
+    the tournament predicts one row at a time, so the trees are walked here: the same splits
+    (``x <= threshold`` goes left, NaN follows ``missing_go_to_left``), the same leaf values.
+    """
+
+    def __init__(self, baseline: float, feature: Any, threshold: Any, missing_left: Any, left: Any, right: Any,
+                 leaf: Any, value: Any, roots: Any, depth: int) -> None:
+        self.baseline, self.feature, self.threshold, self.missing_left = baseline, feature, threshold, missing_left
+        self.left, self.right, self.leaf, self.value, self.roots, self.depth = left, right, leaf, value, roots, depth
+
+    @classmethod
+    def of(cls, model: Any) -> FlatTrees:
+        import numpy as np
+
+        nodes = [tree[0].nodes for tree in model._predictors]
+        offsets = np.cumsum([0] + [len(n) for n in nodes[:-1]])
+        cat = np.concatenate(nodes)
+        shift = np.repeat(offsets, [len(n) for n in nodes])
+        leaf = cat["is_leaf"].astype(bool)
+        idx = np.arange(len(cat))
+        # a leaf points at itself, so walking "depth" steps from every root ends on every tree's leaf
+        left = np.where(leaf, idx, cat["left"].astype(np.int64) + shift)
+        right = np.where(leaf, idx, cat["right"].astype(np.int64) + shift)
+        return cls(float(np.ravel(model._baseline_prediction)[0]), cat["feature_idx"].astype(np.int64),
+                   cat["num_threshold"], cat["missing_go_to_left"].astype(bool), left, right, leaf, cat["value"],
+                   offsets.astype(np.int64), int(cat["depth"].max()) if len(cat) else 0)
+
+    def raw(self, row: Any) -> float:
+        """The log-odds for one row (a 1-d float array in the fitted column layout)."""
+        import numpy as np
+
+        node = self.roots
+        for _ in range(self.depth):
+            v = row[self.feature[node]]
+            go_left = np.where(np.isnan(v), self.missing_left[node], v <= self.threshold[node])
+            node = np.where(go_left, self.left[node], self.right[node])
+        return self.baseline + float(self.value[node].sum())
+
+
+class Stack:
+    """Online logistic regression over the base learners' log-odds (their predictions before learning).
+
+    >>> s = Stack(["a", "b"])
+    >>> for _ in range(200):
+    ...     s.learn_from({"a": 0.9, "b": 0.5}, True); s.learn_from({"a": 0.1, "b": 0.5}, False)
+    >>> s.predict_from({"a": 0.9, "b": 0.5}) > 0.8
+    True
+    """
+
+    name = "stack"
+
+    def __init__(self, bases: Sequence[str], lr: float = 0.01) -> None:
+        self.bases = tuple(bases)
+        self.model = linear_model.LogisticRegression(optimizer=optim.SGD(lr), l2=0.0, intercept_lr=lr)
+
+    def _x(self, base_p: dict[str, float]) -> X:
+        return {k: _logit(base_p[k]) for k in self.bases if k in base_p}
+
+    def predict_from(self, base_p: dict[str, float]) -> float:
+        return float(self.model.predict_proba_one(self._x(base_p)).get(True, 0.5))
+
+    def learn_from(self, base_p: dict[str, float], y: bool) -> None:
+        self.model.learn_one(self._x(base_p), bool(y))
+
+
+def make_learners(names: Iterable[str] = LEARNER_NAMES, *, batch_every: int = 1000, batch_window: int = 5000,
+                  defer_refits: bool = False) -> dict[str, Any]:
+    """The tournament's learners by name (``stack``, when asked, goes last and blends the others)."""
+    out: dict[str, Any] = {}
+    names = list(names)
+    for name in names:
+        if name in ("logreg", "hoeffding", "forest"):
+            out[name] = RiverLearner(name)
+        elif name == "naive_bayes":
+            out[name] = NaiveBayes()
+        elif name == "batch_hgb":
+            out[name] = BatchHGB(every=batch_every, window=batch_window, defer=defer_refits)
+        elif name != "stack":
+            raise ValueError(f"learner {name!r}: expected some of {', '.join(LEARNER_NAMES)}")
+    if "stack" in names:
+        out["stack"] = Stack([n for n in out])
+    return out
+
+
+def fast_auc(scores: Sequence[float], labels: Sequence[int]) -> float | None:
+    """Exact ROC AUC (ties count one half) with numpy: :func:`models.metrics.roc_auc`, 50x faster.
+
+    >>> fast_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]), fast_auc([0.5, 0.5], [0, 1]), fast_auc([0.2], [1])
+    (0.75, 0.5, None)
+    """
+    import numpy as np
+
+    y = np.asarray(labels, dtype=bool)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if not n_pos or not n_neg:
+        return None
+    _, inverse, counts = np.unique(np.asarray(scores, dtype=float), return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2  # of each distinct score, ranks from 1
+    return float((average_rank[inverse][y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def predict_all(learners: dict[str, Any], x: X) -> dict[str, float]:
+    """Every learner's P(won) for ``x`` (a stack from the others' figures)."""
+    out = {n: l.predict_proba(x) for n, l in learners.items() if not isinstance(l, Stack)}
+    for n, l in learners.items():
+        if isinstance(l, Stack):
+            out[n] = l.predict_from(out)
+    return out
+
+
+def predict_with(learners: dict[str, Any], champion: str, x: X) -> float:
+    """The champion's P(won) for ``x``; a stack needs its bases' figures first."""
+    learner = learners[champion]
+    if isinstance(learner, Stack):
+        return predict_all(learners, x)[champion]
+    return learner.predict_proba(x)
+
+
+@dataclass
+class Tournament:
+    """Learners competing on one prequential stream; the champion is the best on a recent window.
+
+    Parameters
+    ----------
+    learners
+        Name -> learner (:func:`make_learners`); a :class:`Stack` blends the others' predictions.
+    window
+        Snapshots in the recent window the champion is chosen on.
+    select_every
+        Snapshots between two champion choices (an exact AUC over the window is not free).
+    margin
+        ROC AUC a challenger must gain over the champion, on the window, to replace it.
+    default
+        The champion until the window holds ``min_window`` snapshots of both classes.
+    """
+
+    learners: dict[str, Any]
+    window: int = 2000
+    select_every: int = 100
+    margin: float = 0.005
+    default: str = "logreg"
+    min_window: int = 200
+    champion: str = ""
+    changes: int = 0  # champion replaced
+    refused: int = 0  # a challenger was best on the window, but not by the margin
+    seen: int = 0
+    whole: dict[str, Prequential] = field(default_factory=dict)
+    per_stage: dict[str, dict[str, Prequential]] = field(default_factory=dict)
+    recent: dict[str, deque[float]] = field(default_factory=dict)  # learner -> its recent predictions
+    recent_labels: deque[int] = field(default_factory=deque)
+    window_auc: dict[str, float | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.champion:
+            self.champion = self.default if self.default in self.learners else next(iter(self.learners))
+        self.recent = {n: deque(self.recent.get(n, ()), maxlen=self.window) for n in self.learners}
+        self.recent_labels = deque(self.recent_labels, maxlen=self.window)
+
+    def predict_all(self, x: X) -> dict[str, float]:
+        """Every learner's P(won) for ``x``."""
+        return predict_all(self.learners, x)
+
+    def predict(self, x: X) -> float:
+        """The champion's P(won)."""
+        return predict_with(self.learners, self.champion, x)
+
+    def test_then_train(self, x: X, y: int, stage: str | None = None) -> dict[str, float]:
+        """Score ``x`` with every learner, record the figures, then let every learner learn it.
+
+        Returns the predictions made before learning (the champion's is under its own name).
+        """
+        return self.test_then_train_many([x], y, [stage])[0]
+
+    def test_then_train_many(self, xs: Sequence[X], y: int, stages: Sequence[str | None],
+                             last: tuple[X, dict[str, float]] | None = None) -> list[dict[str, float]]:
+        """:meth:`test_then_train` for the snapshots of one deal: all are scored before any is learned
+        (they share the label: learning the first would leak it into the second's figure).
+        ``last``: ``(x, predictions)`` already made for the last snapshot, used when ``x`` is equal."""
+        all_preds = [last[1] if last is not None and i == len(xs) - 1 and last[0] == x else self.predict_all(x)
+                     for i, x in enumerate(xs)]
+        for preds, stage in zip(all_preds, stages):
+            per = self.per_stage.setdefault(stage or "none", {})
+            for name, p in preds.items():
+                self.whole.setdefault(name, Prequential(bins=_BINS)).update(p, y)
+                per.setdefault(name, Prequential(bins=_BINS)).update(p, y)
+                self.recent[name].append(p)
+            self.recent_labels.append(y)
+        for x, preds in zip(xs, all_preds):
+            for learner in self.learners.values():
+                if isinstance(learner, Stack):
+                    learner.learn_from(preds, bool(y))
+                else:
+                    learner.learn(x, bool(y))
+        for _ in xs:
+            self.seen += 1
+            if self.seen % self.select_every == 0:
+                self.select()
+        return all_preds
+
+    def select(self) -> bool:
+        """Choose the champion on the window; True when it changed."""
+        labels = list(self.recent_labels)
+        if len(labels) < self.min_window or len(set(labels)) < 2:
+            return False
+        self.window_auc = {n: fast_auc(list(self.recent[n]), labels) for n in self.learners}
+        scored = {n: a for n, a in self.window_auc.items() if a is not None}
+        best = max(scored, key=lambda n: (scored[n], n == self.champion))
+        current = scored.get(self.champion, 0.0)
+        if best == self.champion:
+            return False
+        if scored[best] < current + self.margin:
+            self.refused += 1
+            return False
+        self.champion = best
+        self.changes += 1
+        return True
+
+    def refits_due(self) -> list[BatchHGB]:
+        """Batch learners whose deferred refit is due (the worker runs them in a thread)."""
+        return [l for l in self.learners.values() if isinstance(l, BatchHGB) and l.refit_due()]
+
+    def report(self) -> dict[str, Any]:
+        """Each learner's figures: whole stream, window, per stage; the champion and its changes."""
+        learners = {}
+        for name in self.learners:
+            learners[name] = {
+                "whole": self.whole[name].report() if name in self.whole else {"n": 0},
+                "window_roc_auc": None if self.window_auc.get(name) is None else round(self.window_auc[name], 4),
+                "per_stage": {s: m[name].report() for s, m in sorted(self.per_stage.items()) if name in m},
+            }
+            learner = self.learners[name]
+            if isinstance(learner, BatchHGB):
+                learners[name]["refits"] = {"every": learner.every, "window": learner.window, "fits": learner.fits,
+                                            "seconds": round(learner.fit_seconds, 2)}
+        return {"champion": self.champion, "changes": self.changes, "refused": self.refused,
+                "window": self.window, "margin": self.margin, "learners": learners}
+
+
+@dataclass
+class StageModels:
+    """Per-stage success probability: P(won | the lead entered stage s, what it did before).
+
+    One online logistic regression per stage, trained on the stage-entry snapshots of that stage
+    (what the lead had done in the previous stages), each with its own prequential figures, so its
+    calibration (reliability table, Brier) is reported per stage.
+
+    >>> m = StageModels()
+    >>> for i in range(60):
+    ...     m.learn({"n_download": float(i % 2)}, "proposal", i % 2)
+    >>> p = m.probabilities({"n_download": 1.0})
+    >>> sorted(p) == ["proposal"], p["proposal"] > 0.5
+    (True, True)
+    """
+
+    models: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Prequential] = field(default_factory=dict)
+
+    def learn(self, x: X, stage: str | None, y: int) -> None:
+        if stage not in STAGES:
+            return
+        model = self.models.get(stage)
+        if model is None:
+            model = self.models[stage] = RiverLearner("logreg", name=f"stage:{stage}")
+        self.metrics.setdefault(stage, Prequential()).update(model.predict_proba(x), y)
+        model.learn(x, bool(y))
+
+    def probabilities(self, x: X) -> dict[str, float]:
+        """P(won) as of each stage the models have learned, in funnel order."""
+        return {s: round(self.models[s].predict_proba(x), 4) for s in STAGES if s in self.models}
+
+    def report(self) -> dict[str, Any]:
+        return {s: {**self.metrics[s].report(), "reliability": self.metrics[s].reliability()}
+                for s in STAGES if s in self.metrics}

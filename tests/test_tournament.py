@@ -1,0 +1,225 @@
+"""The tournament: shared checks every learner passes, champion choice with a margin, the batch
+learner's cadence and its tree walk, per-stage models, and the streaming import."""
+
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.history import load_mapping, read_rows, rows_to_events, spill_run
+from models.learner import Trainer, vectorize
+from models.metrics import roc_auc
+from models.tournament import LEARNER_NAMES, BatchHGB, FlatTrees, StageModels, Tournament, make_learners
+
+
+def population(n, seed=1):
+    """A learnable pattern (downloads and stage proposal win), with features that come and go."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        dl = rng.random() < 0.4
+        prop = rng.random() < 0.4
+        won = rng.random() < (0.85 if dl and prop else 0.15)
+        f = {"n_download": float(dl * rng.randint(1, 4)), "stage": "proposal" if prop else "contacted"}
+        if rng.random() < 0.5:
+            f["f_country"] = rng.choice(["de", "fr", "in"])
+        yield vectorize(f), won
+
+
+# ---------------------------------------------------------------- shared checks, every learner
+
+
+@pytest.mark.parametrize("name", LEARNER_NAMES)
+def test_every_learner_passes_the_shared_checks(name: str) -> None:
+    learners = make_learners(LEARNER_NAMES if name == "stack" else (name,), batch_every=100, batch_window=500)
+    t = Tournament(learners, window=300, select_every=50)
+    x0 = vectorize({"n_download": 2.0, "stage": "proposal"})
+    assert t.predict_all(x0)[name] == 0.5  # knows nothing yet: says "don't know"
+    preds, labels = [], []
+    for x, won in population(800):
+        before = t.predict_all(x)[name]
+        preds.append(t.test_then_train(x, won, "proposal")[name])
+        assert preds[-1] == before  # the figure is taken before learning
+        labels.append(int(won))
+    assert all(0.0 <= p <= 1.0 for p in preds)
+    assert t.predict_all({"never_seen": 1.0})[name] >= 0.0  # unseen and missing features are fine
+    late = roc_auc(preds[400:], labels[400:])
+    assert late > 0.6, (name, late)  # chance is 0.5, the best possible ranking of this population 0.743
+    clone = pickle.loads(pickle.dumps(t))  # the checkpoint keeps every learner
+    assert clone.predict_all(x0)[name] == t.predict_all(x0)[name]
+    assert t.predict_all(x0) == t.predict_all(x0)  # predicting changes nothing
+
+
+# ---------------------------------------------------------------- champion choice
+
+
+class Fixed:
+    """A learner whose figure is the label with probability ``skill`` (for choosing champions)."""
+
+    def __init__(self, name: str, skill: float, seed: int) -> None:
+        self.name, self.skill, self.rng, self.next_y = name, skill, random.Random(seed), 0
+
+    def predict_proba(self, x):
+        good = self.rng.random() < self.skill
+        return 0.8 if (x["y"] == 1) == good else 0.2
+
+    def learn(self, x, y):
+        pass
+
+
+def play(t: Tournament, n: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    for _ in range(n):
+        y = int(rng.random() < 0.4)
+        t.test_then_train({"y": y}, y)
+
+
+def test_the_best_learner_on_the_window_becomes_champion() -> None:
+    t = Tournament({"logreg": Fixed("logreg", 0.6, 1), "better": Fixed("better", 0.9, 2)},
+                   window=400, select_every=100, margin=0.01)
+    assert t.champion == "logreg"  # the default until the window is full enough
+    play(t, 150)
+    assert t.champion == "logreg"
+    play(t, 300)
+    assert t.champion == "better" and t.changes == 1
+    assert t.report()["learners"]["better"]["window_roc_auc"] > t.report()["learners"]["logreg"]["window_roc_auc"]
+
+
+def test_the_margin_keeps_the_champion_from_flapping() -> None:
+    t = Tournament({"logreg": Fixed("logreg", 0.80, 1), "twin": Fixed("twin", 0.80, 2)},
+                   window=1000, select_every=50, margin=0.1)
+    play(t, 3000)
+    assert t.champion == "logreg" and t.changes == 0  # level learners never swap
+    assert t.refused > 0  # the twin led the window at times and was refused
+    no_margin = Tournament({"logreg": Fixed("logreg", 0.80, 1), "twin": Fixed("twin", 0.80, 2)},
+                           window=1000, select_every=50, margin=0.0)
+    play(no_margin, 3000)
+    assert no_margin.changes > 0  # without a margin the same race swaps champions
+
+
+# ---------------------------------------------------------------- the batch learner
+
+
+def test_batch_learner_refits_every_n_outcomes_and_is_frozen_between() -> None:
+    b = BatchHGB(every=50, window=120, min_rows=20)
+    x = {"n": 1.0, "s=a": 1.0}
+    data = list(population(230))
+    for i, (xi, won) in enumerate(data[:149]):
+        b.learn(xi, won)
+        assert b.fits == (i + 1) // 50
+    frozen = b.predict_proba(x)
+    b.learn(*data[149])  # the 150th outcome: third refit
+    assert b.fits == 3 and len(b.rows) == 120  # bounded window
+    refit = b.predict_proba(x)
+    for xi, won in data[150:199]:
+        b.learn(xi, won)
+        assert b.predict_proba(x) == refit  # frozen until the next refit
+    assert frozen is not None
+
+
+def test_deferred_refits_wait_for_the_caller() -> None:
+    trainer = Trainer(min_outcomes=1, batch_every=30, defer_refits=True)
+    for x, won in population(120):  # the batch learner needs 100 rows before its first fit
+        trainer.learn([{"features": {"n_download": x.get("n_download", 0.0)}, "rules_score": 0.5}], won)
+    hgb = trainer.tournament.learners["batch_hgb"]
+    assert hgb.fits == 0 and trainer.refits_due()
+    assert trainer.refit() > 0 and hgb.fits == 1 and not trainer.refits_due()
+
+
+def test_flat_trees_give_scikit_learns_probabilities() -> None:
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    rng = np.random.default_rng(0)
+    X = rng.random((600, 6))
+    X[rng.random((600, 6)) < 0.2] = np.nan  # missing values take the learned side
+    y = ((np.nan_to_num(X[:, 0], nan=0.7) + X[:, 1] * 0.5 + rng.random(600) * 0.5) > 1).astype(int)
+    model = HistGradientBoostingClassifier(max_iter=30, random_state=0).fit(X, y)
+    flat = FlatTrees.of(model)
+    mine = np.array([1 / (1 + np.exp(-flat.raw(row))) for row in X[:200]])
+    assert np.abs(mine - model.predict_proba(X[:200])[:, 1]).max() < 1e-9
+
+
+# ---------------------------------------------------------------- per-stage probabilities
+
+
+def test_stage_models_are_per_stage_and_calibrated_figures_are_reported() -> None:
+    trainer = Trainer(min_outcomes=1)
+    for x, won in population(600):
+        dl = x.get("n_download", 0.0)
+        snaps = [{"features": {"n_download": dl, "stage": "contacted"}, "rules_score": 0.5, "stage": "contacted"},
+                 {"features": {"n_download": dl, "stage": "proposal"}, "rules_score": 0.5, "stage": "proposal"}]
+        trainer.learn(snaps, won)
+    serving = pickle.loads(pickle.dumps(trainer.serving()))
+    probs = serving.stage_probabilities({"n_download": 3.0, "stage": "proposal"})
+    assert list(probs) == ["contacted", "proposal"]  # funnel order, only stages learned
+    assert probs["proposal"] > serving.stage_probabilities({"n_download": 0.0, "stage": "proposal"})["proposal"]
+    report = trainer.report()["stage_models"]
+    assert report["proposal"]["n"] == 600 and 0 < report["proposal"]["brier"] < 0.25
+    assert sum(band["n"] for band in report["proposal"]["reliability"]) == 600
+    assert StageModels().probabilities({"a": 1.0}) == {}
+
+
+def test_trainer_serves_the_champion_and_reports_every_learner() -> None:
+    trainer = Trainer(min_outcomes=5, batch_every=200)
+    for x, won in population(1200):
+        f = {"n_download": x.get("n_download", 0.0), "stage": "proposal" if "stage=proposal" in x else "contacted"}
+        trainer.learn([{"features": f, "rules_score": 0.5, "stage": f["stage"]}], won)
+    report = trainer.report()
+    assert set(report["tournament"]["learners"]) == set(LEARNER_NAMES)
+    serving = trainer.serving()
+    f = {"n_download": 2.0, "stage": "proposal"}
+    champion = report["tournament"]["champion"]
+    assert serving.predict(f)[0] == trainer.tournament.predict_all(vectorize(f, trainer.stage_rates))[champion]
+    assert report["champion"]["roc_auc"] > 0.65
+
+
+# ---------------------------------------------------------------- import: delimiter, row ids, streaming
+
+
+MAPPING = '[lead]\nid = "@row"\norder = "n"\n[outcome]\ncolumn = "won"\npositive = "1"\n' \
+          '[explicit]\n"Country" = "country"\n'
+
+
+def test_semicolon_export_without_id_column(tmp_path: Path) -> None:
+    path = tmp_path / "crm.csv"
+    path.write_text("n;won;Country\n2;1;Deutschland\n1;0;France, Paris\n", encoding="utf-8")
+    results = list(rows_to_events(read_rows(path, delimiter=";"), load_mapping(MAPPING)))
+    assert [(r.line, r.lead_id, r.error) for r in results] == [(3, "row-3", None), (2, "row-2", None)]
+    assert results[0].events[0]["props"]["fields"] == {"country": "France, Paris"}
+    with pytest.raises(ValueError, match="expected one character"):
+        next(read_rows(path, delimiter=";;"))
+
+
+def test_long_exports_are_sorted_in_spilled_runs_with_the_same_result() -> None:
+    rng = random.Random(3)
+    rows = [(i + 2, {"n": str(rng.randint(0, 50)), "won": rng.choice("01"), "Country": "x"}) for i in range(230)]
+    rows[7][1]["n"] = "bad"
+    mapping = load_mapping(MAPPING)
+    in_memory = list(rows_to_events(rows, mapping))
+    spilled = list(rows_to_events(rows, mapping, spill=spill_run, run_rows=40))  # 5 runs on disk + 1 in memory
+    assert spilled == in_memory and len(spilled) == 230 and in_memory[0].error
+
+
+def test_rows_are_read_lazily(tmp_path: Path) -> None:
+    path = tmp_path / "big.csv"
+    path.write_text("n,won,Country\n" + "".join(f"{i},1,x\n" for i in range(1000)))
+    rows = read_rows(path)
+    first = next(rows)  # one row read, not the file
+    assert first == (2, {"n": "0", "won": "1", "Country": "x"})
+    no_order = load_mapping(MAPPING.replace('order = "n"\n', ""))
+    converted = rows_to_events(rows, no_order)
+    assert next(converted).line == 3  # without an order column rows come out as they are read
+
+
+def test_fast_auc_is_the_exact_auc() -> None:
+    from models.metrics import roc_auc
+    from models.tournament import fast_auc
+
+    rng = random.Random(5)
+    for _ in range(20):
+        n = rng.randint(2, 300)
+        scores = [round(rng.random(), 1) for _ in range(n)]  # many ties
+        labels = [int(rng.random() < 0.4) for _ in range(n)]
+        exact = roc_auc(scores, labels)
+        assert (fast_auc(scores, labels) is None) if exact is None else abs(fast_auc(scores, labels) - exact) < 1e-12
