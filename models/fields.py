@@ -130,6 +130,22 @@ def public(f: dict[str, Any], policy: FieldPolicy) -> dict[str, Any]:
     return {k: v for k, v in f.items() if k not in private}
 
 
+_HASHED: dict[tuple[int, str, str], str | None] = {}  # the same values come back with every event
+
+
+def _hashed_value(buckets: int, name: str, value: str) -> str | None:
+    """The one-hot key of an undeclared string field's value, or None for an e-mail address.
+    Memoised in this process only (never pickled: a checkpoint holds no value)."""
+    cache_key = (buckets, name, value)
+    if cache_key in _HASHED:
+        return _HASHED[cache_key]
+    if len(_HASHED) > 100_000:
+        _HASHED.clear()
+    hashed = None if _EMAIL.search(value) else f"h={_bucket(f'{name}={value}', buckets)}"
+    _HASHED[cache_key] = hashed
+    return hashed
+
+
 def _bucket(text: str, buckets: int) -> str:
     return format(zlib.crc32(text.encode()) % buckets, "x")
 
@@ -200,10 +216,10 @@ class Encoder:
                 self._declared(out, k, name, spec, v)
             elif not self.policy.is_private(name):
                 if isinstance(v, str):
-                    if _EMAIL.search(v):
+                    hashed = _hashed_value(buckets, name, v)
+                    if hashed is None:
                         continue  # an e-mail address in a field of any other name: never a feature
-                    key = f"h={_bucket(f'{name}={v}', buckets)}"
-                    out[key], labels[key] = 1.0, f"{k}={v}"
+                    out[hashed], labels[hashed] = 1.0, f"{k}={v}"
                 else:
                     key = f"h_{_bucket(name, buckets)}"
                     out[key] = out.get(key, 0.0) + float(v)  # type: ignore[operator]

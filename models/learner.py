@@ -139,13 +139,32 @@ def explain(model: base.Classifier, x: dict[str, float], top: int = 5,
     return predict_explain(model, x, top, labels)[1]
 
 
+def _scale(union: base.Transformer, x: dict[str, float]) -> dict[str, float]:
+    """``union.transform_one(x)`` for :func:`make_model`'s union (standardised numbers + one-hot keys),
+    without River's per-call dict merging: the hot path of every scored event."""
+    scaler = _scaler_of(union)
+    if scaler is None:
+        return union.transform_one(x)
+    numeric = {k: v for k, v in x.items() if "=" not in k}
+    return {**scaler.transform_one(numeric), **{k: v for k, v in x.items() if "=" in k}}
+
+
+def _scaler_of(union: Any) -> preprocessing.StandardScaler | None:
+    try:
+        first = list(union.transformers.values())[0]
+        scaler = list(first.steps.values())[-1]
+    except (AttributeError, IndexError):
+        return None
+    return scaler if isinstance(scaler, preprocessing.StandardScaler) else None
+
+
 def predict_explain(model: base.Classifier, x: dict[str, float], top: int = 5,
                     labels: dict[str, str] | None = None) -> tuple[float, list[dict[str, Any]]]:
     """P(won) and, for the linear pipeline, its largest contributions; the features are scaled once."""
     steps = list(model.steps.values()) if isinstance(model, compose.Pipeline) else []
     if len(steps) != 2 or not isinstance(steps[-1], linear_model.LogisticRegression):
         return model.predict_proba_one(x).get(True, 0.0), []
-    scaled = steps[0].transform_one(x)
+    scaled = _scale(steps[0], x)
     p = steps[-1].predict_proba_one(scaled).get(True, 0.0)
     weights = steps[-1].weights
     get = weights.get

@@ -12,7 +12,7 @@ on it (stalled leads, days in stage) is read off sorted sets keyed by a timestam
 
 >>> from models.features import new_state
 >>> lead = new_state("l1") | {"stage": "proposal", "stage_ts": 5, "stages_visited": ["new", "proposal"],
-...                          "score": 0.91, "grade": "A+", "hot": True, "scored_at": 10, "fields": {"owner": "Ana"}}
+...                          "score": 0.91, "grade": "A+", "hot": True, "score_as_of": 10, "fields": {"owner": "Ana"}}
 >>> counters, sets = contributions(lead, rescore_every_ms=100)
 >>> counters["open"], counters["open:proposal"], counters["o:Ana:hot"], counters["adv:new"]
 (1, 1, 1, 1)
@@ -87,8 +87,9 @@ def _open(state: State, owner: str | None, counters: dict[str, int], sets: dict[
         sets["hot"] = score
     if state["stage"] is not None:
         sets[f"st:{stage}"] = state["stage_ts"]
-    if state.get("scored_at") is not None:
-        sets["due"] = state["scored_at"] + rescore_every_ms
+    as_of = state.get("score_as_of", state.get("scored_at"))
+    if as_of is not None:  # decay is due a cadence after the time the score is as of (an old import: now)
+        sets["due"] = as_of + rescore_every_ms
     if owner is not None:
         counters[f"o:{owner}:open"] = 1
         _add(counters, f"o:{owner}:hot", int(bool(state.get("hot"))))

@@ -129,6 +129,7 @@ def step(state: State | None, event: Event, scorer: Scorer, *, scored_at_ms: int
     result = StepResult(after, _score_message(event.lead_id, event.event_id, event.type, event.ts_ms, after, scored,
                                               scored_at_ms, "event"))
     result.hot = _apply_score(after, scored, scorer.rules, was_hot, result.score, scored_at_ms, "event")
+    after["score_as_of"] = after["last_ts"]  # the features' time: decay is due from there
     if closing:
         if first_close and state_score is not None:  # for the success curve: the grade the lead had before
             after["close_score"], after["close_grade"] = state_score
@@ -164,6 +165,7 @@ def rescore(state: State, scorer: Scorer, *, now_ms: int, trigger: str) -> StepR
     message = _score_message(state["lead_id"], None, None, at, state, scored, now_ms, trigger)
     result = StepResult(state, message)
     result.hot = _apply_score(state, scored, scorer.rules, was_hot, message, now_ms, trigger)
+    state["score_as_of"] = at
     return result
 
 

@@ -52,8 +52,9 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
             msgs = [Message(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.message.value)
                     for e in events]
             started = time.perf_counter()
-            outs = await with_retry(lambda: pipeline.handle_batch(msgs), f"batch of {len(msgs)}")
-            await sender.send_all(outs)
+            async with pipeline.send_order:  # a rescore never slips between a write and its send
+                outs = await with_retry(lambda: pipeline.handle_batch(msgs), f"batch of {len(msgs)}")
+                await sender.send_all(outs)
             pipeline.acknowledged()
             metrics.observe_batch([e.message for e in events], outs, pipeline.counts, time.perf_counter() - started)
 

@@ -60,8 +60,16 @@ def bench_settings(base: Settings, redis_db: int, tag: str) -> Settings:
     return dataclasses.replace(
         base, app_id=f"bench-{tag}", topic_web=f"bench-web-{tag}", topic_crm=f"bench-crm-{tag}",
         topic_scores=f"bench-scores-{tag}", topic_hot=f"bench-hot-{tag}", topic_dead_letter=f"bench-dlq-{tag}",
-        topic_training=f"bench-training-{tag}", redis_url=redis_url, web_port=base.web_port + 100,
-        api_port=base.api_port + 100)
+        topic_training=f"bench-training-{tag}", redis_url=redis_url, web_port=_free_port(),
+        api_port=_free_port())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _env(settings: Settings) -> dict[str, str]:
@@ -276,7 +284,7 @@ async def bench_pipeline(settings: Settings, leads: int, rates: list[float], sec
         events = _fresh_events(max(50, int(reader_rate * seconds / 25)), 1001, "reader")
         figures["latency_with_dashboard_reader"] = await bench_latency(
             settings, events, reader_rate, seconds, reader=lambda: asyncio.to_thread(_get, dashboard))
-        second = dataclasses.replace(settings, web_port=settings.web_port + 1)
+        second = dataclasses.replace(settings, web_port=_free_port())
         workers.append(start_worker(second, log_dir / f"bench-worker-1-{settings.app_id}.log", env=_env(second)))
         await asyncio.sleep(3)  # the group rebalances over both workers
         events = _fresh_events(leads, 8, "b2")
@@ -384,6 +392,81 @@ async def _rescoring_pass(client: aioredis.Redis, pipeline: EventPipeline, batch
     return {"open_leads": len(leads), "rescored": sent, "leads_per_s": round(len(leads) / seconds) if seconds else None}
 
 
+async def populate_leads(settings: Settings, n: int, rules_text: str) -> Figures:
+    """``n`` open and closed leads with their read models, written straight to Redis (lead hash +
+    view changes, as the write path leaves them), cloned from 1,000 leads the pure step computed:
+    a fast way to a million leads for the read benchmarks (memory is measured on the real path)."""
+    import random
+
+    from models.readmodel import contributions, diff
+    from streams.state import lead_key, shard_of, view_key
+
+    rules = load_rules(rules_text)
+    templates: dict[str, Any] = {}
+    scorer = Scorer(rules)
+    for e in sorted(_fresh_events(1000, 4242, "tpl"), key=lambda e: e["ts"]):
+        ev = parse_event(e["lead_id"].encode(), orjson.dumps(e), topic_kind=topic_kind_of(e["type"]))
+        r = step(templates.get(ev.lead_id), ev, scorer, scored_at_ms=int(time.time() * 1000), stage_snapshots=[])
+        templates[ev.lead_id] = r.state
+    pool = [st for st in templates.values() if st is not None]
+    owners = ["Ana", "Bo", "Chen", "Dara", "Eli", "Femi", "Gus", "Hana"]
+    rng = random.Random(1)
+    client = redis_client(settings)
+    await client.flushdb()
+    t0 = time.perf_counter()
+    every_ms = settings.rescore_every_s * 1000
+    for start in range(0, n, 2000):
+        pipe = client.pipeline(transaction=False)
+        for i in range(start, min(n, start + 2000)):
+            lead_id = f"pop-{i:07d}"
+            state = copy_state(rng.choice(pool))
+            state["lead_id"] = lead_id
+            state["fields"]["owner"] = owners[i % len(owners)]
+            if "score" in state:
+                state["score"] = round(min(1.0, max(0.0, state["score"] + rng.uniform(-0.05, 0.05))), 6)
+            shard = shard_of(lead_id)
+            pipe.hset(lead_key(lead_id), mapping={"v": 1, "s": orjson.dumps(state)})
+            changes = diff(({}, {}), contributions(state, rescore_every_ms=every_ms))
+            for name, score in changes.set_adds.items():
+                pipe.zadd(view_key(shard, name), {lead_id: score})
+            for name, delta in changes.counters.items():
+                pipe.hincrby(view_key(shard, "c"), name, delta)
+        await pipe.execute()
+    seconds = time.perf_counter() - t0
+    await client.aclose()
+    return {"leads": n, "populate_s": round(seconds, 1)}
+
+
+async def bench_reads(settings: Settings, rules_text: str) -> Figures:
+    client = redis_client(settings)
+    try:
+        return await _time_reads(client, load_rules(rules_text))
+    finally:
+        await client.aclose()
+
+
+async def bench_reader_effect(settings: Settings, rate: float, seconds: float) -> Figures:
+    """The worker's event -> score latency at ``rate`` without, then with, a dashboard load every second
+    (from ``leadstream api``, its own process), on whatever Redis holds (e.g. a million leads)."""
+    await ensure_topics(settings)
+    log_dir = Path(settings.home) / "logs"
+    procs = [start_worker(settings, log_dir / f"bench-worker-r-{settings.app_id}.log", env=_env(settings)),
+             start_api(settings, log_dir / f"bench-api-r-{settings.app_id}.log", env=_env(settings))]
+    dashboard = f"http://127.0.0.1:{settings.api_port}/dashboard"
+    try:
+        alone = await bench_latency(settings, _fresh_events(max(50, int(rate * seconds / 25)), 31, "alone"),
+                                    rate, seconds)
+        t0 = time.perf_counter()
+        await asyncio.to_thread(_get, dashboard)
+        page_ms = round((time.perf_counter() - t0) * 1000, 1)
+        read = await bench_latency(settings, _fresh_events(max(50, int(rate * seconds / 25)), 32, "readr"),
+                                   rate, seconds, reader=lambda: asyncio.to_thread(_get, dashboard))
+    finally:
+        for p in procs:
+            stop_worker(p)
+    return {"without_reader": alone, "with_reader": read, "dashboard_page_ms": page_ms}
+
+
 # ---- the command ---------------------------------------------------------------------------------
 
 async def _cleanup(settings: Settings) -> None:
@@ -401,7 +484,7 @@ async def _cleanup(settings: Settings) -> None:
 
 
 def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float, memory_leads: int,
-              redis_db: int, json_path: Path | None, parts: set[str]) -> int:
+              redis_db: int, json_path: Path | None, parts: set[str], read_leads: int = 1_000_000) -> int:
     tag = uuid.uuid4().hex[:8]
     settings = bench_settings(base, redis_db, tag)
     rules_text = settings.scoring_config.read_text()
@@ -420,6 +503,11 @@ def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float,
         if "memory" in parts:
             figures["memory"] = asyncio.run(bench_memory_and_reads(settings, memory_leads, rules_text))
             _print_memory(figures["memory"])
+        if "reads" in parts:
+            figures["reads"] = asyncio.run(populate_leads(settings, read_leads, rules_text))
+            figures["reads"]["reads_ms"] = asyncio.run(bench_reads(settings, rules_text))
+            figures["reads"]["worker_latency"] = asyncio.run(bench_reader_effect(settings, READER_RATE, seconds))
+            _print_reads(figures["reads"])
     finally:
         asyncio.run(_cleanup(settings))
     if json_path is not None:
@@ -465,6 +553,16 @@ def _print_memory(f: Figures) -> None:
     _table(rows)
 
 
+def _print_reads(f: Figures) -> None:
+    rows = [(f"read at {f['leads']:,} leads: {name}", f"{ms} ms") for name, ms in f["reads_ms"].items()]
+    w = f["worker_latency"]
+    for label, r in (("without a reader", w["without_reader"]), ("dashboard loaded every 1 s", w["with_reader"])):
+        rows.append((f"worker latency at {r['rate']:,.0f}/s, {f['leads']:,} leads, {label}",
+                     f"p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms, p99 {r['p99_ms']} ms"))
+    rows.append(("dashboard page (leadstream api)", f"{w['dashboard_page_ms']} ms"))
+    _table(rows)
+
+
 def _table(rows: list[tuple[str, str]]) -> None:
     width = max(len(a) for a, _ in rows)
     for a, b in rows:
@@ -474,5 +572,6 @@ def _table(rows: list[tuple[str, str]]) -> None:
 def main(args: argparse.Namespace, settings: Settings) -> int:
     rates = [float(r) for r in args.rates.split(",") if r]
     return run_bench(settings, leads=args.leads, rates=rates, seconds=args.seconds, memory_leads=args.memory_leads,
-                     redis_db=args.redis_db, json_path=args.json, parts=set(args.only.split(",")))
+                     redis_db=args.redis_db, json_path=args.json, parts=set(args.only.split(",")),
+                     read_leads=args.read_leads)
 

@@ -203,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=8.0, help="length of each latency run")
     b.add_argument("--memory-leads", type=int, default=10_000, help="leads written for the memory and read runs")
     b.add_argument("--redis-db", type=int, default=14, help="Redis database the benchmark uses and flushes")
-    b.add_argument("--only", default="step,pipeline,memory", help="parts to run: step, pipeline, memory")
+    b.add_argument("--read-leads", type=int, default=1_000_000,
+                   help="leads put in Redis for the read benchmark (part 'reads')")
+    b.add_argument("--only", default="step,pipeline,memory",
+                   help="parts to run: step, pipeline, memory, reads (reads: populates --read-leads leads)")
     b.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     add("rebuild-views", _rebuild_views, "Recompute every read model (leaderboards, funnel, owners) from the lead "
                                          "hashes: repair after a bug or a restore.")

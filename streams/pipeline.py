@@ -29,7 +29,6 @@ from typing import Any
 import orjson
 
 from models.events import Event, RejectedEvent, parse_event
-from models.features import copy_state
 from models.readmodel import contributions, diff
 from models.scoring import MAX_STAGE_SNAPSHOTS, Scorer, StepResult, rescore, rfc3339, step
 from streams.state import APPLIED, DIGEST_BYTES, LeadRecord, LeadStore, LeadWrite, event_digest, has_digest
@@ -97,6 +96,9 @@ class EventPipeline:
         self._unacked: list[tuple[str, list[str]]] = []  # (lead, origins) written by the last batch
         self._acked: list[tuple[str, list[str]]] = []  # their outputs are acknowledged: drop their re-send material
         self._recent: list[tuple[float, int]] = []  # (monotonic time, size) of the last event batches
+        # Held from a write until its records are handed to the producer, by event batches and
+        # rescoring alike: records reach a topic in the order of the writes.
+        self.send_order = asyncio.Lock()
 
     # ---- events -------------------------------------------------------------------------------
 
@@ -120,12 +122,9 @@ class EventPipeline:
         outs += await self._apply(by_lead, lambda record, events: self._compute(record, events, now_ms))
         return outs
 
-    def busy(self, window_s: float, batch_max: int) -> bool:
-        """Whether events are flowing fast enough that background work should wait: within
-        ``window_s``, a batch came full, or the batches carried more than ``batch_max`` events."""
-        since = time.monotonic() - window_s
-        recent = [n for t, n in self._recent if t >= since]
-        return any(n >= batch_max for n in recent) or sum(recent) > batch_max
+    def busy(self, window_s: float) -> bool:
+        """Whether events arrived within ``window_s``: background work then takes a back seat."""
+        return bool(self._recent) and self._recent[-1][0] >= time.monotonic() - window_s
 
     def acknowledged(self) -> None:
         """Kafka acknowledged every record of the last batch: its re-send material can go."""
@@ -146,13 +145,12 @@ class EventPipeline:
         return await self._apply(plan, lambda record, _: self._compute_rescore(record, now_ms, trigger))
 
     def _compute_rescore(self, record: LeadRecord, now_ms: int, trigger: str) -> Computed:
-        state = record.state
+        state = record.fresh_state()
         if state is None or state.get("outcome") or "score" not in state:
             return Computed(None, [], {})
         if trigger == "model" and state.get("model_version") == self.scorer.version:
             return Computed(None, [], {})  # already scored by this model
         before = contributions(state, rescore_every_ms=self.rescore_every_ms)
-        state = copy_state(state)
         r = rescore(state, self.scorer, now_ms=now_ms, trigger=trigger)
         after = contributions(state, rescore_every_ms=self.rescore_every_ms)
         write = LeadWrite(record, state, record.ids, record.offsets, record.snaps, {}, record.deleted_ts,
@@ -208,7 +206,8 @@ class EventPipeline:
 
     def _fold_lead(self, record: LeadRecord, events: list[tuple[Message, Event]], now_ms: int,
                    failed: dict[int, str]) -> Computed:
-        state = copy_state(record.state) if record.state is not None else None
+        state = record.fresh_state()  # folded in place: one parse per lead per batch, no copy
+        before = contributions(state, rescore_every_ms=self.rescore_every_ms)
         ids, offsets = bytearray(record.ids), dict(record.offsets)
         snaps, deleted_ts = list(record.snaps), record.deleted_ts
         pending: dict[str, dict[str, Any]] = {}
@@ -256,8 +255,7 @@ class EventPipeline:
         self.counts.update(counts)
         if not applied:
             return Computed(None, outs, failed, resent)
-        views = diff(contributions(record.state, rescore_every_ms=self.rescore_every_ms),
-                     contributions(state, rescore_every_ms=self.rescore_every_ms))
+        views = diff(before, contributions(state, rescore_every_ms=self.rescore_every_ms))
         write = LeadWrite(record, state, bytes(ids), offsets, snaps, pending, deleted_ts, views)
         return Computed(write, outs, failed, resent + list(pending))
 

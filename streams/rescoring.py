@@ -49,9 +49,9 @@ class Rescorer:
     """Rescore due leads (decay) and, after a new model version, every open lead, most valuable first.
 
     Both are bounded by ``LEADSTREAM_RESCORE_RATE`` leads per second per worker, and both yield to
-    events: while the scoring agent is busy (its batches come full or carry more than a batch a
-    poll interval) a tick rescores a tenth of that, in small chunks between the event batches. A model pass runs to its end
-    even if newer versions arrive meanwhile; then the next pass starts if the version moved on.
+    events: while events are arriving a tick rescores a tenth of that, in small chunks between the
+    event batches. A model pass runs to its end even if newer versions arrive meanwhile; the next
+    one starts when the version moved on, at most every ``LEADSTREAM_RESCORE_MODEL_EVERY_SECONDS``.
     """
 
     def __init__(self, app: faust.App, settings: Settings, pipeline: EventPipeline, client: aioredis.Redis,
@@ -60,15 +60,22 @@ class Rescorer:
         self._model_ranks: list[int] | None = None  # per shard: next rank of the leaderboard to rescore
         self._pass_version = -1  # the model version the last pass started with
         self._model_moved = False
+        self._pass_started = float("-inf")
 
     def model_changed(self) -> None:
         self._model_moved = True
-        if self._model_ranks is None:
-            self._start_pass()
 
-    def _start_pass(self) -> None:
+    def _maybe_start_pass(self) -> None:
+        """A pass starts when the model moved on, none runs, and the last one started at least
+        ``LEADSTREAM_RESCORE_MODEL_EVERY_SECONDS`` ago (checkpoints come every 100 deals: one pass
+        per version would rescore every open lead over and over)."""
+        if not self._model_moved or self._model_ranks is not None:
+            return
+        if time.monotonic() - self._pass_started < self.settings.rescore_model_every_s:
+            return
         self._model_ranks = [0] * SHARDS  # from the top of every shard
         self._pass_version = self.pipeline.scorer.version
+        self._pass_started = time.monotonic()
         self._model_moved = False
 
     def owned(self) -> set[int]:
@@ -79,13 +86,14 @@ class Rescorer:
         if not owned:
             return
         budget = max(1, int(self.settings.rescore_rate * self.settings.rescore_poll_s))
-        if self.pipeline.busy(self.settings.rescore_poll_s, self.settings.batch_max_events):
+        if self.pipeline.busy(self.settings.rescore_poll_s):
             budget = max(1, budget // 10)  # events first, but quiet leads still move
         now_ms = int(time.time() * 1000)
         due = await self._due(now_ms, budget, owned)
         if due:
             await self._rescore(due, "decay", now_ms)
         left = budget - len(due)
+        self._maybe_start_pass()
         if self._model_ranks is not None and left > 0 and self.pipeline.scorer.version > 0:
             await self._rescore(await self._next_for_model(left, owned), "model", now_ms)
 
@@ -111,12 +119,13 @@ class Rescorer:
         if not leads:
             log.info("rescoring: every open lead is scored by model version %d", self._pass_version)
             self._model_ranks = None
-            if self._model_moved:
-                self._start_pass()
         return [lead for lead in leads if partition_of(lead, self.settings.partitions) in owned]
 
     async def _rescore(self, leads: list[str], trigger: str, now_ms: int) -> None:
         step = 100  # small batches: the scoring agent gets the event loop between them
         for i in range(0, len(leads), step):
-            outs = await self.pipeline.rescore_leads(leads[i:i + step], trigger, now_ms)
-            await self.sender.send_all(outs)
+            # Writes and sends in the order of the writes: a lead's stale rescore must never reach
+            # the topic after the tombstone of its deletion (a compacted consumer would keep it).
+            async with self.pipeline.send_order:
+                outs = await self.pipeline.rescore_leads(leads[i:i + step], trigger, now_ms)
+                await self.sender.send_all(outs)

@@ -232,8 +232,12 @@ SETTINGS: dict[str, Setting] = {
                             "Longest wait for a micro-batch to fill before it is processed (adds to latency)."),
     "rescore_every_s": Setting("LEADSTREAM_RESCORE_EVERY_SECONDS", "86400", _int(1),
                                "An open lead with no event is rescored (time decay) this long after its last score."),
-    "rescore_rate": Setting("LEADSTREAM_RESCORE_RATE", "2000", _int(1),
-                            "Most leads per second one worker rescores without events (decay, new model)."),
+    "rescore_rate": Setting("LEADSTREAM_RESCORE_RATE", "1000", _int(1),
+                            "Most leads per second one worker rescores without events (decay, new model); "
+                            "a tenth of it while events are arriving."),
+    "rescore_model_every_s": Setting("LEADSTREAM_RESCORE_MODEL_EVERY_SECONDS", "600", _int(0),
+                                     "After a new model version, open leads are rescored in a background pass; a "
+                                     "new pass starts at most this often (versions come with every checkpoint)."),
     "rescore_poll_s": Setting("LEADSTREAM_RESCORE_POLL_SECONDS", "1.0", _positive_float,
                               "How often a worker looks for leads due for rescoring."),
     "model_min_outcomes": Setting("LEADSTREAM_MODEL_MIN_OUTCOMES", "50", _int(1),
@@ -319,6 +323,7 @@ class Settings:
     batch_wait_s: float
     rescore_every_s: int
     rescore_rate: int
+    rescore_model_every_s: int
     rescore_poll_s: float
     model_min_outcomes: int
     model_poll_s: float

@@ -13,6 +13,7 @@ script over several leads.
     while the deal is open); ``o:KIND/PARTITION/OFFSET`` the outputs sent for that input record,
     kept only until Kafka has acknowledged them (re-sent if that offset is redelivered after a
     crash), so a lead at rest has none.
+``dts`` (only for a lead started again after a deletion) the deletion time: older events are ignored.
 ``gone:{NN}:HASH``  string, TTL ``LEADSTREAM_TOMBSTONE_TTL_SECONDS``
     a deleted lead's deletion time, under a digest of its id (no identifier is kept): events up
     to that time get a tombstone instead of bringing the lead back.
@@ -49,11 +50,14 @@ SHARDS = 32  # fixed: changing it moves every key (a migration, not a setting)
 DIGEST_BYTES = 8
 
 # KEYS: lead hash, tombstone, view keys. ARGV: expected version, expected tombstone, delete (1/0),
-# tombstone to set ('' none), tombstone TTL, n fields, fields..., n deleted fields, names..., view ops.
+# tombstone to set ('' none), tombstone TTL, n fields, fields..., n deleted fields, names..., the lead
+# id (the views' member), the view changes as JSON [[op, key index, args...], ...].
 _WRITE = """
 local v = redis.call('HGET', KEYS[1], 'v') or '0'
 if v ~= ARGV[1] then return 0 end
-if (redis.call('GET', KEYS[2]) or '') ~= ARGV[2] then return 0 end
+local deleted
+if v == '0' then deleted = redis.call('GET', KEYS[2]) else deleted = redis.call('HGET', KEYS[1], 'dts') end
+if (deleted or '') ~= ARGV[2] then return 0 end
 if ARGV[4] ~= '' then redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5]) end
 local i = 6
 local n = tonumber(ARGV[i])
@@ -67,18 +71,14 @@ local d = tonumber(ARGV[i])
 if d > 0 and ARGV[3] ~= '1' then redis.call('HDEL', KEYS[1], unpack(ARGV, i + 1, i + d)) end
 i = i + d + 1
 local member = ARGV[i]
-i = i + 1
-while i <= #ARGV do
-  local op, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
-  if op == 'z' then
-    redis.call('ZADD', key, ARGV[i + 2], member)
-    i = i + 3
-  elseif op == 'r' then
+for _, op in ipairs(cjson.decode(ARGV[i + 1])) do
+  local key = KEYS[op[2]]
+  if op[1] == 'z' then
+    redis.call('ZADD', key, op[3], member)
+  elseif op[1] == 'r' then
     redis.call('ZREM', key, member)
-    i = i + 2
-  else
-    if redis.call('HINCRBY', key, ARGV[i + 2], ARGV[i + 3]) == 0 then redis.call('HDEL', key, ARGV[i + 2]) end
-    i = i + 4
+  elseif redis.call('HINCRBY', key, op[3], op[4]) == 0 then
+    redis.call('HDEL', key, op[3])
   end
 end
 return 1
@@ -128,7 +128,7 @@ class LeadRecord:
 
     lead_id: str
     version: str = "0"
-    state: dict[str, Any] | None = None
+    state_raw: bytes | None = None  # the state's JSON, parsed on demand (the hot path parses it once)
     ids: bytes = b""
     offsets: dict[str, int] = field(default_factory=dict)
     snaps: list[dict[str, Any]] = field(default_factory=list)
@@ -138,6 +138,21 @@ class LeadRecord:
     @property
     def deleted_ts(self) -> int | None:
         return int(self.tombstone) if self.tombstone else None
+
+    @property
+    def state(self) -> dict[str, Any] | None:
+        """The stored state (parsed once, shared: do not change it; see :meth:`fresh_state`)."""
+        if self.state_raw is None:
+            return None
+        if self._parsed is None:
+            self._parsed = orjson.loads(self.state_raw)
+        return self._parsed
+
+    def fresh_state(self) -> dict[str, Any] | None:
+        """A newly parsed copy of the state, to fold events into in place."""
+        return orjson.loads(self.state_raw) if self.state_raw is not None else None
+
+    _parsed: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -173,10 +188,18 @@ class LeadStore:
         ids = list(lead_ids)
         for lead_id in ids:
             pipe.hgetall(lead_key(lead_id))
-            pipe.get(tombstone_key(lead_id))
         results = await pipe.execute()
-        results = results[len(results) - 2 * len(ids):]
-        return {lead_id: _record(lead_id, results[2 * i], results[2 * i + 1]) for i, lead_id in enumerate(ids)}
+        hashes = dict(zip(ids, results[len(results) - len(ids):]))
+        # A lead that exists carries its deletion time (if it was ever deleted) in ``dts``; only the
+        # absent ones need their tombstone: a second trip, for new or deleted leads only.
+        absent = [lead_id for lead_id, values in hashes.items() if not values]
+        tombstones: dict[str, bytes | None] = {}
+        if absent:
+            pipe = self.client.pipeline(transaction=False)
+            for lead_id in absent:
+                pipe.get(tombstone_key(lead_id))
+            tombstones = dict(zip(absent, await pipe.execute()))
+        return {lead_id: _record(lead_id, hashes[lead_id], tombstones.get(lead_id)) for lead_id in ids}
 
     async def write_many(self, writes: list[LeadWrite]) -> list[int]:
         """Apply each lead's write atomically (one pipelined round trip); APPLIED or CONFLICT each."""
@@ -201,6 +224,8 @@ class LeadStore:
         removed: list[str] = []
         if w.state is not None:
             fields += ["s", orjson.dumps(w.state), "ids", w.ids, "off", orjson.dumps(w.offsets)]
+            if w.deleted_ts is not None:  # a lead started again after a deletion remembers it
+                fields += ["dts", str(w.deleted_ts)]
             if w.snaps:
                 fields += ["snaps", zlib.compress(orjson.dumps(w.snaps))]
             elif w.record.snaps:
@@ -216,15 +241,12 @@ class LeadStore:
                 index[name] = len(keys)
             return index[name]
 
-        ops: list[Any] = []
-        for name, score in w.views.set_adds.items():
-            ops += ["z", key_no(name), score]
-        for name in w.views.set_removes:
-            ops += ["r", key_no(name)]
-        for name, delta in w.views.counters.items():
-            ops += ["h", key_no("c"), name, delta]
+        # The view changes travel as one JSON argument: fewer arguments to pack, decoded in Redis.
+        ops: list[list[Any]] = [["z", key_no(name), score] for name, score in w.views.set_adds.items()]
+        ops += [["r", key_no(name)] for name in w.views.set_removes]
+        ops += [["h", key_no("c"), name, delta] for name, delta in w.views.counters.items()]
         args = [w.record.version, w.record.tombstone, "1" if w.state is None else "0", tombstone,
-                self.tombstone_ttl_s, len(fields) // 2, *fields, len(removed), *removed, lead_id, *ops]
+                self.tombstone_ttl_s, len(fields) // 2, *fields, len(removed), *removed, lead_id, orjson.dumps(ops)]
         return keys, args
 
     async def get(self, lead_id: str) -> dict[str, Any] | None:
@@ -268,9 +290,9 @@ def _record(lead_id: str, values: dict[bytes, bytes], tombstone: bytes | None) -
     s, off, snaps = values.get(b"s"), values.get(b"off"), values.get(b"snaps")
     pending = {k[2:].decode(): orjson.loads(v) for k, v in values.items() if k.startswith(b"o:")}
     return LeadRecord(
-        lead_id, values.get(b"v", b"0").decode(), orjson.loads(s) if s else None, values.get(b"ids", b""),
+        lead_id, values.get(b"v", b"0").decode(), s or None, values.get(b"ids", b""),
         orjson.loads(off) if off else {}, orjson.loads(zlib.decompress(snaps)) if snaps else [],
-        pending, (tombstone or b"").decode())
+        pending, (values.get(b"dts") or tombstone or b"").decode())
 
 
 class ModelStore:

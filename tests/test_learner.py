@@ -58,3 +58,19 @@ def test_running_auc_matches_exact_auc():
     for s, (_, y) in zip(scores, pairs):
         m.update(s, int(y))
     assert abs(m.auc() - roc_auc(scores, [int(y) for _, y in pairs])) < 0.002
+
+
+def test_the_served_probability_is_the_models_own():
+    """predict_explain scales features its own (faster) way: the probability must be River's."""
+    import random
+
+    from models.learner import make_model, predict_explain
+
+    model, rng = make_model(), random.Random(0)
+    for i in range(300):
+        x = {"n_click": rng.random() * 3, "stage=new": 1.0, "age_days": rng.random() * 100} if i % 2 else \
+            {"n_click": rng.random(), "stage=proposal": 1.0}
+        model.learn_one(x, i % 3 == 0)
+    for _ in range(20):
+        x = {"n_click": rng.random() * 3, "stage=new": 1.0, "age_days": rng.random() * 10, "h=1f": 1.0}
+        assert abs(predict_explain(model, x)[0] - model.predict_proba_one(x)[True]) < 1e-12

@@ -38,12 +38,12 @@ async def test_a_deleted_leads_personal_data_is_in_no_checkpoint_report_or_train
     await publish_events(s, [e for events, _ in leads for e in events], progress=None)
     await wait_for_outcomes(redis_client, len(leads), timeout=120)
     first = lead_key(leads[0][0][0]["lead_id"])
-    assert orjson.loads(await redis_client.hget(first, "state"))["fields"]["email"] == leads[0][1]["email"]  # for people
+    assert orjson.loads(await redis_client.hget(first, "s"))["fields"]["email"] == leads[0][1]["email"]  # for people
     await publish_events(s, [{"event_id": f"{events[0]['lead_id']}-del", "lead_id": events[0]["lead_id"],
                               "type": "lead_deleted", "ts": events[-1]["ts"] + 1000} for events, _ in leads],
                          progress=None)
     for _ in range(60):
-        if not await redis_client.hexists(first, "state"):
+        if not await redis_client.exists(first):
             break
         await asyncio.sleep(1)
     blobs = {key: await redis_client.get(key) for key in ("model:serving", "model:trainer", "model:report")}

@@ -55,7 +55,7 @@ async def test_a_silent_lead_decays_and_a_new_model_reaches_quiet_leads(pipeline
     old = int(time.time() * 1000) - 60 * DAY
     events = hot_lead("quiet-1", old) + hot_lead("quiet-2", old + 1)
     start_worker(LEADSTREAM_RESCORE_EVERY_SECONDS="10", LEADSTREAM_RESCORE_POLL_SECONDS="0.5",
-                 LEADSTREAM_MODEL_POLL_SECONDS="0.5")
+                 LEADSTREAM_MODEL_POLL_SECONDS="0.5", LEADSTREAM_RESCORE_MODEL_EVERY_SECONDS="0")
     for kind, doc in events:
         topic = s.topic_web if kind == "web" else s.topic_crm
         await producer.send_and_wait(topic, key=doc["lead_id"].encode(), value=orjson.dumps(doc))
