@@ -223,8 +223,8 @@ class ServingModel:
             _, preds, x, labels = known
         else:
             (x, labels), preds = vectorize_labelled(f, self.stage_rates, self.encoder), None
-        if not self.learners:
-            return predict_explain(self.model, x, labels=labels)
+        if not self.learners or (self.champion == "logreg" and preds is None and self.model is not None):
+            return predict_explain(self.model, x, labels=labels)  # the champion's own P(won): asked once
         reasons = predict_explain(self.model, x, labels=labels)[1] if self.model is not None else []
         p = preds[self.champion] if preds is not None else predict_with(self.learners, self.champion, x)
         return p, reasons
