@@ -52,7 +52,6 @@ from streams.topics import ensure_topics
 from streams.views import Views
 
 Figures = dict[str, Any]
-READER_RATE = 1000.0  # the offered rate at which a dashboard reader's effect on the worker is measured
 
 
 def bench_settings(base: Settings, redis_db: int, tag: str) -> Settings:
@@ -259,19 +258,24 @@ async def bench_latency(settings: Settings, events: list[dict[str, Any]], rate: 
 
 
 def _fresh_events(leads: int, seed: int, prefix: str) -> list[dict[str, Any]]:
-    return [e | {"event_id": f"{prefix}-{e['event_id']}", "lead_id": f"{prefix}-{e['lead_id']}"}
-            for e in simulate(leads, seed=seed)]
+    """Simulated events of new leads, shifted in time so the last one is now: live traffic, not an
+    import of old history (which the worker would also rescore for decay at once)."""
+    events = simulate(leads, seed=seed)
+    shift = int(time.time() * 1000) - 1000 - max(e["ts"] for e in events)
+    return [e | {"event_id": f"{prefix}-{e['event_id']}", "lead_id": f"{prefix}-{e['lead_id']}", "ts": e["ts"] + shift}
+            for e in events]
 
 
-async def bench_pipeline(settings: Settings, leads: int, rates: list[float], seconds: float) -> Figures:
+async def bench_pipeline(settings: Settings, leads: int, rates: list[float], seconds: float,
+                         reader_rate: float = 1000.0) -> Figures:
     """Burst, 2 workers, latency at steady rates with and without a dashboard reader."""
     await ensure_topics(settings)
     log_dir = Path(settings.home) / "logs"
     figures: Figures = {}
     workers = [start_worker(settings, log_dir / f"bench-worker-0-{settings.app_id}.log", env=_env(settings))]
     try:
-        burst_events = _fresh_events(leads, 7, "b1")
-        figures["burst_1_worker"] = await bench_burst(settings, burst_events)
+        # Steady rates first, on a fresh worker; then the burst (whose closed deals keep the trainer
+        # busy for a while afterwards).
         figures["latency"] = []
         for rate in rates:
             events = _fresh_events(max(50, int(rate * seconds / 25)), int(rate), f"r{int(rate)}")
@@ -280,10 +284,12 @@ async def bench_pipeline(settings: Settings, leads: int, rates: list[float], sec
         api = start_api(settings, log_dir / f"bench-api-{settings.app_id}.log", env=_env(settings))
         workers.append(api)
         dashboard = f"http://127.0.0.1:{settings.api_port}/dashboard"
-        reader_rate = READER_RATE if READER_RATE in rates else rates[0]
+        reader_rate = reader_rate if reader_rate in rates else rates[0]
         events = _fresh_events(max(50, int(reader_rate * seconds / 25)), 1001, "reader")
         figures["latency_with_dashboard_reader"] = await bench_latency(
             settings, events, reader_rate, seconds, reader=lambda: asyncio.to_thread(_get, dashboard))
+        burst_events = _fresh_events(leads, 7, "b1")
+        figures["burst_1_worker"] = await bench_burst(settings, burst_events)
         second = dataclasses.replace(settings, web_port=_free_port())
         workers.append(start_worker(second, log_dir / f"bench-worker-1-{settings.app_id}.log", env=_env(second)))
         await asyncio.sleep(3)  # the group rebalances over both workers
@@ -484,7 +490,8 @@ async def _cleanup(settings: Settings) -> None:
 
 
 def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float, memory_leads: int,
-              redis_db: int, json_path: Path | None, parts: set[str], read_leads: int = 1_000_000) -> int:
+              redis_db: int, json_path: Path | None, parts: set[str], read_leads: int = 1_000_000,
+              reader_rate: float = 1000.0) -> int:
     tag = uuid.uuid4().hex[:8]
     settings = bench_settings(base, redis_db, tag)
     rules_text = settings.scoring_config.read_text()
@@ -496,7 +503,7 @@ def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float,
             _print_step(figures["step"])
         if "pipeline" in parts:
             figures["passthrough"] = asyncio.run(bench_passthrough(settings, events))
-            figures.update(asyncio.run(bench_pipeline(settings, leads, rates, seconds)))
+            figures.update(asyncio.run(bench_pipeline(settings, leads, rates, seconds, reader_rate)))
             figures["ratio_to_passthrough"] = round(
                 figures["burst_1_worker"]["events_per_s"] / figures["passthrough"]["events_per_s"], 3)
             _print_pipeline(figures)
@@ -506,7 +513,7 @@ def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float,
         if "reads" in parts:
             figures["reads"] = asyncio.run(populate_leads(settings, read_leads, rules_text))
             figures["reads"]["reads_ms"] = asyncio.run(bench_reads(settings, rules_text))
-            figures["reads"]["worker_latency"] = asyncio.run(bench_reader_effect(settings, READER_RATE, seconds))
+            figures["reads"]["worker_latency"] = asyncio.run(bench_reader_effect(settings, reader_rate, seconds))
             _print_reads(figures["reads"])
     finally:
         asyncio.run(_cleanup(settings))
@@ -573,5 +580,5 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     rates = [float(r) for r in args.rates.split(",") if r]
     return run_bench(settings, leads=args.leads, rates=rates, seconds=args.seconds, memory_leads=args.memory_leads,
                      redis_db=args.redis_db, json_path=args.json, parts=set(args.only.split(",")),
-                     read_leads=args.read_leads)
+                     read_leads=args.read_leads, reader_rate=args.reader_rate)
 

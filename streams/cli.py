@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=8.0, help="length of each latency run")
     b.add_argument("--memory-leads", type=int, default=10_000, help="leads written for the memory and read runs")
     b.add_argument("--redis-db", type=int, default=14, help="Redis database the benchmark uses and flushes")
+    b.add_argument("--reader-rate", type=float, default=1000.0,
+                   help="offered events/s while a reader loads the dashboard every second (one of --rates)")
     b.add_argument("--read-leads", type=int, default=1_000_000,
                    help="leads put in Redis for the read benchmark (part 'reads')")
     b.add_argument("--only", default="step,pipeline,memory",
