@@ -9,9 +9,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 import faust
+from aiokafka.errors import KafkaError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from models.rules import load_rules
@@ -77,7 +80,7 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
     @app.timer(interval=min(1.0, settings.checkpoint_every_s))
     async def checkpoint_when_due() -> None:
         owns = any(tp.topic == settings.topic_training for tp in app.consumer.assignment())
-        await training.tick(owns)
+        await survive(lambda: training.tick(owns), "trainer checkpoint")
 
     checked = {"version": -1}  # the last checkpoint version looked at, loadable or not
 
@@ -97,8 +100,18 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
 
     @app.timer(interval=settings.rescore_poll_s)
     async def rescore() -> None:
-        await with_retry(pipeline.flush_acked, "dropping acknowledged re-send material")
-        await with_retry(rescorer.tick, "rescoring")
+        await survive(lambda: with_retry(pipeline.flush_acked, "dropping acknowledged re-send material"),
+                      "re-send clean-up")
+        await survive(lambda: with_retry(rescorer.tick, "rescoring"), "rescoring")
 
     register_web(app, settings, pipeline, models)
     return pipeline
+
+
+async def survive(tick: Callable[[], Awaitable[object]], what: str) -> None:
+    """Run a timer's work; a Kafka or Redis outage must not crash the app (Faust stops the whole
+    worker when a timer raises): log it, and the next tick tries again."""
+    try:
+        await tick()
+    except (KafkaError, OSError, RedisError) as exc:
+        log.warning("%s: %r; trying again at the next tick", what, exc)
