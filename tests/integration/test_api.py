@@ -110,7 +110,8 @@ async def test_every_route_but_healthz_needs_the_token(api) -> None:
 async def test_api_answers_match_redis_and_metrics_parse(pipeline_settings, start_worker, api, consume,
                                                          redis_client) -> None:
     s = pipeline_settings
-    start_worker(LEADSTREAM_API_TOKEN=TOKEN)
+    # No decay rescoring while the test compares Redis and the API (its events are from 2026-01-01).
+    start_worker(LEADSTREAM_API_TOKEN=TOKEN, LEADSTREAM_RESCORE_EVERY_SECONDS=str(10 * 365 * 86400))
     base = api()
     owners = {"lead-1": "Ana", "lead-2": "Ana", "lead-3": "Ben", "lead-4": "Ben"}
     events = [ev(f"c-{lead}", lead, "lead_created", T0, fields={"owner": owner, "industry": "software"})
