@@ -27,7 +27,6 @@ on it (stalled leads, days in stage) is read off sorted sets keyed by a timestam
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from models.events import STAGES
 from models.features import State
@@ -139,15 +138,3 @@ def diff(before: Contribution, after: Contribution) -> ViewChanges:
     changes.set_adds = {name: score for name, score in s1.items() if s0.get(name) != score}
     changes.set_removes = sorted(s0.keys() - s1.keys())
     return changes
-
-
-def total(leads: list[Contribution]) -> Contribution:
-    """The read models of a set of leads (for ``rebuild-views`` and its tests)."""
-    counters: dict[str, int] = {}
-    sets: dict[str, Any] = {}
-    for c, s in leads:
-        for name, n in c.items():
-            counters[name] = counters.get(name, 0) + n
-        for name, score in s.items():
-            sets.setdefault(name, []).append(score)
-    return counters, sets

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 import faust
@@ -42,7 +41,7 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
     pipeline = EventPipeline(LeadStore(client, settings.tombstone_ttl_s), scorer,
                              topic_kinds={settings.topic_web: "web", settings.topic_crm: "crm"},
                              max_event_bytes=settings.max_event_bytes, dedupe_ids=settings.dedupe_ids,
-                             rescore_every_ms=settings.rescore_every_s * 1000, worker_id=uuid.uuid4().hex[:8],
+                             rescore_every_ms=settings.rescore_every_s * 1000,
                              max_future_skew_ms=settings.max_future_skew_s * 1000)
     sender = Sender(app, topics)
     rescorer = Rescorer(app, settings, pipeline, client, sender)

@@ -81,7 +81,7 @@ class Computed:
 
 class EventPipeline:
     def __init__(self, store: LeadStore, scorer: Scorer, *, topic_kinds: dict[str, str], max_event_bytes: int,
-                 dedupe_ids: int = 64, rescore_every_ms: int = 86_400_000, worker_id: str = "w",
+                 dedupe_ids: int = 64, rescore_every_ms: int = 86_400_000,
                  max_future_skew_ms: int | None = None) -> None:
         self.store = store
         self.scorer = scorer
@@ -91,8 +91,6 @@ class EventPipeline:
         self.rescore_every_ms = rescore_every_ms
         self.max_future_skew_ms = max_future_skew_ms  # None: no bound on event time ahead of the clock
         self.counts: Counter[str] = Counter()
-        self._worker_id = worker_id
-        self._batches = 0
         self._unacked: list[tuple[str, list[str]]] = []  # (lead, origins) written by the last batch
         self._acked: list[tuple[str, list[str]]] = []  # their outputs are acknowledged: drop their re-send material
         self._recent: list[tuple[float, int]] = []  # (monotonic time, size) of the last event batches
