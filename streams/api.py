@@ -29,6 +29,7 @@ from models.grading import GRADE_NAMES
 from models.readmodel import owner_of
 from models.rules import load_rules
 from streams import charts, metrics
+from streams.clients import redis_readiness
 from streams.publish import topic_for
 from streams.settings import Settings
 from streams.state import LeadStore, ModelStore
@@ -394,11 +395,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     api = request.app[API]
     checks: dict[str, str] = {}
-    try:
-        await asyncio.wait_for(api.client.ping(), 2.0)
-        checks["redis"] = "ok"
-    except (RedisError, OSError, asyncio.TimeoutError) as exc:
-        checks["redis"] = f"unreachable: {exc!r}"
+    checks["redis"] = await redis_readiness(api.client)
     try:
         producer = await asyncio.wait_for(api.producer(), 10.0)
         partitions = await asyncio.wait_for(producer.partitions_for(api.settings.topic_web), 5.0)

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 import faust
 import redis
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
     IllegalSaslStateError,
@@ -185,3 +186,12 @@ async def check_connections(settings: Settings) -> None:
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+async def redis_readiness(client: Any) -> str:
+    """``ok``, or why Redis does not answer (for ``/readyz`` of the worker and the api)."""
+    try:
+        await asyncio.wait_for(client.ping(), 2.0)
+        return "ok"
+    except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        return f"unreachable: {exc!r}"

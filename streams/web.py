@@ -16,6 +16,7 @@ import faust
 import faust.web
 from redis.exceptions import RedisError
 
+from streams.clients import redis_readiness
 from streams import metrics
 from streams.pipeline import EventPipeline
 from streams.settings import Settings
@@ -96,11 +97,7 @@ def register_web(app: faust.App, settings: Settings, pipeline: EventPipeline, mo
     @page("/readyz")
     async def readyz(web: faust.web.Web, request: faust.web.Request) -> faust.web.Response:
         checks: dict[str, Any] = {}
-        try:
-            await asyncio.wait_for(models.client.ping(), 2.0)
-            checks["redis"] = "ok"
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            checks["redis"] = f"unreachable: {exc!r}"
+        checks["redis"] = await redis_readiness(models.client)
         checks["kafka"] = await kafka_reachable(settings.kafka_bootstrap)
         assigned = [f"{t}/{p}" for t, p, _ in lags(app, inputs)]
         checks["partitions"] = "ok" if assigned else "no input partitions assigned to this worker (yet)"

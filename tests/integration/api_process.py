@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +10,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from streams import demo
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,4 @@ def start_api(env: dict[str, str], port: int, log_path: Path, timeout_s: float =
 
 
 def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    demo.stop_worker(proc)  # the same SIGTERM-then-SIGKILL of the process group as every started process
