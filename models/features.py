@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import time
 import zlib
+from functools import lru_cache
 from typing import Any
 
 import orjson
 
 from models.events import STAGES, WEB_TYPES, Event
+from models.fields import FieldPolicy
 
 State = dict[str, Any]
 Features = dict[str, float | str]
@@ -151,31 +153,30 @@ _HANDLERS = {
 }
 
 
-def features(state: State, now_ms: int, *, half_life_s: float) -> Features:
+def features(state: State, now_ms: int, *, half_life_s: float, fields: FieldPolicy | None = None) -> Features:
     """Static and dynamic features of a lead as of ``now_ms`` (the scored event's time).
 
     Static: creation month and weekday, and the explicit fields (country, source, industry...).
     Dynamic: stage, time in stage, stages visited, activities, counts, decayed counts, recency.
     Absent information is an absent key: models must cope with features that come and go.
+    With a ``fields`` policy, private fields (identifiers, see :mod:`models.fields`) are left out.
 
     >>> f = features(new_state("l1"), 0, half_life_s=60)
     >>> f["events_total"], "stage" in f
     (0.0, False)
+    >>> s = new_state("l1") | {"fields": {"email": "a@b.c", "Country": " DE "}}
+    >>> features(s, 0, half_life_s=60, fields=FieldPolicy())["f_Country"], "f_email" in features(s, 0, half_life_s=60, fields=FieldPolicy())
+    ('de', False)
     """
     f: Features = {}
     created = state["created_ts"] if state["created_ts"] is not None else state["first_ts"]
     if created is not None:
-        tm = time.gmtime(created // 1000)
-        f["created_month"] = _DIGITS[tm.tm_mon]
-        f["created_weekday"] = _DIGITS[tm.tm_wday + 1]
+        f["created_month"], f["created_weekday"] = _created_parts(created // 1000)
         f["age_days"] = max(0.0, (now_ms - created) / 86_400_000)
     for name, value in state["fields"].items():
-        if isinstance(value, bool):
-            f["f_" + name] = "true" if value else "false"
-        elif isinstance(value, (int, float)):
-            f["f_" + name] = float(value)
-        else:
-            f["f_" + name] = str(value).strip().lower()
+        if fields is not None and fields.is_private(name):
+            continue
+        f[_FIELD_KEYS.get(name) or _key(_FIELD_KEYS, "f_", name)] = _field_value(value)
     counts, decayed = state["counts"], state["decayed"]
     f["events_total"] = float(sum(counts.values()))
     factor = 1.0
@@ -183,13 +184,15 @@ def features(state: State, now_ms: int, *, half_life_s: float) -> Features:
     if ref is not None and now_ms > ref:
         factor = 0.5 ** ((now_ms - ref) / 1000 / half_life_s)
     for event_type, n in counts.items():
-        f["n_" + event_type] = float(n)
-        f["d_" + event_type] = decayed.get(event_type, 0.0) * factor
+        n_key, d_key = _COUNT_KEYS.get(event_type) or _count_keys(event_type)
+        f[n_key] = float(n)
+        f[d_key] = decayed.get(event_type, 0.0) * factor
     f["distinct_pages"] = float(len(state["pages"]))
-    f["sessions"] = float(max(len(state["sessions"]), counts.get("visit", 0)))
+    visits = counts.get("visit", 0)
+    f["sessions"] = float(max(len(state["sessions"]), visits))
     f["visit_duration_s"] = float(state["visit_duration_s"])
     if state.get("visit_pages"):
-        f["pages_per_visit"] = state["visit_pages"] / max(1, counts.get("visit", 0))
+        f["pages_per_visit"] = state["visit_pages"] / max(1, visits)
     opens, replies = counts.get("email_open", 0), counts.get("email_replied", 0)
     if opens or replies:
         f["email_reply_rate"] = replies / max(opens, replies)
@@ -203,6 +206,47 @@ def features(state: State, now_ms: int, *, half_life_s: float) -> Features:
     statuses = {"open": 0, "completed": 0, "overdue": 0}
     for activity in state["activities"].values():
         statuses[activity[0]] += 1
-    for status, n in statuses.items():
-        f["activities_" + status] = float(n)
+    f["activities_open"] = float(statuses["open"])
+    f["activities_completed"] = float(statuses["completed"])
+    f["activities_overdue"] = float(statuses["overdue"])
     return f
+
+
+# Memos for the hot path: the same few names and values come back with every event (bounded).
+_FIELD_KEYS: dict[str, str] = {}
+_COUNT_KEYS: dict[str, tuple[str, str]] = {}
+_VALUES: dict[str, str] = {}
+
+
+def _key(memo: dict[str, str], prefix: str, name: str) -> str:
+    if len(memo) > 10_000:
+        memo.clear()
+    memo[name] = prefix + name
+    return memo[name]
+
+
+def _count_keys(event_type: str) -> tuple[str, str]:
+    _COUNT_KEYS[event_type] = ("n_" + event_type, "d_" + event_type)  # event types: a closed set
+    return _COUNT_KEYS[event_type]
+
+
+def _field_value(value: Any) -> float | str:
+    """An explicit field as a feature: strings trimmed and lower-cased, numbers as floats."""
+    if value.__class__ is str:
+        cached = _VALUES.get(value)
+        if cached is None:
+            if len(_VALUES) > 100_000:
+                _VALUES.clear()
+            cached = _VALUES[value] = value.strip().lower()
+        return cached
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return float(value)
+    return str(value).strip().lower()
+
+
+@lru_cache(maxsize=4096)
+def _created_parts(seconds: int) -> tuple[str, str]:
+    tm = time.gmtime(seconds)
+    return _DIGITS[tm.tm_mon], _DIGITS[tm.tm_wday + 1]

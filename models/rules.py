@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import tomllib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -89,33 +90,64 @@ class Rules:
     def points(self, f: Features) -> dict[str, float]:
         """Every non-zero contribution in points, keyed by a readable reason name."""
         out: dict[str, float] = {}
-        for event_type, rule in self.behaviour.items():
-            count = f.get("d_" + event_type)
-            if isinstance(count, float) and count > 0:
+        get = f.get
+        for key, event_type, rule in self._behaviour:
+            count = get(key)
+            if count.__class__ is float and count > 0:
                 out[event_type] = rule.apply(count)
-        recency = f.get("recency_s")
+        recency = get("recency_s")
         if isinstance(recency, float):
             matching = [p for seconds, p in self.recency if recency > seconds]
             if matching:
                 out["recency"] = min(matching)
-        stage = f.get("stage")
+        stage = get("stage")
         if isinstance(stage, str) and self.stage.get(stage):
             out[f"stage={stage}"] = self.stage[stage]
-        for status, rule in self.activities.items():
-            n = f.get("activities_" + status)
-            if isinstance(n, float) and n > 0:
-                out[f"activities_{status}"] = rule.apply(n)
-        for prefix, table in (("f_", self.explicit), ("", self.by_feature)):
-            for name, value_rules in table.items():
-                value = f.get(prefix + name)
-                if value is None:
-                    continue
-                for rule in value_rules:  # the first matching rule wins
-                    if rule.matches(value):
-                        if rule.points:
-                            out[f"{name}={value}" if rule.key == value else f"{name} in {rule.key}"] = rule.points
-                        break
+        for key, status, rule in self._activities:
+            n = get(key)
+            if n.__class__ is float and n > 0:
+                out[status] = rule.apply(n)
+        for key, name, value_rules in self._value_tables:
+            value = get(key)
+            if value is not None:
+                hit = self._value_points(name, value_rules, value)
+                if hit is not None:
+                    out[hit[0]] = hit[1]
         return {k: v for k, v in out.items() if v}
+
+    @cached_property
+    def _behaviour(self) -> list[tuple[str, str, Capped]]:
+        return [("d_" + event_type, event_type, rule) for event_type, rule in self.behaviour.items()]
+
+    @cached_property
+    def _activities(self) -> list[tuple[str, str, Capped]]:
+        return [("activities_" + status, "activities_" + status, rule) for status, rule in self.activities.items()]
+
+    @cached_property
+    def _value_tables(self) -> list[tuple[str, str, list[ValueRule]]]:
+        return [(prefix + name, name, rules)
+                for prefix, table in (("f_", self.explicit), ("", self.by_feature)) for name, rules in table.items()]
+
+    @cached_property
+    def _value_memo(self) -> dict[tuple[str, str], tuple[str, float] | None]:
+        return {}  # (field, string value) -> its reason and points: the same values come with every event
+
+    def _value_points(self, name: str, value_rules: list[ValueRule], value: float | str) -> tuple[str, float] | None:
+        """The reason and points of the first rule ``value`` matches (None: none, or zero points)."""
+        memo_key = (name, value) if isinstance(value, str) else None
+        if memo_key is not None and memo_key in self._value_memo:
+            return self._value_memo[memo_key]
+        hit = None
+        for rule in value_rules:  # the first matching rule wins
+            if rule.matches(value):
+                if rule.points:
+                    hit = (f"{name}={value}" if rule.key == value else f"{name} in {rule.key}", rule.points)
+                break
+        if memo_key is not None:
+            if len(self._value_memo) > 100_000:
+                self._value_memo.clear()
+            self._value_memo[memo_key] = hit
+        return hit
 
     def score(self, f: Features, max_reasons: int = 5) -> RuleScore:
         contributions = self.points(f)

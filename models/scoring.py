@@ -22,13 +22,13 @@ from typing import Any
 
 from models.events import Event
 from models.features import Features, State, features, fold, new_state
-from models.fields import public
 from models.learner import ServingModel
 from models.rules import Rules
 
 MAX_STAGE_SNAPSHOTS = 12  # bounded per lead: one per stage entry, the oldest dropped first
 MAX_HISTORY = 10  # the last scores kept in the state, for the lead page: [ts_ms, score, grade, trigger]
 TRIGGERS = ("event", "decay", "model")
+CLOSING_TYPES = frozenset({"deal_won", "deal_lost"})
 
 
 @lru_cache(maxsize=256)  # a batch scores many events at one time: the same string each time
@@ -115,7 +115,7 @@ def step(state: State | None, event: Event, scorer: Scorer, *, scored_at_ms: int
     if event.type == "lead_deleted" or (deleted_ts is not None and event.ts_ms <= deleted_ts):
         return StepResult(None, None, deleted_ts=max(event.ts_ms, deleted_ts or event.ts_ms))
     half_life_s = scorer.rules.half_life_s
-    closing = event.type in ("deal_won", "deal_lost")
+    closing = event.type in CLOSING_TYPES
     first_close = closing and state is not None and state.get("outcome") is None
     # The last snapshot before the outcome: the features as of the lead's last event before it.
     last = _snapshot(state, state["last_ts"], scorer.rules) if first_close and state["last_ts"] is not None else None
@@ -124,7 +124,7 @@ def step(state: State | None, event: Event, scorer: Scorer, *, scored_at_ms: int
     stage_before = state.get("stage") if state else None
     after = fold(state if state is not None else new_state(event.lead_id), event, half_life_s=half_life_s, copy=copy)
     # Private fields (see models/fields.py) never become features: not in snapshots, not learned.
-    f = public(features(after, after["last_ts"], half_life_s=half_life_s), scorer.rules.fields)
+    f = features(after, after["last_ts"], half_life_s=half_life_s, fields=scorer.rules.fields)
     scored = scorer.score(f)
     result = StepResult(after, _score_message(event.lead_id, event.event_id, event.type, event.ts_ms, after, scored,
                                               scored_at_ms, "event"))
@@ -160,7 +160,7 @@ def rescore(state: State, scorer: Scorer, *, now_ms: int, trigger: str) -> StepR
     """
     was_hot = bool(state.get("hot"))
     at = max(now_ms, state["last_ts"] or now_ms)
-    f = public(features(state, at, half_life_s=scorer.rules.half_life_s), scorer.rules.fields)
+    f = features(state, at, half_life_s=scorer.rules.half_life_s, fields=scorer.rules.fields)
     scored = scorer.score(f)
     message = _score_message(state["lead_id"], None, None, at, state, scored, now_ms, trigger)
     result = StepResult(state, message)
@@ -170,7 +170,7 @@ def rescore(state: State, scorer: Scorer, *, now_ms: int, trigger: str) -> StepR
 
 
 def _snapshot(state: State, at_ms: int, rules: Rules) -> dict[str, Any]:
-    f = public(features(state, at_ms, half_life_s=rules.half_life_s), rules.fields)
+    f = features(state, at_ms, half_life_s=rules.half_life_s, fields=rules.fields)
     return {"ts": at_ms, "stage": f.get("stage"), "features": f, "rules_score": round(rules.score(f).score, 6)}
 
 

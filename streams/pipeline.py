@@ -30,7 +30,7 @@ import orjson
 
 from models.events import Event, RejectedEvent, parse_event
 from models.readmodel import contributions, diff
-from models.scoring import MAX_STAGE_SNAPSHOTS, Scorer, StepResult, rescore, rfc3339, step
+from models.scoring import CLOSING_TYPES, MAX_STAGE_SNAPSHOTS, Scorer, StepResult, rescore, rfc3339, step
 from streams.state import APPLIED, DIGEST_BYTES, LeadRecord, LeadStore, LeadWrite, event_digest, has_digest
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class EventPipeline:
         before = contributions(state, rescore_every_ms=self.rescore_every_ms)
         r = rescore(state, self.scorer, now_ms=now_ms, trigger=trigger)
         after = contributions(state, rescore_every_ms=self.rescore_every_ms)
-        write = LeadWrite(record, state, record.ids, record.offsets, record.snaps, {}, record.deleted_ts,
+        write = LeadWrite(record, state, record.ids, record.offsets, None, {}, record.deleted_ts,
                           diff(before, after))
         key = record.lead_id.encode()
         self.counts[f"rescored_{trigger}"] += 1
@@ -207,7 +207,8 @@ class EventPipeline:
         state = record.fresh_state()  # folded in place: one parse per lead per batch, no copy
         before = contributions(state, rescore_every_ms=self.rescore_every_ms)
         ids, offsets = bytearray(record.ids), dict(record.offsets)
-        snaps, deleted_ts = list(record.snaps), record.deleted_ts
+        snaps: list[dict[str, Any]] | None = None  # None: as stored, not decompressed unless needed
+        deleted_ts = record.deleted_ts
         pending: dict[str, dict[str, Any]] = {}
         resent: list[str] = []
         outs: list[Out] = []
@@ -234,22 +235,24 @@ class EventPipeline:
                 applied = True  # the offset guard moved
                 continue
             try:
-                r = step(state, event, self.scorer, scored_at_ms=now_ms, stage_snapshots=snaps,
-                         deleted_ts=deleted_ts, copy=False)
+                closing = event.type in CLOSING_TYPES  # only a close reads the stage snapshots
+                r = step(state, event, self.scorer, scored_at_ms=now_ms, deleted_ts=deleted_ts, copy=False,
+                         stage_snapshots=(record.snaps if snaps is None else snaps) if closing else None)
             except Exception as exc:  # a valid event the code cannot handle: keep it, keep going
                 log.exception("could not process %s/%s", msg.topic, origin)
                 raise _StepFailed(i, repr(exc)) from None
             applied = True
             counts["scored"] += 1
-            state, snaps = self._after_step(r, snaps)
+            state, snaps = self._after_step(r, snaps, record)
             if r.state is None:
                 deleted_ts, ids, offsets = r.deleted_ts, bytearray(), {source: msg.offset}
             else:
                 ids += digest
                 del ids[:-self.dedupe_ids * DIGEST_BYTES]
-            sent = {"scores": r.score, "hot": r.hot, "training": r.training}
-            pending[origin] = sent
-            outs += _records(msg.key, sent)
+            records = _records(msg.key, {"scores": r.score, "hot": r.hot, "training": r.training})
+            # Kept until Kafka acknowledges them, as the JSON already encoded for the records.
+            pending[origin] = {o.kind: orjson.Fragment(o.value) if o.value is not None else None for o in records}
+            outs += records
         self.counts.update(counts)
         if not applied:
             return Computed(None, outs, failed, resent)
@@ -258,11 +261,14 @@ class EventPipeline:
         return Computed(write, outs, failed, resent + list(pending))
 
     @staticmethod
-    def _after_step(r: StepResult, snaps: list[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
-        if r.state is None or r.training is not None or (r.state.get("outcome") and snaps):
+    def _after_step(r: StepResult, snaps: list[dict[str, Any]] | None, record: LeadRecord
+                    ) -> tuple[Any, list[dict[str, Any]] | None]:
+        """The state and stage snapshots after a step (snapshots None: unchanged from ``record``)."""
+        if r.state is None or r.training is not None or (r.state.get("outcome") and (
+                snaps if snaps is not None else record.snaps_raw)):
             return r.state, []  # deleted or closed: the stage snapshots are gone
         if r.stage_snapshot:
-            snaps = (snaps + [r.snapshot])[-MAX_STAGE_SNAPSHOTS:]
+            snaps = ((record.snaps if snaps is None else snaps) + [r.snapshot])[-MAX_STAGE_SNAPSHOTS:]
         return r.state, snaps
 
 

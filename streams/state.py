@@ -131,7 +131,7 @@ class LeadRecord:
     state_raw: bytes | None = None  # the state's JSON, parsed on demand (the hot path parses it once)
     ids: bytes = b""
     offsets: dict[str, int] = field(default_factory=dict)
-    snaps: list[dict[str, Any]] = field(default_factory=list)
+    snaps_raw: bytes | None = None  # the stage snapshots, compressed: decompressed only when needed
     pending: dict[str, dict[str, Any]] = field(default_factory=dict)  # origin "kind/partition/offset" -> outputs
     tombstone: str = ""  # the deletion time as stored ('' when never deleted or expired)
 
@@ -152,6 +152,11 @@ class LeadRecord:
         """A newly parsed copy of the state, to fold events into in place."""
         return orjson.loads(self.state_raw) if self.state_raw is not None else None
 
+    @property
+    def snaps(self) -> list[dict[str, Any]]:
+        """The stage snapshots (a new list each time: only a deal's close and a stage entry need them)."""
+        return orjson.loads(zlib.decompress(self.snaps_raw)) if self.snaps_raw else []
+
     _parsed: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
 
@@ -163,7 +168,7 @@ class LeadWrite:
     state: dict[str, Any] | None
     ids: bytes
     offsets: dict[str, int]
-    snaps: list[dict[str, Any]]
+    snaps: list[dict[str, Any]] | None  # None: as stored (unchanged)
     pending: dict[str, dict[str, Any]]  # origin -> outputs of this write, kept until acknowledged
     deleted_ts: int | None
     views: ViewChanges
@@ -228,7 +233,7 @@ class LeadStore:
                 fields += ["dts", str(w.deleted_ts)]
             if w.snaps:
                 fields += ["snaps", zlib.compress(orjson.dumps(w.snaps))]
-            elif w.record.snaps:
+            elif w.snaps is not None and w.record.snaps_raw:
                 removed.append("snaps")
             for origin, sent in w.pending.items():
                 fields += [PENDING + origin, orjson.dumps(sent)]
@@ -291,8 +296,7 @@ def _record(lead_id: str, values: dict[bytes, bytes], tombstone: bytes | None) -
     pending = {k[2:].decode(): orjson.loads(v) for k, v in values.items() if k.startswith(b"o:")}
     return LeadRecord(
         lead_id, values.get(b"v", b"0").decode(), s or None, values.get(b"ids", b""),
-        orjson.loads(off) if off else {}, orjson.loads(zlib.decompress(snaps)) if snaps else [],
-        pending, (values.get(b"dts") or tombstone or b"").decode())
+        orjson.loads(off) if off else {}, snaps or None, pending, (values.get(b"dts") or tombstone or b"").decode())
 
 
 class ModelStore:
