@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--read-leads", type=int, default=1_000_000,
                    help="leads put in Redis for the read benchmark (part 'reads')")
     b.add_argument("--only", default="step,pipeline,memory",
-                   help="parts to run: step, pipeline, memory, reads (reads: populates --read-leads leads)")
+                   help="parts to run: step, pipeline, burst (passthrough and one worker only), memory, reads "
+                        "(reads: populates --read-leads leads)")
     b.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     add("rebuild-views", _rebuild_views, "Recompute every read model (leaderboards, funnel, owners) from the lead "
                                          "hashes: repair after a bug or a restore.")
