@@ -1,7 +1,9 @@
-"""The agents: scoring (every partition, every event) and training (one partition, one learner).
+"""What a worker runs: the scoring loop (every input partition it is assigned, every event, in
+partition order; see :mod:`streams.consumer`), the training agent (one partition, one learner), the
+timers (checkpoints, model refresh, rescoring) and the web views.
 
-Scorers run with concurrency 1 so a lead's events are applied in partition order; producers key
-events by lead_id, so no repartitioning (group_by) is needed.
+Producers key events by lead_id, so a lead's events are on one partition and no repartitioning
+(group_by) is needed.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import faust
+import mode
 from aiokafka.errors import KafkaError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -20,6 +23,7 @@ from models.rules import load_rules
 from models.scoring import Scorer
 from streams import metrics
 from streams.clients import redis_client
+from streams.consumer import ScoringLoop
 from streams.pipeline import EventPipeline, Message, dead_letter
 from streams.rescoring import Rescorer, Sender
 from streams.retry import with_retry
@@ -44,21 +48,19 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
                              rescore_every_ms=settings.rescore_every_s * 1000,
                              max_future_skew_ms=settings.max_future_skew_s * 1000)
     sender = Sender(app, topics)
-    rescorer = Rescorer(app, settings, pipeline, client, sender)
 
-    @app.agent(topics.inputs, concurrency=1)
-    async def score_events(stream: faust.StreamT) -> None:
-        # A micro-batch per take: Faust acks (and so commits) its offsets only after this body
-        # returns, i.e. after Kafka acknowledged every output of the batch.
-        async for events in stream.take_events(settings.batch_max_events, within=settings.batch_wait_s):
-            msgs = [Message(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.message.value)
-                    for e in events]
-            started = time.perf_counter()
-            async with pipeline.send_order:  # a rescore never slips between a write and its send
-                outs = await with_retry(lambda: pipeline.handle_batch(msgs), f"batch of {len(msgs)}")
-                await sender.send_all(outs)
-            pipeline.acknowledged()
-            metrics.observe_batch([e.message for e in events], outs, pipeline.counts, time.perf_counter() - started)
+    scoring = ScoringLoop(settings, pipeline, sender.enqueue)
+    rescorer = Rescorer(settings, pipeline, client, sender, owned=scoring.assigned)
+
+    @app.service
+    class Scoring(mode.Service):
+        """The scoring loop, started and stopped with the app (before its producer stops)."""
+
+        async def on_start(self) -> None:
+            await scoring.start()
+
+        async def on_stop(self) -> None:
+            await scoring.stop()
 
     async def dead_letter_training(m: Message, exc: Exception) -> None:
         log.error("trainer: could not learn from %s/%s/%s: %r", m.topic, m.partition, m.offset, exc)
@@ -103,7 +105,7 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
                       "re-send clean-up")
         await survive(lambda: with_retry(rescorer.tick, "rescoring"), "rescoring")
 
-    register_web(app, settings, pipeline, models)
+    register_web(app, settings, pipeline, models, scoring.lags)
     return pipeline
 
 

@@ -102,18 +102,22 @@ def observe_batch(messages: Sequence[Any], outs: Iterable[Any], counts: Mapping[
                   seconds: float) -> None:
     """One micro-batch of the scoring loop, once Kafka acknowledged its outputs.
 
-    ``messages`` have ``topic`` and ``timestamp`` (Kafka's, epoch seconds; Faust's messages),
+    ``messages`` have ``topic`` and ``timestamp_ms`` (Kafka's record time; ``streams.pipeline.Message``),
     ``outs`` are the records sent (``streams.pipeline.Out``), ``counts`` the pipeline's running
     counters, ``seconds`` the batch's processing time (spread evenly over its events).
     """
     n = len(messages)
     BATCH_SIZE.observe(n)
     now = time.time()
+    per_topic: dict[str, int] = {}
     for m in messages:
-        EVENTS_IN.labels(m.topic).inc()
+        per_topic[m.topic] = per_topic.get(m.topic, 0) + 1
+    for topic, count in per_topic.items():
+        EVENTS_IN.labels(topic).inc(count)
+    for m in messages:
         STEP_SECONDS.observe(seconds / n)
-        if m.timestamp:
-            EVENT_TO_SCORE.observe(max(0.0, now - m.timestamp))
+        if m.timestamp_ms:
+            EVENT_TO_SCORE.observe(max(0.0, now - m.timestamp_ms / 1000))
     for out in outs:
         if out.kind == "dead_letter":
             observe_dead_letter(orjson.loads(out.value).get("error", ""))

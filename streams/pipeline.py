@@ -48,6 +48,7 @@ class Message:
     offset: int
     key: bytes | None
     value: bytes | None
+    timestamp_ms: int | None = None  # Kafka's record time (for the event -> score latency metric)
 
 
 @dataclass(frozen=True)
@@ -124,10 +125,16 @@ class EventPipeline:
         """Whether events arrived within ``window_s``: background work then takes a back seat."""
         return bool(self._recent) and self._recent[-1][0] >= time.monotonic() - window_s
 
-    def acknowledged(self) -> None:
-        """Kafka acknowledged every record of the last batch: its re-send material can go."""
-        self._acked += self._unacked
-        self._unacked = []
+    def take_unacked(self) -> list[tuple[str, list[str]]]:
+        """The re-send material of the batches handled since the last call: hand it back to
+        :meth:`acknowledged` once Kafka acknowledged their records (batches may overlap)."""
+        unacked, self._unacked = self._unacked, []
+        return unacked
+
+    def acknowledged(self, material: list[tuple[str, list[str]]] | None = None) -> None:
+        """Kafka acknowledged the records of ``material`` (default: of every batch handled since the
+        last :meth:`take_unacked`): their re-send material can go."""
+        self._acked += self.take_unacked() if material is None else material
 
     async def flush_acked(self) -> None:
         """Drop acknowledged re-send material now (the next batch's load does it otherwise)."""

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import faust
 import redis.asyncio as aioredis
+from aiokafka import TopicPartition
 from aiokafka.partitioner import murmur2
 
 from streams.pipeline import EventPipeline, Out
@@ -31,11 +32,13 @@ class Sender:
         self.app = app
         self.names = {kind: topics.by_kind(kind).get_topic_name() for kind in ("scores", "hot", "dead_letter", "training")}
 
-    async def send_all(self, outs: list[Out]) -> None:
+    async def enqueue(self, outs: list[Out]) -> list[Awaitable[object]]:
+        """Hand the records to the producer, in order; returns their acknowledgements to await."""
         producer = self.app.producer
-        futures: list[Awaitable[object]] = []
-        for out in outs:
-            futures.append(await producer.send(self.names[out.kind], out.key, out.value, None, None, None))
+        return [await producer.send(self.names[out.kind], out.key, out.value, None, None, None) for out in outs]
+
+    async def send_all(self, outs: list[Out]) -> None:
+        futures = await self.enqueue(outs)
         if futures:
             await asyncio.gather(*futures)
 
@@ -54,9 +57,10 @@ class Rescorer:
     one starts when the version moved on, at most every ``LEADSTREAM_RESCORE_MODEL_EVERY_SECONDS``.
     """
 
-    def __init__(self, app: faust.App, settings: Settings, pipeline: EventPipeline, client: aioredis.Redis,
-                 sender: Sender) -> None:
-        self.app, self.settings, self.pipeline, self.client, self.sender = app, settings, pipeline, client, sender
+    def __init__(self, settings: Settings, pipeline: EventPipeline, client: aioredis.Redis, sender: Sender,
+                 owned: Callable[[], set[TopicPartition]]) -> None:
+        self.settings, self.pipeline, self.client, self.sender = settings, pipeline, client, sender
+        self.assigned = owned  # the input partitions this worker's scoring loop holds now
         self._model_ranks: list[int] | None = None  # per shard: next rank of the leaderboard to rescore
         self._pass_version = -1  # the model version the last pass started with
         self._model_moved = False
@@ -79,7 +83,7 @@ class Rescorer:
         self._model_moved = False
 
     def owned(self) -> set[int]:
-        return {tp.partition for tp in self.app.consumer.assignment() if tp.topic == self.settings.topic_web}
+        return {tp.partition for tp in self.assigned() if tp.topic == self.settings.topic_web}
 
     async def tick(self) -> None:
         owned = self.owned()

@@ -227,9 +227,10 @@ SETTINGS: dict[str, Setting] = {
                                "How long a deleted lead's tombstone is kept: late events from before the deletion "
                                "get a tombstone instead of bringing the lead back."),
     "batch_max_events": Setting("LEADSTREAM_BATCH_MAX_EVENTS", "500", _int(1),
-                                "Most input messages the scoring agent takes in one micro-batch."),
+                                "Most input messages the scoring loop takes in one micro-batch."),
     "batch_wait_s": Setting("LEADSTREAM_BATCH_WAIT_SECONDS", "0.005", _positive_float,
-                            "Longest wait for a micro-batch to fill before it is processed (adds to latency)."),
+                            "How long the scoring loop waits for input when none has arrived; a batch never "
+                            "waits to fill: it takes what was fetched meanwhile, so it grows with the load."),
     "rescore_every_s": Setting("LEADSTREAM_RESCORE_EVERY_SECONDS", "86400", _int(1),
                                "An open lead with no event is rescored (time decay) this long after its last score."),
     "rescore_rate": Setting("LEADSTREAM_RESCORE_RATE", "1000", _int(1),

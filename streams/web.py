@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import faust
@@ -34,29 +34,6 @@ def authorized(request: faust.web.Request, token: str) -> bool:
     return bool(given) and hmac.compare_digest(given.encode(), token.encode())
 
 
-def lags(app: faust.App, topics: frozenset[str]) -> Iterator[tuple[str, int, int]]:
-    """(topic, partition, lag) for the input partitions assigned to this worker: highwater minus
-    the next offset to read (what was read counts as consumed)."""
-    consumer = app.consumer
-    try:
-        assigned = consumer.assignment()
-    except Exception:  # not started, or between rebalances: no partitions to report
-        return
-    for tp in sorted(assigned):
-        if tp.topic not in topics:
-            continue
-        try:
-            high = consumer.highwater(tp)
-        except Exception:
-            continue
-        if high is None:
-            continue
-        read = consumer._read_offset.get(tp)  # Faust's last read offset (no public accessor)
-        committed = consumer._committed_offset.get(tp)
-        position = read + 1 if read is not None else (committed or 0)
-        yield tp.topic, tp.partition, max(0, high - position)
-
-
 async def kafka_reachable(bootstrap: str, timeout_s: float = 2.0) -> str:
     """"ok" when a TCP connection to one of the bootstrap servers opens, else why not."""
     errors = []
@@ -71,10 +48,11 @@ async def kafka_reachable(bootstrap: str, timeout_s: float = 2.0) -> str:
     return "unreachable: " + "; ".join(errors)
 
 
-def register_web(app: faust.App, settings: Settings, pipeline: EventPipeline, models: ModelStore) -> None:
-    """``/metrics``, ``/healthz``, ``/readyz``, ``/model`` and ``/health`` on the worker's web server."""
-    inputs = frozenset({settings.topic_web, settings.topic_crm})
-    metrics.REGISTRY.register(metrics.LagCollector(lambda: list(lags(app, inputs))))
+def register_web(app: faust.App, settings: Settings, pipeline: EventPipeline, models: ModelStore,
+                 lags: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
+    """``/metrics``, ``/healthz``, ``/readyz``, ``/model`` and ``/health`` on the worker's web server;
+    ``lags`` gives (topic, partition, lag) of the input partitions this worker holds."""
+    metrics.REGISTRY.register(metrics.LagCollector(lambda: list(lags())))
 
     def page(path: str, open_: bool = False) -> Callable[[View], View]:
         def wrap(view: View) -> View:
@@ -99,7 +77,7 @@ def register_web(app: faust.App, settings: Settings, pipeline: EventPipeline, mo
         checks: dict[str, Any] = {}
         checks["redis"] = await redis_readiness(models.client)
         checks["kafka"] = await kafka_reachable(settings.kafka_bootstrap)
-        assigned = [f"{t}/{p}" for t, p, _ in lags(app, inputs)]
+        assigned = [f"{t}/{p}" for t, p, _ in lags()]
         checks["partitions"] = "ok" if assigned else "no input partitions assigned to this worker (yet)"
         ready = all(v == "ok" for v in checks.values())
         return web.json({"ready": ready, "checks": checks, "assigned": assigned}, status=200 if ready else 503)

@@ -153,7 +153,7 @@ async def test_worker_killed_mid_batch_loses_nothing_and_counts_nothing_twice(
     for chunk in range(chunks - 1):
         await publish(producer, {"web": s.topic_web}, events[chunk * size:(chunk + 1) * size])
         worker = start_worker()
-        await asyncio.sleep(0.3 + 0.3 * chunk)
+        await _until_pending_outputs(redis_client, timeout_s=10)  # a batch is written, its outputs not yet acked
         os.killpg(worker.pid, signal.SIGKILL)  # no clean shutdown: uncommitted offsets get redelivered
         worker.wait()
         killed_mid_batch += await _pending_outputs(redis_client) > 0
@@ -172,6 +172,12 @@ async def test_worker_killed_mid_batch_loses_nothing_and_counts_nothing_twice(
     assert set(scored) == {doc["event_id"] for _, doc in events}  # every event scored at least once
     assert await _all_counted(redis_client, n_leads, per_lead)  # and counted exactly once
     assert await _pending_outputs(redis_client) == 0  # re-send material only lives until acknowledged
+
+
+async def _until_pending_outputs(redis_client, timeout_s: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await _pending_outputs(redis_client) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.005)
 
 
 async def _pending_outputs(redis_client) -> int:

@@ -1,0 +1,181 @@
+"""The scoring loop: input topics -> micro-batches -> the pipeline -> the output topics.
+
+The input topics are read by a plain aiokafka consumer in its own group (``<app id>-scorer``),
+not through Faust's per-message stream: Faust costs about 100 µs per message before the first
+line of ours runs, more than the rest of the per-event work once that was cut (issue 8, README
+"Speed and scale"). The loop takes whatever the consumer has fetched (up to
+``LEADSTREAM_BATCH_MAX_EVENTS``), lets :class:`~streams.pipeline.EventPipeline` write it to Redis,
+hands its records to the producer and goes on with the next batch while Kafka acknowledges them.
+
+Offsets are committed by hand, and only for a batch whose every record Kafka acknowledged: a
+crash anywhere redelivers what was not committed, and the pipeline's offset guard and re-send
+material make that redelivery count once. Before partitions move to another worker
+(rebalance, shutdown), the batches in flight are settled and committed first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from streams import metrics
+from streams.clients import kafka_kwargs
+from streams.pipeline import EventPipeline, Message, Out
+from streams.retry import with_retry
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+IN_FLIGHT = 2  # batches whose records may still await Kafka's acknowledgement while the next is computed
+
+
+@dataclass
+class Batch:
+    """A processed batch waiting for its records' acknowledgements before its offsets are committed."""
+
+    acks: list[Awaitable[object]]
+    offsets: dict[TopicPartition, int]  # next offset to read, per partition
+    resent_material: list[tuple[str, list[str]]]  # the pipeline's re-send material to drop once acked
+    messages: list[Message]
+    outs: list[Out]
+    seconds: float
+
+
+class ScoringLoop:
+    """Consume the input topics in micro-batches and score them (see the module docstring)."""
+
+    def __init__(self, settings: Settings, pipeline: EventPipeline,
+                 send: Callable[[list[Out]], Awaitable[list[Awaitable[object]]]]) -> None:
+        self.settings, self.pipeline, self.send = settings, pipeline, send
+        self.topics = (settings.topic_web, settings.topic_crm)
+        self.consumer: AIOKafkaConsumer | None = None
+        self._in_flight: deque[Batch] = deque()
+        self._settling = asyncio.Lock()  # one settler at a time: the loop, or a rebalance
+        self._cycle = asyncio.Lock()  # held from a batch's fetch to its records being queued
+        self._task: asyncio.Task[None] | None = None
+        self._read: dict[TopicPartition, int] = {}  # next offset to read, per assigned partition
+
+    async def start(self) -> None:
+        self.consumer = AIOKafkaConsumer(
+            **kafka_kwargs(self.settings), group_id=f"{self.settings.app_id}-scorer",
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            max_poll_records=self.settings.batch_max_events,
+            session_timeout_ms=self.settings.session_timeout_s * 1000,
+            heartbeat_interval_ms=max(1, self.settings.session_timeout_s // 6) * 1000)
+        self.consumer.subscribe(list(self.topics), listener=_SettleOnRevoke(self))
+        await self.consumer.start()
+        self._task = asyncio.create_task(self._run(), name="scoring-loop")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self.consumer is not None:
+            try:
+                async with self._cycle:
+                    await self._settle(keep=0)
+            finally:
+                await self.consumer.stop()
+
+    def assigned(self) -> set[TopicPartition]:
+        try:
+            return set(self.consumer.assignment()) if self.consumer is not None else set()
+        except Exception:  # not started, or between rebalances
+            return set()
+
+    def lags(self) -> Iterator[tuple[str, int, int]]:
+        """(topic, partition, lag) of the assigned input partitions: highwater minus the next offset to read."""
+        if self.consumer is None:  # not started yet: nothing assigned
+            return
+        for tp in sorted(self.assigned()):
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                yield tp.topic, tp.partition, max(0, high - self._read.get(tp, high))
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self.consumer is not None
+        wait_ms = max(1, int(self.settings.batch_wait_s * 1000))
+        while True:
+            try:
+                async with self._cycle:
+                    fetched = await self.consumer.getmany(timeout_ms=wait_ms,
+                                                          max_records=self.settings.batch_max_events)
+                    if fetched:
+                        await self._process(fetched)
+                await self._settle(keep=IN_FLIGHT - 1 if fetched else 0)
+            except KafkaError as exc:  # e.g. the broker restarting: the consumer reconnects by itself
+                log.warning("scoring loop: %r; going on", exc)
+                await asyncio.sleep(1.0)
+
+    async def _process(self, fetched: dict[TopicPartition, list]) -> None:
+        started = time.perf_counter()
+        msgs = [Message(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+                for records in fetched.values() for r in records]
+        offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items()}
+        async with self.pipeline.send_order:  # a rescore never slips between a write and its send
+            outs = await with_retry(lambda: self.pipeline.handle_batch(msgs), f"batch of {len(msgs)}")
+            acks = await self.send(outs)
+        self._read.update(offsets)
+        self._in_flight.append(Batch(acks, offsets, self.pipeline.take_unacked(), msgs, outs,
+                                     time.perf_counter() - started))
+
+    async def _settle(self, keep: int) -> None:
+        """Wait for the acknowledgements of all but the newest ``keep`` batches, then commit them."""
+        async with self._settling:
+            done: dict[TopicPartition, int] = {}
+            while len(self._in_flight) > keep:
+                batch = self._in_flight[0]
+                if batch.acks:
+                    await asyncio.gather(*batch.acks)
+                self._in_flight.popleft()
+                self.pipeline.acknowledged(batch.resent_material)
+                done.update(batch.offsets)
+                metrics.observe_batch(batch.messages, batch.outs, self.pipeline.counts, batch.seconds)
+            if done:
+                # Re-send material goes before the offsets are committed: a crash in between must
+                # leave neither stale material nor an uncommitted offset without its material.
+                await with_retry(self.pipeline.flush_acked, "dropping acknowledged re-send material")
+                await self._commit(done)
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        assert self.consumer is not None
+        assigned = self.assigned()
+        mine = {tp: offset for tp, offset in offsets.items() if tp in assigned}
+        if not mine:
+            return
+        try:
+            await self.consumer.commit(mine)
+        except (CommitFailedError, KafkaError) as exc:
+            # The group moved on (rebalance) or the broker is away: the new owner reads these
+            # events again, and the offset guard makes that redelivery change nothing.
+            log.warning("scoring loop: could not commit %s: %r", sorted(mine.items()), exc)
+
+
+
+
+
+class _SettleOnRevoke(ConsumerRebalanceListener):
+    """Before partitions leave this worker, its batches in flight are acknowledged and committed."""
+
+    def __init__(self, loop: ScoringLoop) -> None:
+        self.loop = loop
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self.loop._cycle:
+            await with_retry(lambda: self.loop._settle(keep=0), "settling before a rebalance")
+        for tp in revoked:
+            self.loop._read.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("scoring loop: assigned %s", ", ".join(f"{tp.topic}/{tp.partition}" for tp in sorted(assigned)))
