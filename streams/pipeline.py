@@ -147,7 +147,8 @@ class EventPipeline:
         """Score these leads again at ``now_ms`` through the same write path (``decay`` or ``model``)."""
         now_ms = now_ms or int(time.time() * 1000)
         plan = {lead_id: [] for lead_id in lead_ids}
-        return await self._apply(plan, lambda record, _: self._compute_rescore(record, now_ms, trigger))
+        return await self._apply(plan, lambda record, _: self._compute_rescore(record, now_ms, trigger),
+                                 state_only=True)
 
     def _compute_rescore(self, record: LeadRecord, now_ms: int, trigger: str) -> Computed:
         state = record.fresh_state()
@@ -159,18 +160,18 @@ class EventPipeline:
         r = rescore(state, self.scorer, now_ms=now_ms, trigger=trigger)
         after = contributions(state, rescore_every_ms=self.rescore_every_ms)
         write = LeadWrite(record, state, record.ids, record.offsets, None, {}, record.deleted_ts,
-                          diff(before, after))
+                          diff(before, after), state_only=True)
         key = record.lead_id.encode()
         self.counts[f"rescored_{trigger}"] += 1
         return Computed(write, _records(key, {"scores": r.score, "hot": r.hot}), {})
 
     # ---- the shared write path ------------------------------------------------------------------
 
-    async def _apply(self, by_lead: dict[str, Any], compute: Any) -> list[Out]:
+    async def _apply(self, by_lead: dict[str, Any], compute: Any, state_only: bool = False) -> list[Out]:
         outs: list[Out] = []
         todo = dict(by_lead)
         for attempt in range(MAX_CAS_RETRIES):
-            records = await self._load(todo, self._take_acked())
+            records = await self._load(todo, self._take_acked(), state_only)
             computed = {lead: compute(records[lead], todo[lead]) for lead in todo}
             writes = [(lead, c.write) for lead, c in computed.items() if c.write is not None]
             statuses = await self.store.write_many([w for _, w in writes])
@@ -188,9 +189,10 @@ class EventPipeline:
             await asyncio.sleep(random.uniform(0, 0.001 * (attempt + 1)))  # let the other writer finish
         raise ContentionError(f"leads {sorted(todo)[:5]}: state kept changing under {MAX_CAS_RETRIES} retries")
 
-    async def _load(self, leads: dict[str, Any], acked: list[tuple[str, list[str]]]) -> dict[str, LeadRecord]:
+    async def _load(self, leads: dict[str, Any], acked: list[tuple[str, list[str]]],
+                    state_only: bool = False) -> dict[str, LeadRecord]:
         try:
-            return await self.store.load_many(leads, acked=acked)
+            return await self.store.load_many(leads, acked=acked, state_only=state_only)
         except BaseException:
             self._acked = acked + self._acked  # the clean-up did not happen: keep it for the next trip
             raise

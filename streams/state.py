@@ -30,6 +30,7 @@ script over several leads.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import pickle
@@ -172,9 +173,11 @@ class LeadWrite:
     pending: dict[str, dict[str, Any]]  # origin -> outputs of this write, kept until acknowledged
     deleted_ts: int | None
     views: ViewChanges
+    state_only: bool = False  # only the state changes (a rescore): ids, offsets and snapshots stay as stored
 
 
 PENDING = "o:"  # prefix of the re-send fields
+_STATE_FIELDS = (b"v", b"s", b"dts")  # what a rescore reads and guards on
 
 
 class LeadStore:
@@ -183,17 +186,25 @@ class LeadStore:
         self.tombstone_ttl_s = tombstone_ttl_s
         self._write_sha = hashlib.sha1(_WRITE.encode()).hexdigest()
 
-    async def load_many(self, lead_ids: Iterable[str], acked: Iterable[tuple[str, list[str]]] = ()
-                        ) -> dict[str, LeadRecord]:
+    async def load_many(self, lead_ids: Iterable[str], acked: Iterable[tuple[str, list[str]]] = (),
+                        state_only: bool = False) -> dict[str, LeadRecord]:
         """Every lead of a batch in one round trip (plus, in the same trip, the clean-up of the
-        re-send material of earlier writes whose outputs Kafka has acknowledged)."""
+        re-send material of earlier writes whose outputs Kafka has acknowledged). ``state_only``:
+        the state and its guards, not the event guards and snapshots (rescoring: a write of
+        ``LeadWrite.state_only`` follows)."""
         pipe = self.client.pipeline(transaction=False)
         for lead_id, origins in acked:
             pipe.hdel(lead_key(lead_id), *(PENDING + o for o in origins))
         ids = list(lead_ids)
         for lead_id in ids:
-            pipe.hgetall(lead_key(lead_id))
+            if state_only:
+                pipe.hmget(lead_key(lead_id), *_STATE_FIELDS)
+            else:
+                pipe.hgetall(lead_key(lead_id))
         results = await pipe.execute()
+        if state_only:
+            return {lead_id: _record(lead_id, {k: v for k, v in zip(_STATE_FIELDS, values) if v is not None}, None)
+                    for lead_id, values in zip(ids, results[len(results) - len(ids):])}
         hashes = dict(zip(ids, results[len(results) - len(ids):]))
         # A lead that exists carries its deletion time (if it was ever deleted) in ``dts``; only the
         # absent ones need their tombstone: a second trip, for new or deleted leads only.
@@ -227,7 +238,9 @@ class LeadStore:
         tombstone = str(w.deleted_ts) if w.deleted_ts is not None and str(w.deleted_ts) != w.record.tombstone else ""
         fields: list[Any] = []
         removed: list[str] = []
-        if w.state is not None:
+        if w.state_only:
+            fields += ["s", orjson.dumps(w.state)]
+        elif w.state is not None:
             fields += ["s", orjson.dumps(w.state), "ids", w.ids, "off", orjson.dumps(w.offsets)]
             if w.deleted_ts is not None:  # a lead started again after a deletion remembers it
                 fields += ["dts", str(w.deleted_ts)]
@@ -299,6 +312,10 @@ def _record(lead_id: str, values: dict[bytes, bytes], tombstone: bytes | None) -
         orjson.loads(off) if off else {}, snaps or None, pending, (values.get(b"dts") or tombstone or b"").decode())
 
 
+def _pickled(trainer: Trainer) -> tuple[bytes, bytes, dict[str, Any]]:
+    return pickle.dumps(trainer), pickle.dumps(trainer.serving()), trainer.report()
+
+
 class ModelStore:
     """Versioned model checkpoints: one trainer writes, every scorer reads.
 
@@ -315,8 +332,9 @@ class ModelStore:
         """Write the trainer (with its ``last_offset``), the serving model, the version and the report
         in one transaction; returns the checkpoint's figures (also in the report's ``checkpoint``)."""
         started = time.perf_counter()
-        trainer_bytes = pickle.dumps(trainer)
-        serving_bytes = pickle.dumps(trainer.serving())
+        # Pickling takes up to seconds for a big tournament: in a thread, so the event loop (the
+        # scoring loop, in the same worker) keeps its turns instead of stalling for all of it.
+        trainer_bytes, serving_bytes, report = await asyncio.to_thread(_pickled, trainer)
         figures = {"trainer_bytes": len(trainer_bytes), "serving_bytes": len(serving_bytes),
                    "offset": trainer.last_offset, "saved_at_ms": int(time.time() * 1000),
                    "load_ms": self.load_ms, **extra}
@@ -324,7 +342,6 @@ class ModelStore:
         pipe.set("model:trainer", trainer_bytes)
         pipe.set("model:serving", serving_bytes)
         pipe.set("model:version", trainer.version)
-        report = trainer.report()
         figures["save_ms"] = round((time.perf_counter() - started) * 1000, 2)  # pickling; the write follows
         pipe.set("model:report", orjson.dumps(report | {"checkpoint": figures}))
         await pipe.execute()
@@ -335,7 +352,7 @@ class ModelStore:
         """The saved trainer, or None when there is none or it is of an older model format."""
         raw = await self.client.get("model:trainer")
         started = time.perf_counter()
-        trainer = pickle.loads(raw) if raw else None
+        trainer = await asyncio.to_thread(pickle.loads, raw) if raw else None
         self.load_ms = round((time.perf_counter() - started) * 1000, 2) if raw else None
         if trainer is not None and _format(trainer) != MODEL_FORMAT:
             log.warning("model:trainer has format %s, not %s: starting a new model", _format(trainer), MODEL_FORMAT)
@@ -347,7 +364,7 @@ class ModelStore:
 
     async def load_serving(self) -> ServingModel | None:
         raw = await self.client.get("model:serving")
-        serving = pickle.loads(raw) if raw else None
+        serving = await asyncio.to_thread(pickle.loads, raw) if raw else None
         return serving if serving is not None and _format(serving) == MODEL_FORMAT else None
 
     async def report(self) -> dict[str, Any] | None:

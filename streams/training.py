@@ -96,7 +96,9 @@ class TrainingLoop:
         try:
             example = orjson.loads(m.value)
             drifts = trainer.drifts
-            if trainer.learn(example["snapshots"], example["won"]):
+            # In a thread: a deal's test-then-train over every learner takes milliseconds, which
+            # the scoring loop in the same process would otherwise wait for.
+            if await asyncio.to_thread(trainer.learn, example["snapshots"], example["won"]):
                 log.info("trainer: champion is now %s (model version %d)", trainer.tournament.champion, trainer.version)
             if trainer.refits_due():  # the batch learner's refit (0.1-3 s) in a thread: the event loop goes on
                 log.info("trainer: batch learner refitted in %.2f s", await asyncio.to_thread(trainer.refit))
