@@ -114,7 +114,7 @@ class BatchHGB:
     def predict_proba(self, x: X) -> float:
         if self.model is None:
             return 0.5
-        return _sigmoid(self.model.raw(BatchHGB._row(x, self.columns, self.codes, self.template)))
+        return _sigmoid(_fast_hgb(self).raw(x))
 
     def __getstate__(self) -> dict[str, Any]:
         """The checkpoint keeps the last fit, not the window of rows (megabytes, and raw inputs): after a
@@ -122,6 +122,7 @@ class BatchHGB:
         state = dict(self.__dict__)
         state["rows"] = deque(maxlen=self.window)
         state["since_fit"] = 0
+        state.pop("_fast", None)  # compiled code: rebuilt (or found in the cache) after loading
         return state
 
     def frozen(self) -> FrozenHGB:
@@ -270,6 +271,52 @@ class FrozenHGB:
 
     predict_proba = BatchHGB.predict_proba
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_fast", None)
+        return state
+
+
+class FastHGB:
+    """A fitted batch learner's prediction as plain Python: the trees compiled to nested ``if`` statements.
+
+    The numpy walk of :class:`FlatTrees` costs ~100-200 µs per row (a dozen array operations per
+    level); straight-line code reads only the nodes on each tree's path (~15 µs for 50 trees). The
+    row is a list filled from ``x`` through one dict lookup per key (numeric and hashed keys: the
+    value; ``field=value`` keys: the value's win rate, as :meth:`BatchHGB._row` does).
+    """
+
+    def __init__(self, model: FlatTrees, columns: dict[str, int], codes: dict[str, dict[str, float]],
+                 template: Any) -> None:
+        self.model = model
+        self.template = [float(v) for v in template]
+        self.lookup: dict[str, tuple[int, float | None]] = {}
+        for key, j in columns.items():
+            if key in codes:  # a categorical field: each known value has its code
+                for value, code in codes[key].items():
+                    self.lookup[f"{key}={value}"] = (j, code)
+            else:
+                self.lookup[key] = (j, None)
+        self.trees = model.compiled()
+
+    def raw(self, x: X) -> float:
+        """The log-odds of ``x`` (the same as ``FlatTrees.raw(BatchHGB._row(x, ...))``)."""
+        row = self.template.copy()
+        get = self.lookup.get
+        for k, v in x.items():
+            hit = get(k)
+            if hit is not None:
+                row[hit[0]] = v if hit[1] is None else hit[1]
+        return self.trees(row)
+
+
+def _fast_hgb(learner: Any) -> FastHGB:
+    """The learner's :class:`FastHGB` for its current fit (built once per fit, not pickled)."""
+    fast = learner.__dict__.get("_fast")
+    if fast is None or fast.model is not learner.model:
+        fast = learner.__dict__["_fast"] = FastHGB(learner.model, learner.columns, learner.codes, learner.template)
+    return fast
+
 
 def serving_learners(learners: dict[str, Any]) -> dict[str, Any]:
     """The learners as scorers need them: batch learners without their training window."""
@@ -311,6 +358,26 @@ class FlatTrees:
                    cat["num_threshold"], cat["missing_go_to_left"].astype(bool), left, right, leaf, cat["value"],
                    offsets.astype(np.int64), int(cat["depth"].max()) if len(cat) else 0)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_compiled", None)
+        return state
+
+    def compiled(self) -> Any:
+        """:meth:`raw` as a generated Python function of a list (compiled once per fit and process).
+
+        >>> import numpy as np
+        >>> flat = FlatTrees(0.5, *map(np.array, ([0, 0, 0], [1.5, 0, 0], [True, False, False], [1, 1, 2],
+        ...                  [2, 1, 2], [False, True, True], [0.0, -1.0, 2.0], [0])), depth=1)
+        >>> f = flat.compiled()
+        >>> f([1.0]), f([2.0]), f([float("nan")])  # NaN follows missing_go_to_left
+        (-0.5, 2.5, -0.5)
+        """
+        fn = self.__dict__.get("_compiled")
+        if fn is None:
+            fn = self.__dict__["_compiled"] = _compile_trees(self)
+        return fn
+
     def raw(self, row: Any) -> float:
         """The log-odds for one row (a 1-d float array in the fitted column layout)."""
         import numpy as np
@@ -321,6 +388,50 @@ class FlatTrees:
             go_left = np.where(np.isnan(v), self.missing_left[node], v <= self.threshold[node])
             node = np.where(go_left, self.left[node], self.right[node])
         return self.baseline + float(self.value[node].sum())
+
+
+_COMPILED: dict[bytes, Any] = {}  # fit digest -> compiled trees: a reloaded checkpoint is not compiled again
+
+
+def _literal(v: float) -> str:
+    return repr(float(v)) if math.isfinite(v) else ("1e999" if v > 0 else "-1e999")
+
+
+def _compile_trees(flat: FlatTrees) -> Any:
+    """Generate and compile ``def raw(r)``: each tree as nested ``if`` statements on ``r[feature] <= threshold``
+    (``not (r[j] > t)`` where missing values go left: NaN fails every comparison)."""
+    import hashlib
+
+    parts = [flat.feature, flat.threshold, flat.missing_left, flat.left, flat.right, flat.leaf, flat.value, flat.roots]
+    digest = hashlib.blake2b(repr(flat.baseline).encode() + b"".join(p.tobytes() for p in parts)).digest()
+    fn = _COMPILED.get(digest)
+    if fn is not None:
+        return fn
+    if flat.depth > 90:  # beyond the parser's nesting limit: walk the arrays instead
+        import numpy as np
+
+        return lambda r: flat.raw(np.asarray(r, dtype=float))
+    lines = ["def raw(r):", f"    s = {_literal(flat.baseline)}"]
+
+    def emit(node: int, pad: str) -> None:
+        if flat.leaf[node]:
+            lines.append(f"{pad}s += {_literal(flat.value[node])}")
+            return
+        j, t = int(flat.feature[node]), _literal(flat.threshold[node])
+        lines.append(f"{pad}if not (r[{j}] > {t}):" if flat.missing_left[node] else f"{pad}if r[{j}] <= {t}:")
+        emit(int(flat.left[node]), pad + " ")
+        lines.append(f"{pad}else:")
+        emit(int(flat.right[node]), pad + " ")
+
+    for root in flat.roots:
+        emit(int(root), "    ")
+    lines.append("    return s")
+    namespace: dict[str, Any] = {}
+    exec(compile("\n".join(lines), "<batch_hgb trees>", "exec"), namespace)  # our own numbers only
+    if len(_COMPILED) >= 16:
+        _COMPILED.clear()
+    fn = _COMPILED[digest] = namespace["raw"]
+    return fn
 
 
 class Stack:

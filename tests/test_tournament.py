@@ -223,3 +223,25 @@ def test_fast_auc_is_the_exact_auc() -> None:
         labels = [int(rng.random() < 0.4) for _ in range(n)]
         exact = roc_auc(scores, labels)
         assert (fast_auc(scores, labels) is None) if exact is None else abs(fast_auc(scores, labels) - exact) < 1e-12
+
+
+def test_compiled_trees_and_fast_rows_give_the_numpy_walks_figures() -> None:
+    """The serving path (generated code, rows from a key lookup) against the array walk of the same fit."""
+    rng = np.random.default_rng(1)
+    b = BatchHGB(every=300, window=600, min_rows=50)
+    xs = []
+    for i in range(600):
+        x = {"n": float(rng.integers(0, 5)), f"src={rng.choice(['a', 'b', 'c'])}": 1.0}
+        if rng.random() < 0.3:
+            x[f"h={rng.integers(0, 4)}"] = 1.0
+        if rng.random() < 0.2:
+            del x["n"]  # missing: takes the learned side
+        xs.append(x)
+        b.learn(x, bool(x.get("n", 2.0) + ("src=a" in x) + rng.random() > 3))
+    assert b.fits == 2
+    xs += [{"src=zzz": 1.0, "never_seen": 3.0}, {}]  # unknown values and keys
+    for x in xs:
+        walked = b.model.raw(BatchHGB._row(x, b.columns, b.codes, b.template))
+        assert abs(b.predict_proba(x) - 1 / (1 + np.exp(-walked))) < 1e-12
+    clone = pickle.loads(pickle.dumps(b.frozen()))
+    assert [clone.predict_proba(x) for x in xs] == [b.predict_proba(x) for x in xs]
