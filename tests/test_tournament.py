@@ -170,8 +170,29 @@ def test_trainer_serves_the_champion_and_reports_every_learner() -> None:
     serving = trainer.serving()
     f = {"n_download": 2.0, "stage": "proposal"}
     champion = report["tournament"]["champion"]
-    assert serving.predict(f)[0] == trainer.tournament.predict_all(vectorize(f, trainer.stage_rates))[champion]
+    assert abs(serving.predict(f)[0] - trainer.tournament.predict_all(vectorize(f, trainer.stage_rates))[champion]) < 1e-12
     assert report["champion"]["roc_auc"] > 0.65
+
+
+@pytest.mark.parametrize("champion", ["logreg", "naive_bayes", "batch_hgb", "stack"])
+def test_serving_predicts_every_champion_as_its_learner_does(champion: str) -> None:
+    """ServingModel.predict uses frozen forms (linear dicts, naive Bayes lookups, compiled trees): the
+    same probability as the learner's own, the linear model's reasons, before and after a reload."""
+    from models.learner import predict_explain, vectorize_labelled
+
+    trainer = Trainer(min_outcomes=5, batch_every=200)
+    for i, (x, won) in enumerate(population(900)):
+        f = {"n_download": x.get("n_download", 0.0), "n_visit": float(i % 7), "f_city": ["a", "b", "c"][i % 3],
+             "stage": "proposal" if "stage=proposal" in x else "contacted"}
+        trainer.learn([{"features": f, "rules_score": 0.5, "stage": f["stage"]}], won)
+    trainer.tournament.champion = champion
+    serving = pickle.loads(pickle.dumps(trainer.serving()))
+    for f in ({"n_download": 2.0, "n_visit": 3.0, "f_city": "b", "stage": "proposal"}, {"stage": "contacted"}, {}):
+        x, labels = vectorize_labelled(f, serving.stage_rates, serving.encoder)
+        p, reasons = serving.predict(f)
+        assert abs(p - trainer.tournament.predict_all(x)[champion]) < 1e-12
+        assert reasons == predict_explain(serving.model, x, labels=labels)[1]
+    assert serving.predict({"n_visit": 1.0})[1]  # the linear model explains every champion's score
 
 
 # ---------------------------------------------------------------- import: delimiter, row ids, streaming
