@@ -11,7 +11,7 @@ import pytest
 from models.history import load_mapping, read_rows, rows_to_events, spill_run
 from models.learner import Trainer, vectorize
 from models.metrics import roc_auc
-from models.tournament import LEARNER_NAMES, BatchHGB, FlatTrees, StageModels, Tournament, make_learners
+from models.tournament import KNOWN_LEARNERS, LEARNER_NAMES, BatchHGB, FlatTrees, StageModels, Tournament, make_learners
 
 
 def population(n, seed=1):
@@ -30,7 +30,7 @@ def population(n, seed=1):
 # ---------------------------------------------------------------- shared checks, every learner
 
 
-@pytest.mark.parametrize("name", LEARNER_NAMES)
+@pytest.mark.parametrize("name", [n for n in KNOWN_LEARNERS if n != "forest"])  # forest: slow, tested in test_learner
 def test_every_learner_passes_the_shared_checks(name: str) -> None:
     learners = make_learners(LEARNER_NAMES if name == "stack" else (name,), batch_every=100, batch_window=500)
     t = Tournament(learners, window=300, select_every=50)
