@@ -127,7 +127,6 @@ class BatchHGB:
         state = dict(self.__dict__)
         state["rows"] = deque(maxlen=self.window)
         state["since_fit"] = 0
-        state.pop("_fast", None)  # compiled code: rebuilt (or found in the cache) after loading
         return state
 
     def frozen(self) -> FrozenHGB:
@@ -276,11 +275,6 @@ class FrozenHGB:
 
     predict_proba = BatchHGB.predict_proba
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("_fast", None)
-        return state
-
 
 class FastHGB:
     """A fitted batch learner's prediction as plain Python: the trees compiled to nested ``if`` statements.
@@ -316,10 +310,12 @@ class FastHGB:
 
 
 def _fast_hgb(learner: Any) -> FastHGB:
-    """The learner's :class:`FastHGB` for its current fit (built once per fit, not pickled)."""
-    fast = learner.__dict__.get("_fast")
-    if fast is None or fast.model is not learner.model:
-        fast = learner.__dict__["_fast"] = FastHGB(learner.model, learner.columns, learner.codes, learner.template)
+    """The :class:`FastHGB` of the learner's current fit: kept on the fit itself (a refit swaps model,
+    columns and codes together), so the batch learner and every frozen copy share it; not pickled."""
+    fast = learner.model.__dict__.get("_fast")
+    if fast is None:
+        fast = learner.model.__dict__["_fast"] = FastHGB(learner.model, learner.columns, learner.codes,
+                                                         learner.template)
     return fast
 
 
@@ -366,6 +362,7 @@ class FlatTrees:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_compiled", None)
+        state.pop("_fast", None)
         return state
 
     def compiled(self) -> Any:
