@@ -308,7 +308,7 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
             continue
         features = r.training["snapshots"][-1]["features"]  # the last snapshot before the outcome
         assert scorer.model is not None
-        learners, x = scorer.model.score_all(features)  # every learner, before learning the deal
+        learners, x = scorer.model.score_all(features, reasons=False)  # every learner, before learning the deal
         served = scorer.score(features)  # the champion's figure is not computed again
         p_model = learners[scorer.model.champion]
         result.predictions.append(Prediction(

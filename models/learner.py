@@ -293,14 +293,14 @@ class ServingModel:
         """The champion's P(won) and reasons (from the linear learner: trees give none)."""
         known = self.__dict__.get("_all")
         if known is not None and known[0] is f:
-            _, preds, x, labels = known
+            _, preds, x, labels, _ = known
         else:
             (x, labels), preds = vectorize_labelled(f, self.stage_rates, self.encoder), None
         if not self.learners:
             return predict_explain(self.model, x, labels=labels)
         if preds is not None:  # evaluate: every learner was asked already
-            reasons = predict_explain(self.model, x, labels=labels)[1] if self.model is not None else []
-            return preds[self.champion], reasons
+            explain = self.model is not None and known[4]
+            return preds[self.champion], predict_explain(self.model, x, labels=labels)[1] if explain else []
         return self._fast_predict(x, labels)
 
     def _fast_predict(self, x: dict[str, float], labels: dict[str, str]) -> tuple[float, list[dict[str, Any]]]:
@@ -325,12 +325,13 @@ class ServingModel:
             return p_linear, reasons
         return predictors[self.champion](x), reasons
 
-    def score_all(self, f: Features) -> tuple[dict[str, float], dict[str, float]]:
+    def score_all(self, f: Features, reasons: bool = True) -> tuple[dict[str, float], dict[str, float]]:
         """Every learner's P(won), and the model inputs ``x``. Kept for this features object, so that
-        a :meth:`predict` of the same object right after asks no learner again (``evaluate`` asks both)."""
+        a :meth:`predict` of the same object right after asks no learner again (``evaluate`` asks both;
+        it reports no reasons: ``reasons=False`` spares that :meth:`predict` the linear model's pass)."""
         x, labels = vectorize_labelled(f, self.stage_rates, self.encoder)
         preds = predict_all(self.learners, x)
-        self.__dict__["_all"] = (f, preds, x, labels)
+        self.__dict__["_all"] = (f, preds, x, labels, reasons)
         return preds, x
 
     def __getstate__(self) -> dict[str, Any]:

@@ -176,9 +176,8 @@ class BatchHGB:
         columns = {k: j for j, k in enumerate(sorted(keep) + sorted(codes))}  # a stable layout
         template = np.full(len(columns), np.nan)
         template[[j for k, j in columns.items() if k.startswith(_BINARY)]] = 0.0  # an absent bucket is 0
-        X_ = np.empty((len(rows), len(columns)))
-        for i, (x, _) in enumerate(rows):
-            X_[i] = self._row(x, columns, codes, template)
+        fill = FastHGB.row_filler(columns, codes, template)
+        X_ = np.array([fill(x) for x, _ in rows], dtype=float).reshape(len(rows), len(columns))
         y = np.array([y for _, y in rows], dtype=int)
         with threadpool_limits(1):  # OpenMP threads only fight over the worker's cores at this size
             model = HistGradientBoostingClassifier(**self.params).fit(X_, y)
@@ -288,25 +287,35 @@ class FastHGB:
     def __init__(self, model: FlatTrees, columns: dict[str, int], codes: dict[str, dict[str, float]],
                  template: Any) -> None:
         self.model = model
-        self.template = [float(v) for v in template]
-        self.lookup: dict[str, tuple[int, float | None]] = {}
+        self.row = FastHGB.row_filler(columns, codes, template)
+        self.trees = model.compiled()
+
+    @staticmethod
+    def row_filler(columns: dict[str, int], codes: dict[str, dict[str, float]], template: Any) -> Any:
+        """``row(x)``: the list :meth:`BatchHGB._row` would give as an array, by one lookup per key."""
+        base = [float(v) for v in template]
+        lookup: dict[str, tuple[int, float | None]] = {}
         for key, j in columns.items():
             if key in codes:  # a categorical field: each known value has its code
                 for value, code in codes[key].items():
-                    self.lookup[f"{key}={value}"] = (j, code)
+                    lookup[f"{key}={value}"] = (j, code)
             else:
-                self.lookup[key] = (j, None)
-        self.trees = model.compiled()
+                lookup[key] = (j, None)
+        get = lookup.get
+
+        def row(x: X) -> list[float]:
+            out = base.copy()
+            for k, v in x.items():
+                hit = get(k)
+                if hit is not None:
+                    out[hit[0]] = v if hit[1] is None else hit[1]
+            return out
+
+        return row
 
     def raw(self, x: X) -> float:
         """The log-odds of ``x`` (the same as ``FlatTrees.raw(BatchHGB._row(x, ...))``)."""
-        row = self.template.copy()
-        get = self.lookup.get
-        for k, v in x.items():
-            hit = get(k)
-            if hit is not None:
-                row[hit[0]] = v if hit[1] is None else hit[1]
-        return self.trees(row)
+        return self.trees(self.row(x))
 
 
 def _fast_hgb(learner: Any) -> FastHGB:
