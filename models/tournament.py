@@ -144,7 +144,27 @@ class BatchHGB:
             and len({y for _, y in self.rows}) == 2
 
     def refit(self) -> float:
-        """Fit on the window now; returns the seconds it took (also summed in ``fit_seconds``).
+        """Fit on the window now; returns the seconds it took (also summed in ``fit_seconds``)."""
+        return self.install(BatchHGB.fit_rows(self.take_window(), self.params, self.max_columns))
+
+    def take_window(self) -> list[tuple[X, bool]]:
+        """The rows of the next fit, as of now (the refit is no longer due): :meth:`fit_rows` may then
+        run in another thread while this learner keeps learning, and :meth:`install` its result later."""
+        self.since_fit = 0
+        return list(self.rows)
+
+    def install(self, fitted: tuple[Any, ...]) -> float:
+        """Serve a :meth:`fit_rows` result from now on; returns the seconds the fit took."""
+        model, columns, codes, template, spent = fitted
+        # swapped together: predictions never see a half fit
+        self.model, self.columns, self.codes, self.template = model, columns, codes, template
+        self.fits += 1
+        self.fit_seconds += spent
+        return spent
+
+    @staticmethod
+    def fit_rows(rows: list[tuple[X, bool]], params: dict[str, Any], max_columns: int) -> tuple[Any, ...]:
+        """Fit on ``rows``: ``(FlatTrees, columns, codes, template, seconds)``; touches no learner.
 
         Each categorical field (the one-hot keys ``field=value``) becomes one column holding the
         value's smoothed win rate in the window: ordering categories by win rate is how trees split
@@ -157,7 +177,6 @@ class BatchHGB:
         from threadpoolctl import threadpool_limits
 
         started = time.perf_counter()
-        rows = list(self.rows)
         prior = sum(y for _, y in rows) / len(rows)
         tallies: dict[str, dict[str, list[int]]] = {}  # field -> value -> [won, seen]
         numeric: dict[str, int] = {}
@@ -172,22 +191,16 @@ class BatchHGB:
                     numeric[k] = numeric.get(k, 0) + 1
         codes = {f: {v: (won + _SMOOTH * prior) / (seen + _SMOOTH) for v, (won, seen) in vals.items()}
                  for f, vals in tallies.items()}
-        keep = sorted(numeric, key=lambda k: -numeric[k])[:self.max_columns]
+        keep = sorted(numeric, key=lambda k: -numeric[k])[:max_columns]
         columns = {k: j for j, k in enumerate(sorted(keep) + sorted(codes))}  # a stable layout
         template = np.full(len(columns), np.nan)
         template[[j for k, j in columns.items() if k.startswith(_BINARY)]] = 0.0  # an absent bucket is 0
         fill = FastHGB.row_filler(columns, codes, template)
         X_ = np.array([fill(x) for x, _ in rows], dtype=float).reshape(len(rows), len(columns))
-        y = np.array([y for _, y in rows], dtype=int)
+        y_ = np.array([y for _, y in rows], dtype=int)
         with threadpool_limits(1):  # OpenMP threads only fight over the worker's cores at this size
-            model = HistGradientBoostingClassifier(**self.params).fit(X_, y)
-        # swapped together: predictions never see a half fit
-        self.model, self.columns, self.codes, self.template = FlatTrees.of(model), columns, codes, template
-        self.since_fit = 0
-        self.fits += 1
-        spent = time.perf_counter() - started
-        self.fit_seconds += spent
-        return spent
+            model = HistGradientBoostingClassifier(**params).fit(X_, y_)
+        return FlatTrees.of(model), columns, codes, template, time.perf_counter() - started
 
     @staticmethod
     def _row(x: X, columns: dict[str, int], codes: dict[str, dict[str, float]], template: Any) -> Any:
