@@ -84,7 +84,7 @@ def checkpoint(data: list[dict]) -> None:
     for champion in serving.learners:
         serving.champion = champion
         timed(f"serving.predict, champion {champion}", serving.predict, fs)
-        timed(f"  before (River / numpy walk, every learner for a stack), {champion}", lambda f: predict_with(
+        timed(f"  the learners' own predict_proba, no reasons, {champion}", lambda f: predict_with(
             serving.learners, champion, vectorize_labelled(f, serving.stage_rates, serving.encoder)[0]), fs)
     timed("stage_probabilities", serving.stage_probabilities, fs)
 
