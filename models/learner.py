@@ -39,7 +39,7 @@ from models.features import Features
 from models.fields import Encoder
 from models.metrics import Prequential
 from models.tournament import (LEARNER_NAMES, Learner, Stack, StageModels, Tournament, fast_predictors,
-                               learned_stamp, make_learners, predict_all, predict_with, serving_learners)
+                               learned_stamp, make_learners, predict_all, serving_learners)
 
 MODEL_KINDS = ("tournament", "logreg", "hoeffding", "forest", "naive_bayes")
 # Bumped whenever features or the model pipeline change incompatibly: a checkpoint of another

@@ -170,7 +170,8 @@ def test_trainer_serves_the_champion_and_reports_every_learner() -> None:
     serving = trainer.serving()
     f = {"n_download": 2.0, "stage": "proposal"}
     champion = report["tournament"]["champion"]
-    assert abs(serving.predict(f)[0] - trainer.tournament.predict_all(vectorize(f, trainer.stage_rates))[champion]) < 1e-12
+    expected = trainer.tournament.predict_all(vectorize(f, trainer.stage_rates))[champion]
+    assert abs(serving.predict(f)[0] - expected) < 1e-12
     assert report["champion"]["roc_auc"] > 0.65
 
 
