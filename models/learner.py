@@ -175,7 +175,7 @@ def predict_explain(model: base.Classifier, x: dict[str, float], top: int = 5,
 
 
 class LinearScorer:
-    """:func:`make_model`'s logistic regression frozen into two dicts, for serving.
+    """:func:`make_model`'s logistic regression frozen into one dict of coefficients, for serving.
 
     Each key maps to ``(a, b)``, its contribution being ``a * value + b``: for a number the weight
     divided by the scaler's std, and the mean folded into ``b``; for a one-hot key its weight (a key
