@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 from models.evaluate import evaluate_events  # noqa: E402
 from models.fields import Encoder  # noqa: E402
 from models.history import load_mapping, read_rows, rows_to_events, stream_history  # noqa: E402
-from models.learner import Trainer, vectorize  # noqa: E402
+from models.learner import Trainer, vectorize, vectorize_labelled  # noqa: E402
 from models.rules import DEFAULT_CONFIG, load_rules  # noqa: E402
-from models.tournament import Stack, make_learners  # noqa: E402
+from models.tournament import Stack, make_learners, predict_with  # noqa: E402
 
 XEDU = ROOT.parent / "shared" / "data" / "xeducation-leads.csv"
 MAPPING = ROOT / "deploy" / "mappings" / "xeducation.toml"
@@ -75,13 +75,25 @@ def checkpoint(data: list[dict]) -> None:
         pickle.loads(raw)
         print(f"  {name} checkpoint: {len(raw) / 1e6:.2f} MB, dump {dump * 1000:.0f} ms, "
               f"load {(time.perf_counter() - t) * 1000:.0f} ms")
-    serving = trainer.serving()
-    f = data[-1]["snapshots"][-1]["features"]
-    for what, call in (("serving.predict", serving.predict), ("stage_probabilities", serving.stage_probabilities)):
-        t = time.perf_counter()
-        for _ in range(300):
-            call(f)
-        print(f"  {what}: {(time.perf_counter() - t) / 300 * 1e6:.0f} µs")
+    serving = pickle.loads(pickle.dumps(trainer.serving()))  # as the scorers load it
+    fs = [e["snapshots"][-1]["features"] for e in data[-500:]]
+    serving.predict(fs[0])  # builds the frozen forms once
+    print(f"  per prediction over {len(fs)} leads (µs):")
+    timed("vectorize_labelled (inputs of every learner)",
+          lambda f: vectorize_labelled(f, serving.stage_rates, serving.encoder), fs)
+    for champion in serving.learners:
+        serving.champion = champion
+        timed(f"serving.predict, champion {champion}", serving.predict, fs)
+        timed(f"  the learners' own predict_proba, no reasons, {champion}", lambda f: predict_with(
+            serving.learners, champion, vectorize_labelled(f, serving.stage_rates, serving.encoder)[0]), fs)
+    timed("stage_probabilities", serving.stage_probabilities, fs)
+
+
+def timed(what: str, call, fs: list) -> None:
+    t = time.perf_counter()
+    for f in fs:
+        call(f)
+    print(f"    {what}: {(time.perf_counter() - t) / len(fs) * 1e6:.0f}")
 
 
 def streaming(n: int) -> None:
@@ -111,11 +123,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=9237)
     parser.add_argument("--stream-rows", type=int, default=0)
+    parser.add_argument("--checkpoint-only", action="store_true", help="skip the per-learner costs")
     args = parser.parse_args()
     if args.stream_rows:
         streaming(args.stream_rows)  # first: the peak RSS is the process's
     data = examples(args.rows)
-    per_learner(data)
+    if not args.checkpoint_only:
+        per_learner(data)
     checkpoint(data)
 
 

@@ -38,8 +38,8 @@ from models.events import STAGES
 from models.features import Features
 from models.fields import Encoder
 from models.metrics import Prequential
-from models.tournament import (LEARNER_NAMES, Learner, StageModels, Tournament, make_learners, predict_all,
-                               predict_with, serving_learners)
+from models.tournament import (LEARNER_NAMES, Learner, Stack, StageModels, Tournament, fast_predictors,
+                               learned_stamp, make_learners, predict_all, serving_learners)
 
 MODEL_KINDS = ("tournament", "logreg", "hoeffding", "forest", "naive_bayes")
 # Bumped whenever features or the model pipeline change incompatibly: a checkpoint of another
@@ -174,6 +174,79 @@ def predict_explain(model: base.Classifier, x: dict[str, float], top: int = 5,
     return p, [{"feature": labels.get(k, k), "contribution": round(c, 4)} for _, k, c in ranked]
 
 
+class LinearScorer:
+    """:func:`make_model`'s logistic regression frozen into one dict of coefficients, for serving.
+
+    Each key maps to ``(a, b)``, its contribution being ``a * value + b``: for a number the weight
+    divided by the scaler's std, and the mean folded into ``b``; for a one-hot key its weight (a key
+    with no variance or no weight is left out: it contributes 0). One pass over ``x`` gives the
+    probability and every contribution; ``predict_explain`` goes through River's scaler and dot
+    product (three dicts per event).
+
+    >>> m = make_model()
+    >>> for i in range(30):
+    ...     m.learn_one({"stage=proposal": 1.0, "n_click": float(i % 4)}, True)
+    ...     m.learn_one({"stage=new": 1.0, "n_click": 0.5}, False)
+    >>> x = {"stage=proposal": 1.0, "n_click": 2.0, "unknown": 5.0}
+    >>> p, reasons = LinearScorer(m).explain(x)
+    >>> abs(p - predict_explain(m, x)[0]) < 1e-12, reasons == predict_explain(m, x)[1]
+    (True, True)
+    """
+
+    def __init__(self, model: base.Classifier) -> None:
+        union, regression = list(model.steps.values())
+        scaler = _scaler_of(union)
+        if scaler is None or not isinstance(regression, linear_model.LogisticRegression):
+            raise TypeError("LinearScorer needs make_model('logreg')'s pipeline")
+        variances = scaler.vars
+        # key -> (a, b): its contribution is a * value + b (the scaler's mean and std folded in)
+        self.coef: dict[str, tuple[float, float]] = {}
+        for k, w in regression.weights.items():
+            if not w:
+                continue
+            if "=" in k:
+                self.coef[k] = (w, 0.0)
+            elif variances.get(k, 0.0):  # no variance: River scales the key to 0
+                std = variances[k] ** 0.5
+                self.coef[k] = (w / std, -w * scaler.means[k] / std)
+        self.intercept = regression.intercept
+        self.link = regression.loss.mean_func
+
+    def contributions(self, x: dict[str, float]) -> list[tuple[str, float]]:
+        """``(key, weight x scaled value)`` for every key of ``x`` that counts."""
+        out = []
+        get = self.coef.get
+        for k, v in x.items():
+            e = get(k)
+            if e is not None:
+                c = e[0] * v + e[1]
+                if c:
+                    out.append((k, c))
+        return out
+
+    def predict_proba(self, x: dict[str, float]) -> float:
+        return self.link(self.intercept + sum(c for _, c in self.contributions(x)))
+
+    def explain(self, x: dict[str, float], top: int = 5,
+                labels: dict[str, str] | None = None) -> tuple[float, list[dict[str, Any]]]:
+        """P(won) and the ``top`` contributions, as :func:`predict_explain` gives them."""
+        contrib = self.contributions(x)
+        p = self.link(self.intercept + sum(c for _, c in contrib))
+        ranked = sorted(contrib, key=_by_size)[:top]  # a C sort of ~30 pairs beats heapq's Python calls
+        labels = labels or {}
+        return p, [{"feature": labels.get(k, k), "contribution": round(c, 4)} for k, c in ranked]
+
+
+def _by_size(kc: tuple[str, float]) -> tuple[float, str]:
+    return -abs(kc[1]), kc[0]  # the largest first; ties by name, as predict_explain
+
+
+def _is_linear(model: Any) -> bool:
+    steps = list(model.steps.values()) if isinstance(model, compose.Pipeline) else []
+    return len(steps) == 2 and isinstance(steps[-1], linear_model.LogisticRegression) and \
+        _scaler_of(steps[0]) is not None
+
+
 @dataclass
 class StageRates:
     """Per-stage success probability, Beta(1, 1)-smoothed, from leads that passed through each stage."""
@@ -220,26 +293,51 @@ class ServingModel:
         """The champion's P(won) and reasons (from the linear learner: trees give none)."""
         known = self.__dict__.get("_all")
         if known is not None and known[0] is f:
-            _, preds, x, labels = known
+            _, preds, x, labels, _ = known
         else:
             (x, labels), preds = vectorize_labelled(f, self.stage_rates, self.encoder), None
-        if not self.learners or (self.champion == "logreg" and preds is None and self.model is not None):
-            return predict_explain(self.model, x, labels=labels)  # the champion's own P(won): asked once
-        reasons = predict_explain(self.model, x, labels=labels)[1] if self.model is not None else []
-        p = preds[self.champion] if preds is not None else predict_with(self.learners, self.champion, x)
-        return p, reasons
+        if not self.learners:
+            return predict_explain(self.model, x, labels=labels)
+        if preds is not None:  # evaluate: every learner was asked already
+            explain = self.model is not None and known[4]
+            return preds[self.champion], predict_explain(self.model, x, labels=labels)[1] if explain else []
+        return self._fast_predict(x, labels)
 
-    def score_all(self, f: Features) -> tuple[dict[str, float], dict[str, float]]:
+    def _fast_predict(self, x: dict[str, float], labels: dict[str, str]) -> tuple[float, list[dict[str, Any]]]:
+        """The champion through the learners' frozen forms (built once per model, rebuilt if a shared
+        learner learned since): the linear learner as dicts, naive Bayes as lookups, compiled trees."""
+        stamp = learned_stamp(self.learners)
+        fast = self.__dict__.get("_fast")
+        if fast is None or fast[0] != stamp:
+            linear = LinearScorer(self.model) if _is_linear(self.model) else None
+            fast = self.__dict__["_fast"] = (stamp, linear, fast_predictors(
+                self.learners, linear.predict_proba if linear is not None else None))
+        _, linear, predictors = fast
+        if linear is not None:
+            p_linear, reasons = linear.explain(x, labels=labels)
+        else:
+            p_linear, reasons = None, []
+        champion = self.learners[self.champion]
+        if isinstance(champion, Stack):
+            base = {n: (p_linear if n == "logreg" and p_linear is not None else f(x)) for n, f in predictors.items()}
+            return champion.predict_from(base), reasons
+        if self.champion == "logreg" and p_linear is not None:
+            return p_linear, reasons
+        return predictors[self.champion](x), reasons
+
+    def score_all(self, f: Features, reasons: bool = True) -> tuple[dict[str, float], dict[str, float]]:
         """Every learner's P(won), and the model inputs ``x``. Kept for this features object, so that
-        a :meth:`predict` of the same object right after asks no learner again (``evaluate`` asks both)."""
+        a :meth:`predict` of the same object right after asks no learner again (``evaluate`` asks both;
+        it reports no reasons: ``reasons=False`` spares that :meth:`predict` the linear model's pass)."""
         x, labels = vectorize_labelled(f, self.stage_rates, self.encoder)
         preds = predict_all(self.learners, x)
-        self.__dict__["_all"] = (f, preds, x, labels)
+        self.__dict__["_all"] = (f, preds, x, labels, reasons)
         return preds, x
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_all", None)  # never in a checkpoint
+        state.pop("_fast", None)  # rebuilt after loading
         return state
 
     def stage_probabilities(self, f: Features) -> dict[str, float]:
