@@ -550,8 +550,15 @@ async def post_events(request: web.Request) -> web.Response:
 
 
 async def dashboard(request: web.Request) -> web.Response:
-    context = await request.app[API].dashboard(_filters(request), _float(request, "stall_days", 14.0))
-    return web.Response(text=render("dashboard.html", **context), content_type="text/html")
+    """The page, rendered at most once per AGGREGATES_TTL_S per filter: a dashboard left open and
+    reloading (or many people opening it) costs Redis and the CPU the worker needs one reading."""
+    api, filters, stall_days = request.app[API], _filters(request), _float(request, "stall_days", 14.0)
+
+    async def page() -> str:
+        return render("dashboard.html", **await api.dashboard(filters, stall_days))
+
+    key = ("page", filters["owner"], filters["stage"], filters["grade"], filters["hot"], stall_days)
+    return web.Response(text=await api.cache.get(key, page), content_type="text/html")
 
 
 async def lead_page(request: web.Request) -> web.Response:

@@ -1,9 +1,11 @@
 """Reads of the read models (leaderboards, funnel, owners, success curve), and their rebuild.
 
-Every read is a pipelined round trip over the :data:`~streams.state.SHARDS` shards, each command
-O(log N + page) or O(counters), never a scan of the leads. What is not exact is said so:
-medians (days in stage, days to close) combine each shard's quantiles (9 per shard), so they are
-approximate when the shards disagree.
+Every read is a pipelined round trip (two for the aggregates) over the :data:`~streams.state.SHARDS`
+shards, each command O(log N + page) or O(counters), never a scan of the leads: a few dozen to
+about a hundred commands per read whatever the number of leads. What is not exact is said so:
+medians (days in stage, days to close) are the median of the shards' medians, weighted by their
+sizes; exact while every shard holds at most :data:`EXACT_UP_TO` members of the set, approximate
+beyond (the shards are random samples of the whole, so close).
 
 ``rebuild_views`` recomputes every view from the lead hashes (SCAN: a repair tool, not a read
 path): after a bug, a restore, or a change of the rescoring cadence.
