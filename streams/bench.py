@@ -218,8 +218,10 @@ async def bench_burst(settings: Settings, events: list[dict[str, Any]]) -> Figur
 
 
 async def bench_latency(settings: Settings, events: list[dict[str, Any]], rate: float, seconds: float,
-                        reader: Callable[[], Awaitable[None]] | None = None) -> Figures:
-    """Event -> score latency at a steady offered ``rate`` for ``seconds`` (optionally with a reader)."""
+                        reader: Callable[[], Awaitable[None]] | None = None,
+                        samples: list[float] | None = None) -> Figures:
+    """Event -> score latency at a steady offered ``rate`` for ``seconds`` (optionally with a reader;
+    ``samples`` gets every latency in seconds, to pool several runs)."""
     n = min(len(events), int(rate * seconds))
     events = events[:n]
     producer = AIOKafkaProducer(**kafka_kwargs(settings), acks=1, linger_ms=0)
@@ -256,9 +258,15 @@ async def bench_latency(settings: Settings, events: list[dict[str, Any]], rate: 
     if reading:
         await reading
     await producer.stop()
+    if samples is not None:
+        samples += latencies
+    return _latency_figures(rate, latencies)
+
+
+def _latency_figures(rate: float, latencies: list[float]) -> Figures:
     q = statistics.quantiles(latencies, n=100)
-    return {"rate": rate, "events": n, "p50_ms": round(q[49] * 1000, 1), "p95_ms": round(q[94] * 1000, 1),
-            "p99_ms": round(q[98] * 1000, 1)}
+    return {"rate": rate, "events": len(latencies), "p50_ms": round(q[49] * 1000, 1),
+            "p95_ms": round(q[94] * 1000, 1), "p99_ms": round(q[98] * 1000, 1)}
 
 
 def _fresh_events(leads: int, seed: int, prefix: str) -> list[dict[str, Any]]:
@@ -459,9 +467,16 @@ class _Clone:
         self.head, self.tail = raw.split(quoted)
         self.rest = [x for k, v in stored.items() if k != b"s" for x in (k, v)]
         self.counters, self.sets = contributions(state, rescore_every_ms=every_ms)
+        self._keys: dict[int, list[tuple[str, float]]] = {}
 
     def fields(self, lead_id: str) -> list[bytes]:
         return [b"s", self.head + orjson.dumps(lead_id) + self.tail, *self.rest]
+
+    def members(self, shard: int) -> list[tuple[str, float]]:
+        """(view key, score) of each sorted set a copy in ``shard`` is a member of."""
+        if shard not in self._keys:
+            self._keys[shard] = [(view_key(shard, name), score) for name, score in self.sets.items()]
+        return self._keys[shard]
 
 
 async def populate_leads(settings: Settings, n: int, rules_text: str, batch: int = 5000,
@@ -483,7 +498,7 @@ async def populate_leads(settings: Settings, n: int, rules_text: str, batch: int
     clones: dict[tuple[str, str], _Clone] = {}
     rng = random.Random(1)
     pool = sorted(stored)
-    counters: dict[int, dict[str, int]] = {shard: {} for shard in range(SHARDS)}
+    copies: dict[tuple[int, _Clone], int] = {}  # counters are a clone's times its copies per shard
     t0 = time.perf_counter()
     for start in range(0, n, batch):
         pipe = client.pipeline(transaction=False)
@@ -495,14 +510,16 @@ async def populate_leads(settings: Settings, n: int, rules_text: str, batch: int
                 clone = clones[template, owner] = _Clone(template, stored[template], owner, every_ms)
             shard = shard_of(lead_id)
             pipe.execute_command("HSET", lead_key(lead_id), *clone.fields(lead_id))
-            for name, score in clone.sets.items():
-                members.setdefault(view_key(shard, name), {})[lead_id] = score
-            mine = counters[shard]
-            for name, delta in clone.counters.items():
-                mine[name] = mine.get(name, 0) + delta
+            for key, score in clone.members(shard):
+                members.setdefault(key, {})[lead_id] = score
+            copies[shard, clone] = copies.get((shard, clone), 0) + 1
         for key, scores in members.items():
             pipe.zadd(key, scores)
         await pipe.execute()
+    counters: dict[int, dict[str, int]] = {shard: {} for shard in range(SHARDS)}
+    for (shard, clone), times in copies.items():
+        for name, delta in clone.counters.items():
+            counters[shard][name] = counters[shard].get(name, 0) + delta * times
     pipe = client.pipeline(transaction=False)
     for shard, values in counters.items():
         if values:
@@ -532,29 +549,44 @@ async def bench_reads(settings: Settings, rules_text: str) -> Figures:
         await client.aclose()
 
 
+READER_BLOCKS = ("without", "with", "with", "without")  # ABBA: a drift of the machine's load falls on both
+
+
 async def bench_reader_effect(settings: Settings, rate: float, seconds: float) -> Figures:
-    """The worker's event -> score latency at ``rate`` without, then with, a dashboard load every second
-    (from ``leadstream api``, its own process), on whatever Redis holds (e.g. a million leads)."""
+    """The worker's event -> score latency at ``rate`` without and with a dashboard load every second
+    (from ``leadstream api``, its own process), on whatever Redis holds (e.g. a million leads).
+
+    The phases alternate in :data:`READER_BLOCKS` of ``seconds / 2`` each, pooled per phase, and the
+    events carry no deal outcome: no model is trained, so its lifecycle (checkpoints, a rescoring pass
+    of every open lead after each new version) cannot fall into one phase and not the other."""
     await ensure_topics(settings)
     log_dir = Path(settings.home) / "logs"
     procs = [start_worker(settings, log_dir / f"bench-worker-r-{settings.app_id}.log", env=_env(settings)),
              start_api(settings, log_dir / f"bench-api-r-{settings.app_id}.log", env=_env(settings))]
     dashboard = f"http://127.0.0.1:{settings.api_port}/dashboard"
+    pooled: dict[str, list[float]] = {"without": [], "with": []}
+    block_s = seconds / 2
+
+    def events(seed: int, prefix: str, length_s: float) -> list[dict[str, Any]]:
+        fresh = _fresh_events(max(50, int(rate * length_s / 20)), seed, prefix)
+        return [e for e in fresh if e["type"] not in ("deal_won", "deal_lost")]
+
     try:
-        # Warm-up, not measured: the worker joins its group and takes its partitions, the first deals
-        # train a model (whose rescoring pass then runs through both measured phases alike).
-        await bench_latency(settings, _fresh_events(max(50, int(rate * 5 / 25)), 30, "warm"), rate, 5)
-        alone = await bench_latency(settings, _fresh_events(max(50, int(rate * seconds / 25)), 31, "alone"),
-                                    rate, seconds)
+        # Warm-up, not measured: the worker joins its group and takes its partitions.
+        await bench_latency(settings, events(30, "warm", 5), rate, 5)
         t0 = time.perf_counter()
         await asyncio.to_thread(_get, dashboard)
         page_ms = round((time.perf_counter() - t0) * 1000, 1)
-        read = await bench_latency(settings, _fresh_events(max(50, int(rate * seconds / 25)), 32, "readr"),
-                                   rate, seconds, reader=lambda: asyncio.to_thread(_get, dashboard))
+        for i, phase in enumerate(READER_BLOCKS):
+            reader = (lambda: asyncio.to_thread(_get, dashboard)) if phase == "with" else None
+            await bench_latency(settings, events(31 + i, f"{phase}{i}", block_s), rate, block_s, reader=reader,
+                                samples=pooled[phase])
     finally:
         for p in procs:
             stop_worker(p)
-    return {"without_reader": alone, "with_reader": read, "dashboard_page_ms": page_ms}
+    return {"without_reader": _latency_figures(rate, pooled["without"]),
+            "with_reader": _latency_figures(rate, pooled["with"]), "blocks": list(READER_BLOCKS),
+            "block_s": block_s, "dashboard_page_ms": page_ms}
 
 
 # ---- the command ---------------------------------------------------------------------------------
