@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import logging
 import time
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -45,6 +46,7 @@ AUC_HISTORY_KEY = "model:auc_history"  # sorted set, score = model version, memb
 AUC_HISTORY_LEN = 500
 HISTORY_EVERY_S = 5.0
 DASHBOARD_LEADS = 25
+AGGREGATES_TTL_S = 2.0  # how stale the funnel, team, success curve and model figures may be (docs/api.md)
 
 TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("streams", "templates"), autoescape=True,
                                undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -52,6 +54,36 @@ TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("streams", "templates
 
 class BadBody(ValueError):
     """The request body cannot be read as events at all (answered with 400)."""
+
+
+class TtlCache:
+    """Values computed at most once per ``ttl_s`` per key; callers arriving during a computation
+    share it, and a failure is not kept (the next caller tries again).
+
+    The dashboard's aggregates (funnel, team, success curve, model) are sums over every lead: a
+    second's staleness costs nothing to a reader, while reading them costs Redis (single-threaded,
+    shared with the worker's writes) hundreds of commands. Values are shared: do not change them.
+    """
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic, max_keys: int = 256) -> None:
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.max_keys = max_keys
+        self._entries: dict[Hashable, tuple[float, asyncio.Future[Any]]] = {}
+
+    async def get(self, key: Hashable, compute: Callable[[], Awaitable[Any]]) -> Any:
+        now = self.clock()
+        entry = self._entries.get(key)
+        if entry is None or entry[0] <= now:
+            if len(self._entries) >= self.max_keys:  # keys carry query parameters: keep only live ones
+                self._entries = {k: e for k, e in self._entries.items() if e[0] > now}
+            entry = self._entries[key] = (now + self.ttl_s, asyncio.ensure_future(compute()))
+        try:
+            return await asyncio.shield(entry[1])
+        except Exception:
+            if self._entries.get(key) is entry:
+                del self._entries[key]
+            raise
 
 
 # ---------------------------------------------------------------- webhook bodies (pure)
@@ -240,6 +272,7 @@ class Api:
         self.leads = LeadStore(client)
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
+        self.cache = TtlCache(AGGREGATES_TTL_S)
 
     async def producer(self) -> AIOKafkaProducer:
         """The producer, started on first use (so the API starts, and reads work, without Kafka)."""
@@ -292,6 +325,33 @@ class Api:
 
     async def auc_history(self) -> list[dict[str, Any]]:
         return [orjson.loads(m) for m in await self.client.zrange(AUC_HISTORY_KEY, 0, -1)]
+
+    async def aggregates(self, stall_days: float) -> dict[str, Any]:
+        """Funnel (with the model's learned win rate per stage and the problems found), team, success
+        curve, model report and AUC history: read at most once per :data:`AGGREGATES_TTL_S`."""
+        return await self.cache.get(("aggregates", stall_days), lambda: self._aggregates(stall_days))
+
+    async def _aggregates(self, stall_days: float) -> dict[str, Any]:
+        views = await self.views.aggregates(now_ms=_now_ms(), stall_days=stall_days)
+        model = await self.models.report()
+        funnel = views["funnel"]
+        rates = (model or {}).get("stage_rates", {})
+        for stage, row in funnel["stages"].items():
+            row["learned_win_rate"] = rates.get(stage, {}).get("win_rate")
+        funnel["problems"] = alerts(funnel)
+        return {"funnel": funnel, "owners": views["owners"], "success_curve": views["success_curve"],
+                "model": model, "auc_history": await self.auc_history()}
+
+    async def dashboard(self, filters: dict[str, Any], stall_days: float) -> dict[str, Any]:
+        """Everything the dashboard page shows: the cached aggregates and a fresh page of the best leads."""
+        agg = await self.aggregates(stall_days)
+        leads, _ = await self.views.leaderboard(**(filters | {"limit": DASHBOARD_LEADS, "cursor": None}))
+        funnel, model = agg["funnel"], agg["model"]
+        return {"funnel": funnel, "owners": agg["owners"], "leads": leads, "model": model,
+                "charts": dashboard_charts(funnel, agg["success_curve"], agg["auc_history"]),
+                "alerts": funnel["problems"], "filters": filters, "stages": STAGES, "grades": GRADE_NAMES,
+                "open_leads": sum(row["open"] for row in funnel["stages"].values()),
+                "stage_rates": (model or {}).get("stage_rates", {})}
 
 
 API: web.AppKey[Api] = web.AppKey("api", Api)
@@ -429,29 +489,22 @@ async def list_leads(request: web.Request) -> web.Response:
 
 
 async def get_funnel(request: web.Request) -> web.Response:
-    api = request.app[API]
-    report = await api.views.funnel(now_ms=_now_ms(), stall_days=_float(request, "stall_days", 14.0),
-                                    owner=request.query.get("owner") or None)
-    rates = ((await api.models.report()) or {}).get("stage_rates", {})
-    for stage, row in report["stages"].items():
-        row["learned_win_rate"] = rates.get(stage, {}).get("win_rate")
-    report["problems"] = alerts(report)
-    return _json(report)
+    agg = await request.app[API].aggregates(_float(request, "stall_days", 14.0))
+    return _json(agg["funnel"])
 
 
 async def get_owners(request: web.Request) -> web.Response:
-    rows = await request.app[API].views.owners(now_ms=_now_ms(), stall_days=_float(request, "stall_days", 14.0))
-    return _json({"owners": rows})
+    agg = await request.app[API].aggregates(_float(request, "stall_days", 14.0))
+    return _json({"owners": agg["owners"]})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    api = request.app[API]
-    report = await api.models.report() or {"version": 0}
-    return _json(report | {"auc_history": await api.auc_history()})
+    agg = await request.app[API].aggregates(14.0)
+    return _json((agg["model"] or {"version": 0}) | {"auc_history": agg["auc_history"]})
 
 
 async def get_success_curve(request: web.Request) -> web.Response:
-    return _json(await request.app[API].views.success_curve())
+    return _json((await request.app[API].aggregates(14.0))["success_curve"])
 
 
 async def post_events(request: web.Request) -> web.Response:
@@ -497,20 +550,15 @@ async def post_events(request: web.Request) -> web.Response:
 
 
 async def dashboard(request: web.Request) -> web.Response:
-    api = request.app[API]
-    f = _filters(request) | {"limit": DASHBOARD_LEADS}
-    now = _now_ms()
-    funnel = await api.views.funnel(now_ms=now, stall_days=_float(request, "stall_days", 14.0), owner=f["owner"])
-    owners = await api.views.owners(now_ms=now)
-    leads, _ = await api.views.leaderboard(**f)
-    curve = await api.views.success_curve()
-    model = await api.models.report()
-    html = render("dashboard.html", funnel=funnel, owners=owners, leads=leads, model=model,
-                  charts=dashboard_charts(funnel, curve, await api.auc_history()), alerts=alerts(funnel),
-                  filters=f, stages=STAGES, grades=GRADE_NAMES,
-                  open_leads=sum(row["open"] for row in funnel["stages"].values()),
-                  stage_rates=(model or {}).get("stage_rates", {}))
-    return web.Response(text=html, content_type="text/html")
+    """The page, rendered at most once per AGGREGATES_TTL_S per filter: a dashboard left open and
+    reloading (or many people opening it) costs Redis and the CPU the worker needs one reading."""
+    api, filters, stall_days = request.app[API], _filters(request), _float(request, "stall_days", 14.0)
+
+    async def page() -> str:
+        return render("dashboard.html", **await api.dashboard(filters, stall_days))
+
+    key = ("page", filters["owner"], filters["stage"], filters["grade"], filters["hot"], stall_days)
+    return web.Response(text=await api.cache.get(key, page), content_type="text/html")
 
 
 async def lead_page(request: web.Request) -> web.Response:

@@ -39,6 +39,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from models.events import parse_event, topic_kind_of
 from models.features import copy_state
 from models.learner import Trainer
+from models.readmodel import contributions
 from models.rules import load_rules
 from models.scoring import Scorer, step
 from models.simulate import simulate
@@ -47,11 +48,14 @@ from streams.pipeline import EventPipeline, Message
 from streams.publish import topic_for
 from streams.clients import kafka_kwargs, redis_client
 from streams.settings import SETTINGS, Settings
-from streams.state import LeadStore
+from streams.state import SHARDS, LeadStore, lead_key, shard_of, view_key
 from streams.topics import ensure_topics
 from streams.views import Views
 
 Figures = dict[str, Any]
+POPULATE_TEMPLATES = 1000  # simulated leads written through the pipeline, then copied
+POPULATE_OWNERS = tuple(f"Manager {i:02d}" for i in range(20))  # a sales team for a million leads
+READ_REPEATS = 20  # timings per read (p50, p95)
 
 
 def bench_settings(base: Settings, redis_db: int, tag: str) -> Settings:
@@ -214,8 +218,10 @@ async def bench_burst(settings: Settings, events: list[dict[str, Any]]) -> Figur
 
 
 async def bench_latency(settings: Settings, events: list[dict[str, Any]], rate: float, seconds: float,
-                        reader: Callable[[], Awaitable[None]] | None = None) -> Figures:
-    """Event -> score latency at a steady offered ``rate`` for ``seconds`` (optionally with a reader)."""
+                        reader: Callable[[], Awaitable[None]] | None = None,
+                        samples: list[float] | None = None) -> Figures:
+    """Event -> score latency at a steady offered ``rate`` for ``seconds`` (optionally with a reader;
+    ``samples`` gets every latency in seconds, to pool several runs)."""
     n = min(len(events), int(rate * seconds))
     events = events[:n]
     producer = AIOKafkaProducer(**kafka_kwargs(settings), acks=1, linger_ms=0)
@@ -252,9 +258,15 @@ async def bench_latency(settings: Settings, events: list[dict[str, Any]], rate: 
     if reading:
         await reading
     await producer.stop()
+    if samples is not None:
+        samples += latencies
+    return _latency_figures(rate, latencies)
+
+
+def _latency_figures(rate: float, latencies: list[float]) -> Figures:
     q = statistics.quantiles(latencies, n=100)
-    return {"rate": rate, "events": n, "p50_ms": round(q[49] * 1000, 1), "p95_ms": round(q[94] * 1000, 1),
-            "p99_ms": round(q[98] * 1000, 1)}
+    return {"rate": rate, "events": len(latencies), "p50_ms": round(q[49] * 1000, 1),
+            "p95_ms": round(q[94] * 1000, 1), "p99_ms": round(q[98] * 1000, 1)}
 
 
 def _fresh_events(leads: int, seed: int, prefix: str) -> list[dict[str, Any]]:
@@ -373,25 +385,49 @@ async def _memory(client: aioredis.Redis) -> dict[str, int]:
     return by_kind
 
 
-async def _time_reads(client: aioredis.Redis, rules: Any) -> Figures:
+async def _time_reads(client: aioredis.Redis, rules: Any, settings: Settings | None = None,
+                      repeats: int = READ_REPEATS) -> Figures:
+    """p50 / p95 milliseconds of every read the dashboard, ``leadstream funnel`` and the API's
+    leaderboard do (uncached: each repetition reads Redis), each read repeated ``repeats`` times."""
+    from streams.api import Api, DASHBOARD_LEADS
+
     views = Views(client, rules.grades)
-    now = int(time.time() * 1000)
-    reads = {
-        "leaderboard_top_50": lambda: views.leaderboard(limit=50),
-        "leaderboard_stage_filter": lambda: views.leaderboard(stage="proposal", limit=50),
-        "leaderboard_grade_filter": lambda: views.leaderboard(grade="B", limit=50),
-        "funnel": lambda: views.funnel(now_ms=now),
-        "owners": lambda: views.owners(now_ms=now),
-        "success_curve": lambda: views.success_curve(),
+    api = Api(settings, client) if settings is not None else None
+    top = (await views.leaderboard(limit=50))[1]
+    owner = next((k for k in sorted(await views.counters()) if k.startswith("o:")), "o:?:").split(":")[1]
+
+    def now() -> int:
+        return int(time.time() * 1000)
+
+    reads: dict[str, Callable[[], Awaitable[Any]]] = {
+        "dashboard: funnel + team + success curve (one reading)": lambda: views.aggregates(now_ms=now()),
+        f"dashboard: best {DASHBOARD_LEADS} open leads": lambda: views.leaderboard(limit=DASHBOARD_LEADS),
+        "funnel (leadstream funnel, GET /funnel)": lambda: views.funnel(now_ms=now()),
+        "team (GET /owners)": lambda: views.owners(now_ms=now()),
+        "success curve (GET /success-curve)": views.success_curve,
+        "leaderboard top 50 (GET /leads)": lambda: views.leaderboard(limit=50),
+        "leaderboard page 2 (cursor)": lambda: views.leaderboard(limit=50, cursor=top),
+        "leaderboard by stage": lambda: views.leaderboard(stage="proposal", limit=50),
+        "leaderboard by grade": lambda: views.leaderboard(grade="B", limit=50),
+        "leaderboard by owner": lambda: views.leaderboard(owner=owner, limit=50),
+        "leaderboard hot": lambda: views.leaderboard(hot=True, limit=50),
     }
-    figures = {}
+    if api is not None:  # the whole dashboard as the api reads it, its cache emptied before each time
+        async def dashboard() -> None:
+            api.cache = type(api.cache)(api.cache.ttl_s)
+            await api.dashboard({"owner": None, "stage": None, "grade": None, "hot": None}, 14.0)
+
+        reads["dashboard: the whole page's reads, uncached"] = dashboard
+    figures: Figures = {}
     for name, read in reads.items():
+        await read()  # warm: connections, script caches
         times = []
-        for _ in range(5):
+        for _ in range(repeats):
             t0 = time.perf_counter()
             await read()
-            times.append(time.perf_counter() - t0)
-        figures[name] = round(statistics.median(times) * 1000, 1)
+            times.append((time.perf_counter() - t0) * 1000)
+        q = statistics.quantiles(times, n=20, method="inclusive")
+        figures[name] = {"p50_ms": round(statistics.median(times), 1), "p95_ms": round(q[18], 1)}
     return figures
 
 
@@ -409,79 +445,159 @@ async def _rescoring_pass(client: aioredis.Redis, pipeline: EventPipeline, batch
     return {"open_leads": len(leads), "rescored": sent, "leads_per_s": round(len(leads) / seconds) if seconds else None}
 
 
-async def populate_leads(settings: Settings, n: int, rules_text: str) -> Figures:
-    """``n`` open and closed leads with their read models, written straight to Redis (lead hash +
-    view changes, as the write path leaves them), cloned from 1,000 leads the pure step computed:
-    a fast way to a million leads for the read benchmarks (memory is measured on the real path)."""
+async def _write_templates(client: aioredis.Redis, settings: Settings, rules_text: str, leads: int
+                           ) -> dict[str, dict[bytes, bytes]]:
+    """``leads`` simulated leads through the pipeline's own write path; their lead hashes as written."""
+    pipeline = EventPipeline(LeadStore(client), Scorer(load_rules(rules_text)), topic_kinds={"web": "web", "crm": "crm"},
+                             max_event_bytes=settings.max_event_bytes, dedupe_ids=settings.dedupe_ids,
+                             rescore_every_ms=settings.rescore_every_s * 1000)
+    events = sorted(_fresh_events(leads, 4242, "tpl"), key=lambda e: e["ts"])
+    msgs = [Message(topic_kind_of(e["type"]), 0, i, e["lead_id"].encode(), orjson.dumps(e)) for i, e in enumerate(events)]
+    for i in range(0, len(msgs), settings.batch_max_events):
+        await pipeline.handle_batch(msgs[i:i + settings.batch_max_events])
+        pipeline.acknowledged()
+    await pipeline.flush_acked()
+    ids = sorted({e["lead_id"] for e in events})
+    pipe = client.pipeline(transaction=False)
+    for lead_id in ids:
+        pipe.hgetall(lead_key(lead_id))
+    return {lead_id: h for lead_id, h in zip(ids, await pipe.execute()) if h}  # deleted leads have no hash
+
+
+class _Clone:
+    """A template lead given another owner: its hash fields (the state split around its id, for a new
+    id to go in between) and its read-model contributions, computed once for all its copies."""
+
+    def __init__(self, lead_id: str, stored: dict[bytes, bytes], owner: str, every_ms: int) -> None:
+        state = orjson.loads(stored[b"s"])
+        state["fields"]["owner"] = owner
+        raw = orjson.dumps(state)
+        quoted = orjson.dumps(lead_id)
+        if raw.count(quoted) != 1:
+            raise RuntimeError(f"template {lead_id}: expected its id exactly once in its state JSON")
+        self.head, self.tail = raw.split(quoted)
+        self.rest = [x for k, v in stored.items() if k != b"s" for x in (k, v)]
+        self.counters, self.sets = contributions(state, rescore_every_ms=every_ms)
+        self._keys: dict[int, list[tuple[str, float]]] = {}
+
+    def fields(self, lead_id: str) -> list[bytes]:
+        return [b"s", self.head + orjson.dumps(lead_id) + self.tail, *self.rest]
+
+    def members(self, shard: int) -> list[tuple[str, float]]:
+        """(view key, score) of each sorted set a copy in ``shard`` is a member of."""
+        if shard not in self._keys:
+            self._keys[shard] = [(view_key(shard, name), score) for name, score in self.sets.items()]
+        return self._keys[shard]
+
+
+async def populate_leads(settings: Settings, n: int, rules_text: str, batch: int = 5000,
+                         templates: int = POPULATE_TEMPLATES) -> Figures:
+    """``n`` leads in Redis as the write path leaves them, fast: ``templates`` simulated leads go through the
+    pipeline's own write path (``EventPipeline.handle_batch``); each of the ``n`` leads is a copy of
+    one of them (its lead hash as written, under a new id and one of :data:`POPULATE_OWNERS`), and
+    the read models get every copy's :func:`models.readmodel.contributions` (the function the write
+    path applies), sorted-set members pipelined by key and counters summed per shard."""
     import random
 
-    from models.readmodel import contributions, diff
-    from streams.state import lead_key, shard_of, view_key
-
-    rules = load_rules(rules_text)
-    templates: dict[str, Any] = {}
-    scorer = Scorer(rules)
-    for e in sorted(_fresh_events(1000, 4242, "tpl"), key=lambda e: e["ts"]):
-        ev = parse_event(e["lead_id"].encode(), orjson.dumps(e), topic_kind=topic_kind_of(e["type"]))
-        r = step(templates.get(ev.lead_id), ev, scorer, scored_at_ms=int(time.time() * 1000), stage_snapshots=[])
-        templates[ev.lead_id] = r.state
-    pool = [st for st in templates.values() if st is not None]
-    owners = ["Ana", "Bo", "Chen", "Dara", "Eli", "Femi", "Gus", "Hana"]
-    rng = random.Random(1)
     client = redis_client(settings)
-    await client.flushdb()
+    await client.flushdb(asynchronous=True)  # a million leads take longer than a socket timeout
     t0 = time.perf_counter()
+    stored = await _write_templates(client, settings, rules_text, templates)
+    await client.flushdb(asynchronous=True)
+    template_s = time.perf_counter() - t0
     every_ms = settings.rescore_every_s * 1000
-    for start in range(0, n, 2000):
+    clones: dict[tuple[str, str], _Clone] = {}
+    rng = random.Random(1)
+    pool = sorted(stored)
+    copies: dict[tuple[int, _Clone], int] = {}  # counters are a clone's times its copies per shard
+    t0 = time.perf_counter()
+    for start in range(0, n, batch):
         pipe = client.pipeline(transaction=False)
-        for i in range(start, min(n, start + 2000)):
-            lead_id = f"pop-{i:07d}"
-            state = copy_state(rng.choice(pool))
-            state["lead_id"] = lead_id
-            state["fields"]["owner"] = owners[i % len(owners)]
-            if "score" in state:
-                state["score"] = round(min(1.0, max(0.0, state["score"] + rng.uniform(-0.05, 0.05))), 6)
+        members: dict[str, dict[str, float]] = {}
+        for i in range(start, min(n, start + batch)):
+            lead_id, template, owner = f"pop-{i:07d}", rng.choice(pool), POPULATE_OWNERS[i % len(POPULATE_OWNERS)]
+            clone = clones.get((template, owner))
+            if clone is None:
+                clone = clones[template, owner] = _Clone(template, stored[template], owner, every_ms)
             shard = shard_of(lead_id)
-            pipe.hset(lead_key(lead_id), mapping={"v": 1, "s": orjson.dumps(state)})
-            changes = diff(({}, {}), contributions(state, rescore_every_ms=every_ms))
-            for name, score in changes.set_adds.items():
-                pipe.zadd(view_key(shard, name), {lead_id: score})
-            for name, delta in changes.counters.items():
-                pipe.hincrby(view_key(shard, "c"), name, delta)
+            pipe.execute_command("HSET", lead_key(lead_id), *clone.fields(lead_id))
+            for key, score in clone.members(shard):
+                members.setdefault(key, {})[lead_id] = score
+            copies[shard, clone] = copies.get((shard, clone), 0) + 1
+        for key, scores in members.items():
+            pipe.zadd(key, scores)
         await pipe.execute()
+    counters: dict[int, dict[str, int]] = {shard: {} for shard in range(SHARDS)}
+    for (shard, clone), times in copies.items():
+        for name, delta in clone.counters.items():
+            counters[shard][name] = counters[shard].get(name, 0) + delta * times
+    pipe = client.pipeline(transaction=False)
+    for shard, values in counters.items():
+        if values:
+            pipe.hset(view_key(shard, "c"), mapping={k: v for k, v in values.items() if v})
+    await pipe.execute()
     seconds = time.perf_counter() - t0
     await client.aclose()
-    return {"leads": n, "populate_s": round(seconds, 1)}
+    return {"leads": n, "templates": len(stored), "owners": len(POPULATE_OWNERS),
+            "template_write_s": round(template_s, 1), "populate_s": round(seconds, 1),
+            "populate_leads_per_s": round(n / seconds)}
 
 
 async def bench_reads(settings: Settings, rules_text: str) -> Figures:
+    """Read times, then Redis memory per lead (every key's ``MEMORY USAGE``, views included)."""
     client = redis_client(settings)
     try:
-        return await _time_reads(client, load_rules(rules_text))
+        figures: Figures = {"reads_ms": await _time_reads(client, load_rules(rules_text), settings)}
+        leads = sum([await client.zcard(view_key(shard, "lb")) for shard in range(SHARDS)])
+        counters = await Views(client).counters()
+        memory = await _memory(client)
+        n = counters.get("leads", 0)
+        figures["memory"] = {"leads": n, "open_leads": leads, "bytes_per_lead": round(memory["total"] / n),
+                             "bytes_per_lead_by_kind": {k: round(v / n) for k, v in memory.items() if k != "total"},
+                             "used_memory_bytes": int((await client.info("memory"))["used_memory"])}
+        return figures
     finally:
         await client.aclose()
 
 
+READER_BLOCKS = ("without", "with", "with", "without")  # ABBA: a drift of the machine's load falls on both
+
+
 async def bench_reader_effect(settings: Settings, rate: float, seconds: float) -> Figures:
-    """The worker's event -> score latency at ``rate`` without, then with, a dashboard load every second
-    (from ``leadstream api``, its own process), on whatever Redis holds (e.g. a million leads)."""
+    """The worker's event -> score latency at ``rate`` without and with a dashboard load every second
+    (from ``leadstream api``, its own process), on whatever Redis holds (e.g. a million leads).
+
+    The phases alternate in :data:`READER_BLOCKS` of ``seconds / 2`` each, pooled per phase, and the
+    events carry no deal outcome: no model is trained, so its lifecycle (checkpoints, a rescoring pass
+    of every open lead after each new version) cannot fall into one phase and not the other."""
     await ensure_topics(settings)
     log_dir = Path(settings.home) / "logs"
     procs = [start_worker(settings, log_dir / f"bench-worker-r-{settings.app_id}.log", env=_env(settings)),
              start_api(settings, log_dir / f"bench-api-r-{settings.app_id}.log", env=_env(settings))]
     dashboard = f"http://127.0.0.1:{settings.api_port}/dashboard"
+    pooled: dict[str, list[float]] = {"without": [], "with": []}
+    block_s = seconds / 2
+
+    def events(seed: int, prefix: str, length_s: float) -> list[dict[str, Any]]:
+        fresh = _fresh_events(max(50, int(rate * length_s / 20)), seed, prefix)
+        return [e for e in fresh if e["type"] not in ("deal_won", "deal_lost")]
+
     try:
-        alone = await bench_latency(settings, _fresh_events(max(50, int(rate * seconds / 25)), 31, "alone"),
-                                    rate, seconds)
+        # Warm-up, not measured: the worker joins its group and takes its partitions.
+        await bench_latency(settings, events(30, "warm", 5), rate, 5)
         t0 = time.perf_counter()
         await asyncio.to_thread(_get, dashboard)
         page_ms = round((time.perf_counter() - t0) * 1000, 1)
-        read = await bench_latency(settings, _fresh_events(max(50, int(rate * seconds / 25)), 32, "readr"),
-                                   rate, seconds, reader=lambda: asyncio.to_thread(_get, dashboard))
+        for i, phase in enumerate(READER_BLOCKS):
+            reader = (lambda: asyncio.to_thread(_get, dashboard)) if phase == "with" else None
+            await bench_latency(settings, events(31 + i, f"{phase}{i}", block_s), rate, block_s, reader=reader,
+                                samples=pooled[phase])
     finally:
         for p in procs:
             stop_worker(p)
-    return {"without_reader": alone, "with_reader": read, "dashboard_page_ms": page_ms}
+    return {"without_reader": _latency_figures(rate, pooled["without"]),
+            "with_reader": _latency_figures(rate, pooled["with"]), "blocks": list(READER_BLOCKS),
+            "block_s": block_s, "dashboard_page_ms": page_ms}
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -496,7 +612,7 @@ async def _cleanup(settings: Settings) -> None:
     finally:
         await admin.close()
     client = redis_client(settings)
-    await client.flushdb()
+    await client.flushdb(asynchronous=True)  # in the background: a million leads take seconds
     await client.aclose()
 
 
@@ -529,7 +645,7 @@ def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float,
             _print_memory(figures["memory"])
         if "reads" in parts:
             figures["reads"] = asyncio.run(populate_leads(settings, read_leads, rules_text))
-            figures["reads"]["reads_ms"] = asyncio.run(bench_reads(settings, rules_text))
+            figures["reads"].update(asyncio.run(bench_reads(settings, rules_text)))
             figures["reads"]["worker_latency"] = asyncio.run(bench_reader_effect(settings, reader_rate, seconds))
             _print_reads(figures["reads"])
     finally:
@@ -573,14 +689,22 @@ def _print_pipeline(f: Figures) -> None:
 def _print_memory(f: Figures) -> None:
     rows = [(f"Redis memory at {f['leads']:,} leads ({f['events']:,} events)",
              f"{f['bytes_per_lead']:,} B/lead, {f['bytes_per_event']} B/event ({f['bytes_per_lead_by_kind']})")]
-    rows += [(f"read: {name}", f"{ms} ms") for name, ms in f["reads_ms"].items()]
+    rows += [(f"read: {name}", f"{ms} ms") for name, ms in f["reads_ms"].items() if not isinstance(ms, dict)]
+    rows += [(f"read: {name}", f"p50 {ms['p50_ms']} ms, p95 {ms['p95_ms']} ms") for name, ms in f["reads_ms"].items()
+             if isinstance(ms, dict)]
     rows.append(("full rescoring pass after a model change", f"{f['rescoring']['leads_per_s']:,} leads/s "
                                                              f"({f['rescoring']['open_leads']:,} open leads)"))
     _table(rows)
 
 
 def _print_reads(f: Figures) -> None:
-    rows = [(f"read at {f['leads']:,} leads: {name}", f"{ms} ms") for name, ms in f["reads_ms"].items()]
+    rows = [(f"populate {f['leads']:,} leads", f"{f['populate_leads_per_s']:,} leads/s ({f['populate_s']} s, "
+                                               f"after {f['template_write_s']} s for {f['templates']} templates)")]
+    rows += [(f"read at {f['leads']:,} leads: {name}", f"p50 {ms['p50_ms']} ms, p95 {ms['p95_ms']} ms")
+             for name, ms in f["reads_ms"].items()]
+    m = f["memory"]
+    rows.append((f"Redis memory at {m['leads']:,} leads, read models included",
+                 f"{m['bytes_per_lead']:,} B/lead ({m['bytes_per_lead_by_kind']}); used_memory {m['used_memory_bytes']:,} B"))
     w = f["worker_latency"]
     for label, r in (("without a reader", w["without_reader"]), ("dashboard loaded every 1 s", w["with_reader"])):
         rows.append((f"worker latency at {r['rate']:,.0f}/s, {f['leads']:,} leads, {label}",

@@ -1,9 +1,11 @@
 """Reads of the read models (leaderboards, funnel, owners, success curve), and their rebuild.
 
-Every read is a pipelined round trip over the :data:`~streams.state.SHARDS` shards, each command
-O(log N + page) or O(counters), never a scan of the leads. What is not exact is said so:
-medians (days in stage, days to close) combine each shard's quantiles (9 per shard), so they are
-approximate when the shards disagree.
+Every read is a pipelined round trip (two for the aggregates) over the :data:`~streams.state.SHARDS`
+shards, each command O(log N + page) or O(counters), never a scan of the leads: a few dozen to
+about a hundred commands per read whatever the number of leads. What is not exact is said so:
+medians (days in stage, days to close) are the median of the shards' medians, weighted by their
+sizes; exact while every shard holds at most :data:`EXACT_UP_TO` members of the set, approximate
+beyond (the shards are random samples of the whole, so close).
 
 ``rebuild_views`` recomputes every view from the lead hashes (SCAN: a repair tool, not a read
 path): after a bug, a restore, or a change of the rescoring cadence.
@@ -11,19 +13,44 @@ path): after a bug, a restore, or a change of the rescoring cadence.
 
 from __future__ import annotations
 
-import statistics
+import hashlib
 from collections import defaultdict
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from models.events import STAGES
 from models.grading import GRADE_NAMES, Grades
 from models.readmodel import DAY_MS, contributions, diff
-from streams.state import SHARDS, LeadRecord, LeadStore, LeadWrite, lead_view, shard_of, view_key
+from streams.state import SHARDS, LeadRecord, LeadStore, LeadWrite, lead_key, lead_view, shard_of, view_key
 
 MAX_PAGE = 500
-QUANTILES = 4  # per shard (5 points), for the approximate medians
+QUANTILES = 1  # points per shard (the midpoints of equal parts of its ranks) for the medians: its median
+EXACT_UP_TO = 9  # a shard with at most this many members sends them all: medians are exact while all are small
+
+
+# KEYS: the sets to count, then the sets to sample. ARGV: the stall bound (exclusive, '(TS'), how
+# many sets to count, and the ranks to read as one string: per sampled set "n r1 .. rn". Returns the
+# counts, then each asked rank's score (nil past the end). Reads only.
+_READ = """
+local out = {}
+local counted = tonumber(ARGV[2])
+for i = 1, counted do out[i] = redis.call('ZCOUNT', KEYS[i], '-inf', ARGV[1]) end
+local numbers = {}
+for x in string.gmatch(ARGV[3], '%d+') do numbers[#numbers + 1] = x end
+local a = 1
+for i = counted + 1, #KEYS do
+  local n = tonumber(numbers[a])
+  for j = 1, n do
+    local row = redis.call('ZRANGE', KEYS[i], numbers[a + j], numbers[a + j], 'WITHSCORES')
+    out[#out + 1] = row[2] or false
+  end
+  a = a + n + 1
+end
+return out
+"""
+_READ_SHA = hashlib.sha1(_READ.encode()).hexdigest()
 
 
 class Views:
@@ -51,15 +78,22 @@ class Views:
             if not candidates:
                 return page, None
             scanned += len(candidates)
-            leads = await LeadStore(self.client).load_many([lead for lead, _ in candidates])
+            leads = await self._states([lead for lead, _ in candidates])
             for lead, score in candidates:
                 after = (score, lead)
-                view = _lead_row(leads[lead])
+                view = _lead_row(LeadRecord(lead, state_raw=leads[lead]))
                 if view is not None and _matches(view, stage, owner, hot):
                     page.append(view)
                     if len(page) == limit:
                         break
         return page, (f"{after[0]!r}|{after[1]}" if after and len(page) == limit else None)
+
+    async def _states(self, lead_ids: list[str]) -> dict[str, bytes | None]:
+        """Each lead's state JSON alone: a row needs neither its event digests nor its stage snapshots."""
+        pipe = self.client.pipeline(transaction=False)
+        for lead_id in lead_ids:
+            pipe.hget(lead_key(lead_id), "s")
+        return dict(zip(lead_ids, await pipe.execute()))
 
     def _grade_range(self, grade: str | None) -> tuple[float, float]:
         if grade is None or self.grades is None:
@@ -75,21 +109,37 @@ class Views:
 
     async def _ranked(self, name: str, after: tuple[float, str] | None, high: float, low: float,
                       limit: int) -> list[tuple[str, float]]:
-        """The next ``limit`` members below ``after`` across the shards, in ranking order."""
+        """The next ``limit`` members below ``after`` across the shards, in ranking order.
+
+        Each shard first sends a few members (a shard holds about 1/32 of the best ones); a shard
+        whose last member sent still ranks among the best ``limit`` may hold more of them and is
+        asked again, further on, until it is not (or is exhausted). Members tied with the cursor's
+        score that come before it are skipped over the same way, however many they are."""
         if after and after[0] < high:
             top_arg: Any = after[0]  # inclusive: ties with the cursor are filtered below
         else:
             top_arg = "+inf" if high == float("inf") else f"({high}"
         low_arg = "-inf" if low == float("-inf") else low
-        pipe = self.client.pipeline(transaction=False)
-        for shard in range(SHARDS):
-            pipe.zrevrangebyscore(view_key(shard, name), top_arg, low_arg, start=0, num=limit + 8, withscores=True)
-        merged = [(m.decode(), s) for rows in await pipe.execute() for m, s in rows]
-        if after:
-            merged = [(m, s) for m, s in merged if (s, m) < after]
-        merged = [(m, s) for m, s in merged if s < high]
-        merged.sort(key=lambda ms: (ms[1], ms[0]), reverse=True)
-        return merged[:limit]
+        kept: list[tuple[float, str]] = []
+        offsets = dict.fromkeys(range(SHARDS), 0)
+        pending, num = list(range(SHARDS)), max(4, 2 * limit // SHARDS + 2)
+        while pending:
+            pipe = self.client.pipeline(transaction=False)
+            for shard in pending:
+                pipe.zrevrangebyscore(view_key(shard, name), top_arg, low_arg, start=offsets[shard], num=num,
+                                      withscores=True)
+            last: dict[int, tuple[float, str]] = {}
+            for shard, rows in zip(pending, await pipe.execute()):
+                offsets[shard] += len(rows)
+                fetched = [(s, m.decode()) for m, s in rows]
+                kept += [sm for sm in fetched if (after is None or sm < after) and sm[0] < high]
+                if len(rows) == num:  # the shard may hold more
+                    last[shard] = fetched[-1]
+            kept.sort(reverse=True)
+            kth = kept[limit - 1] if len(kept) >= limit else None
+            pending = [shard for shard, sm in last.items() if kth is None or sm >= kth]
+            num = limit + 8
+        return [(m, s) for s, m in kept[:limit]]
 
     # ---- funnel, owners, success curve ----------------------------------------------------------
 
@@ -97,103 +147,167 @@ class Views:
         pipe = self.client.pipeline(transaction=False)
         for shard in range(SHARDS):
             pipe.hgetall(view_key(shard, "c"))
-        total: dict[str, int] = defaultdict(int)
-        for counters in await pipe.execute():
-            for name, n in counters.items():
-                total[name.decode()] += int(n)
-        return dict(total)
+        return _sum(await pipe.execute())
+
+    async def aggregates(self, *, now_ms: int, stall_days: float = 14.0, funnel: bool = True,
+                         owners: bool = True) -> dict[str, Any]:
+        """The funnel, the team (per owner) and the success curve from one reading of the views, in two
+        pipelined round trips of 2 and 1 commands per shard: the counters (and the size of ``dtc``),
+        then one read-only script per shard that counts its stalled leads per stage and per owner and
+        reads the few ranks the medians need (:func:`_ranks`). Per-command client work, not Redis's,
+        is what a reading of hundreds of small commands costs; a script per shard stays on one hash
+        tag, so it runs on one Redis Cluster slot like the writes."""
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(SHARDS):
+            pipe.hgetall(view_key(shard, "c"))
+            pipe.zcard(view_key(shard, "dtc"))
+        first = await pipe.execute()
+        c = _sum(first[0::2])
+        names = sorted({k.split(":", 1)[1].rsplit(":", 1)[0] for k in c if k.startswith("o:")}) if owners else []
+        counted = ([f"st:{stage}" for stage in STAGES] if funnel else []) + [f"sto:{owner}" for owner in names]
+        # A set's size is known without asking: an open lead with a stage is in st:STAGE exactly
+        # when it counts in open:STAGE (models.readmodel._open); dtc's came with the counters.
+        sampled = [f"st:{stage}" for stage in STAGES] + ["dtc"] if funnel else []
+        open_in = [f"open:{stage}".encode() for stage in STAGES]
+        sizes = [[int(h.get(k, 0)) for k in open_in] + [dtc] for h, dtc in zip(first[0::2], first[1::2])]
+        calls = []
+        for shard in range(SHARDS):
+            ranks = [_ranks(n) for n in sizes[shard]] if funnel else []
+            keys = [view_key(shard, name) for name in counted + sampled]
+            # the ranks travel as one argument, "n r1 .. rn" per sampled set: fewer arguments to pack
+            wanted = " ".join(f"{len(r)} {' '.join(map(str, r))}" if r else "0" for r in ranks)
+            calls.append((keys, [f"({now_ms - stall_days * DAY_MS}", len(counted), wanted], ranks))
+        replies = await self._run_read_script(calls)
+        stalled: dict[str, int] = defaultdict(int)
+        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in sampled}
+        for shard, ((_, _, ranks), reply) in enumerate(zip(calls, replies)):
+            for name, n in zip(counted, reply):
+                stalled[name] += n
+            scores = iter(reply[len(counted):])
+            for name, n, shard_ranks in zip(sampled, sizes[shard], ranks):
+                weight = n / len(shard_ranks) if shard_ranks else 0.0
+                samples[name] += [(float(s), weight) for s in (next(scores) for _ in shard_ranks) if s is not None]
+        medians = {name: _weighted_median(points) for name, points in samples.items()}
+        out: dict[str, Any] = {"counters": c, "success_curve": _success_curve(c)}
+        if funnel:
+            out["funnel"] = _funnel(c, [stalled[f"st:{stage}"] for stage in STAGES], medians, now_ms, stall_days)
+        if owners:
+            out["owners"] = _owners(c, names, [stalled[f"sto:{owner}"] for owner in names])
+        return out
+
+    async def _run_read_script(self, calls: list[tuple[list[str], list[Any], Any]]) -> list[list[Any]]:
+        for _ in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args, _ in calls:
+                pipe.evalsha(_READ_SHA, len(keys), *keys, *args)
+            try:
+                return await pipe.execute()
+            except NoScriptError:  # first use, or Redis restarted: nothing ran; load it and read again
+                await self.client.script_load(_READ)
+        raise RuntimeError("the views' read script could not be loaded into Redis")
 
     async def funnel(self, *, now_ms: int, stall_days: float = 14.0, owner: str | None = None) -> dict[str, Any]:
         """The funnel report (the shape of :func:`models.funnel.funnel_report`) plus ``grade_mix``."""
-        c = await self.counters()
-        stall_before = now_ms - stall_days * DAY_MS
-        names = [f"st:{stage}" for stage in STAGES] + ["dtc"]
-        samples = await self._quantiles(names)
-        pipe = self.client.pipeline(transaction=False)
-        for stage in STAGES:
-            for shard in range(SHARDS):
-                pipe.zcount(view_key(shard, f"st:{stage}"), "-inf", f"({stall_before}")
-        stalled = await pipe.execute()
-        stages: dict[str, Any] = {}
-        for i, stage in enumerate(STAGES):
-            reached, advanced = c.get(f"reached:{stage}", 0), c.get(f"adv:{stage}", 0)
-            entered = _median(samples[f"st:{stage}"])
-            stages[stage] = {
-                "reached": reached, "open": c.get(f"open:{stage}", 0),
-                "stalled": sum(stalled[i * SHARDS:(i + 1) * SHARDS]),
-                "median_days_in_stage": round((now_ms - entered) / DAY_MS, 1) if entered is not None else None,
-                "conversion_to_next": round(advanced / reached, 3) if reached and i + 1 < len(STAGES) else None,
-                "grades": {g: c[f"sg:{stage}:{g}"] for g in GRADE_NAMES if c.get(f"sg:{stage}:{g}")},
-            }
-        won, lost = c.get("closed:won", 0), c.get("closed:lost", 0)
-        to_close = _median(samples["dtc"])
-        return {
-            "leads": c.get("leads", 0), "stall_days": stall_days, "stages": stages,
-            "closed": {"won": won, "lost": lost},
-            "win_rate": round(won / (won + lost), 3) if won + lost else None,
-            "median_days_to_close": round(to_close, 1) if to_close is not None else None,
-            "email_reply_rate": round(c.get("replies", 0) / c["opens"], 3) if c.get("opens") else None,
-            "overdue_activities": c.get("overdue", 0),
-            "bottleneck": _bottleneck(stages),
-            "grade_mix": {g: c.get(f"grade:{g}", 0) for g in GRADE_NAMES},
-            "open": c.get("open", 0),
-            "approximate": ["median_days_in_stage", "median_days_to_close"],
-        }
+        return (await self.aggregates(now_ms=now_ms, stall_days=stall_days, owners=False))["funnel"]
 
     async def owners(self, *, now_ms: int, stall_days: float = 14.0) -> list[dict[str, Any]]:
-        c = await self.counters()
-        names = sorted({k.split(":", 1)[1].rsplit(":", 1)[0] for k in c if k.startswith("o:")})
-        stall_before = now_ms - stall_days * DAY_MS
-        pipe = self.client.pipeline(transaction=False)
-        for owner in names:
-            for shard in range(SHARDS):
-                pipe.zcount(view_key(shard, f"sto:{owner}"), "-inf", f"({stall_before}")
-        stalled = await pipe.execute()
-        rows = []
-        for i, owner in enumerate(names):
-            won, lost = c.get(f"o:{owner}:won", 0), c.get(f"o:{owner}:lost", 0)
-            rows.append({"owner": owner, "open": c.get(f"o:{owner}:open", 0), "hot": c.get(f"o:{owner}:hot", 0),
-                         "stalled": sum(stalled[i * SHARDS:(i + 1) * SHARDS]),
-                         "overdue_activities": c.get(f"o:{owner}:overdue", 0), "won": won, "lost": lost,
-                         "win_rate": round(won / (won + lost), 3) if won + lost else None})
-        return sorted(rows, key=lambda r: (-r["open"], r["owner"]))
+        return (await self.aggregates(now_ms=now_ms, stall_days=stall_days, funnel=False))["owners"]
 
     async def success_curve(self) -> dict[str, Any]:
         """Actual win rate per grade and per score decile, by what the lead had just before its outcome."""
-        c = await self.counters()
-
-        def row(prefix: str) -> dict[str, Any]:
-            won, lost = c.get(f"{prefix}:won", 0), c.get(f"{prefix}:lost", 0)
-            return {"won": won, "lost": lost, "win_rate": round(won / (won + lost), 3) if won + lost else None}
-
-        return {"by_grade": {g: row(f"cg:{g}") for g in GRADE_NAMES},
-                "by_decile": [{"decile": d, **row(f"cd:{d}")} for d in range(10)]}
-
-    async def _quantiles(self, names: list[str]) -> dict[str, list[float]]:
-        """Per sorted set: each shard's quantiles of its scores, repeated by the shard's size (two trips)."""
-        pipe = self.client.pipeline(transaction=False)
-        for name in names:
-            for shard in range(SHARDS):
-                pipe.zcard(view_key(shard, name))
-        sizes = await pipe.execute()
-        pipe = self.client.pipeline(transaction=False)
-        asked: list[tuple[str, int]] = []
-        for i, name in enumerate(names):
-            for shard in range(SHARDS):
-                n = sizes[i * SHARDS + shard]
-                for q in range(QUANTILES + 1) if n else ():
-                    rank = (n - 1) * q // QUANTILES
-                    pipe.zrange(view_key(shard, name), rank, rank, withscores=True)
-                    asked.append((name, n))
-        samples: dict[str, list[float]] = {name: [] for name in names}
-        for (name, n), rows in zip(asked, await pipe.execute()):
-            if rows:
-                samples[name] += [rows[0][1]] * max(1, n // (QUANTILES + 1))
-        return samples
+        return _success_curve(await self.counters())
 
 
-def _median(samples: list[float]) -> float | None:
-    return statistics.median(samples) if samples else None
+def _sum(shards: list[dict[bytes, bytes]]) -> dict[str, int]:
+    """The shards' counters added up (names decoded once, not once per shard)."""
+    total: dict[bytes, int] = defaultdict(int)
+    for counters in shards:
+        for name, n in counters.items():
+            total[name] += int(n)
+    return {name.decode(): n for name, n in total.items()}
+
+
+def _funnel(c: dict[str, int], stalled: list[int], medians: dict[str, float | None], now_ms: int,
+            stall_days: float) -> dict[str, Any]:
+    stages: dict[str, Any] = {}
+    for i, stage in enumerate(STAGES):
+        reached, advanced = c.get(f"reached:{stage}", 0), c.get(f"adv:{stage}", 0)
+        entered = medians[f"st:{stage}"]
+        stages[stage] = {
+            "reached": reached, "open": c.get(f"open:{stage}", 0), "stalled": stalled[i],
+            "median_days_in_stage": round((now_ms - entered) / DAY_MS, 1) if entered is not None else None,
+            "conversion_to_next": round(advanced / reached, 3) if reached and i + 1 < len(STAGES) else None,
+            "grades": {g: c[f"sg:{stage}:{g}"] for g in GRADE_NAMES if c.get(f"sg:{stage}:{g}")},
+        }
+    won, lost = c.get("closed:won", 0), c.get("closed:lost", 0)
+    to_close = medians["dtc"]
+    return {
+        "leads": c.get("leads", 0), "stall_days": stall_days, "stages": stages,
+        "closed": {"won": won, "lost": lost},
+        "win_rate": round(won / (won + lost), 3) if won + lost else None,
+        "median_days_to_close": round(to_close, 1) if to_close is not None else None,
+        "email_reply_rate": round(c.get("replies", 0) / c["opens"], 3) if c.get("opens") else None,
+        "overdue_activities": c.get("overdue", 0),
+        "bottleneck": _bottleneck(stages),
+        "grade_mix": {g: c.get(f"grade:{g}", 0) for g in GRADE_NAMES},
+        "open": c.get("open", 0),
+        "approximate": ["median_days_in_stage", "median_days_to_close"],
+    }
+
+
+def _owners(c: dict[str, int], names: list[str], stalled: list[int]) -> list[dict[str, Any]]:
+    rows = []
+    for owner, n_stalled in zip(names, stalled):
+        won, lost = c.get(f"o:{owner}:won", 0), c.get(f"o:{owner}:lost", 0)
+        rows.append({"owner": owner, "open": c.get(f"o:{owner}:open", 0), "hot": c.get(f"o:{owner}:hot", 0),
+                     "stalled": n_stalled, "overdue_activities": c.get(f"o:{owner}:overdue", 0),
+                     "won": won, "lost": lost, "win_rate": round(won / (won + lost), 3) if won + lost else None})
+    return sorted(rows, key=lambda r: (-r["open"], r["owner"]))
+
+
+def _success_curve(c: dict[str, int]) -> dict[str, Any]:
+    def row(prefix: str) -> dict[str, Any]:
+        won, lost = c.get(f"{prefix}:won", 0), c.get(f"{prefix}:lost", 0)
+        return {"won": won, "lost": lost, "win_rate": round(won / (won + lost), 3) if won + lost else None}
+
+    return {"by_grade": {g: row(f"cg:{g}") for g in GRADE_NAMES},
+            "by_decile": [{"decile": d, **row(f"cd:{d}")} for d in range(10)]}
+
+
+def _ranks(n: int) -> list[int]:
+    """The ranks a shard holding ``n`` members of a sorted set reads for a median.
+
+    At most :data:`EXACT_UP_TO` members: all of them (each weighs 1, so medians are exact while every
+    shard is that small); more: the midpoints of :data:`QUANTILES` equal parts of its ranks (one
+    part: the shard's median), each weighing a part. Shards split leads by a hash of their id, so
+    each is a random sample of the whole: the median of the shards' medians, weighted by their
+    sizes, is close to the whole's, and costs one read per shard whatever the number of leads.
+
+    >>> _ranks(0), _ranks(3), _ranks(300)
+    ([], [0, 1, 2], [150])
+    """
+    if n <= EXACT_UP_TO:
+        return list(range(n))
+    return [(n * (2 * part + 1)) // (2 * QUANTILES) for part in range(QUANTILES)]
+
+
+def _weighted_median(points: list[tuple[float, float]]) -> float | None:
+    """The median of values with weights (with weights 1: ``statistics.median``).
+
+    >>> _weighted_median([(3, 1), (1, 1), (2, 1), (10, 1)]), _weighted_median([(1, 5), (2, 1), (9, 1)])
+    (2.5, 1)
+    """
+    if not points:
+        return None
+    points = sorted(points)
+    half, acc = sum(w for _, w in points) / 2, 0.0
+    for i, (value, weight) in enumerate(points):
+        acc += weight
+        if acc > half:
+            return value
+        if acc == half and i + 1 < len(points):
+            return (value + points[i + 1][0]) / 2
+    return points[-1][0]
 
 
 def _bottleneck(stages: dict[str, dict[str, Any]]) -> str | None:

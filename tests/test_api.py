@@ -140,3 +140,37 @@ async def test_auth_middleware_on_a_real_server() -> None:
         assert r.status == 400 and "stage='nowhere'" in (await r.json())["error"]
         r = await client.post("/events", data=b"[1,", headers={"Authorization": f"Bearer {token}"})
         assert r.status == 400 and "not valid JSON" in (await r.json())["error"]
+
+
+async def test_aggregates_cache_computes_once_per_ttl_and_shares_a_computation() -> None:
+    import asyncio
+
+    now = [0.0]
+    cache = api.TtlCache(2.0, clock=lambda: now[0], max_keys=3)
+    calls: list[str] = []
+
+    async def compute(name: str) -> str:
+        calls.append(name)
+        await asyncio.sleep(0.01)
+        return f"{name}#{len(calls)}"
+
+    # Callers arriving during one computation share it.
+    assert await asyncio.gather(cache.get("a", lambda: compute("a")), cache.get("a", lambda: compute("a"))) == [
+        "a#1", "a#1"]
+    now[0] = 1.9
+    assert await cache.get("a", lambda: compute("a")) == "a#1"  # still fresh
+    now[0] = 2.0
+    assert await cache.get("a", lambda: compute("a")) == "a#2"  # expired: read again
+    for key in "bcde":  # more keys than max_keys: expired entries are dropped, live ones kept
+        now[0] += 1.0
+        await cache.get(key, lambda key=key: compute(key))
+    assert len(cache._entries) <= 3
+
+    async def failing() -> str:
+        calls.append("boom")
+        raise RuntimeError("Redis is down")
+
+    for _ in range(2):  # a failure is not cached: the next caller tries again
+        with pytest.raises(RuntimeError):
+            await cache.get("f", failing)
+    assert calls.count("boom") == 2
