@@ -199,32 +199,39 @@ class Encoder:
         ``name=value``; numbers stay numbers), and the readable name of each hashed key."""
         out: dict[str, float | str] = {}
         labels: dict[str, str] = {}
-        buckets = self.policy.hash_buckets
         for k, v in f.items():
-            if not k.startswith("f_"):
-                if isinstance(v, str) and k not in _INTERNAL_CATEGORIES:  # not expected; kept bounded
-                    key = f"h={_bucket(f'{k}={v}', buckets)}"
-                    out[key], labels[key] = 1.0, f"{k}={v}"
-                elif isinstance(v, str):
-                    out[f"{k}={v}"] = 1.0
-                else:
-                    out[k] = v
-                continue
-            name = k[2:]
-            spec = self.policy.declared.get(name)
-            if spec is not None:
-                self._declared(out, k, name, spec, v)
-            elif not self.policy.is_private(name):
-                if isinstance(v, str):
-                    hashed = _hashed_value(buckets, name, v)
-                    if hashed is None:
-                        continue  # an e-mail address in a field of any other name: never a feature
-                    out[hashed], labels[hashed] = 1.0, f"{k}={v}"
-                else:
-                    key = f"h_{_bucket(name, buckets)}"
-                    out[key] = out.get(key, 0.0) + float(v)  # type: ignore[operator]
-                    labels[key] = k
+            if k.startswith("f_"):
+                self.encode_field(out, labels, k, v)
+            elif isinstance(v, str):
+                self.encode_category(out, labels, k, v)
+            else:
+                out[k] = v
         return out, labels
+
+    def encode_category(self, out: dict[str, Any], labels: dict[str, str], k: str, v: str) -> None:
+        """Add a derived categorical feature (``stage``, ``created_month``...) as its one-hot key."""
+        if k in _INTERNAL_CATEGORIES:
+            out[_ONE_HOT.get((k, v)) or _one_hot_key(k, v)] = 1.0
+        else:  # not expected; kept bounded
+            key = f"h={_bucket(f'{k}={v}', self.policy.hash_buckets)}"
+            out[key], labels[key] = 1.0, f"{k}={v}"
+
+    def encode_field(self, out: dict[str, Any], labels: dict[str, str], k: str, v: Any) -> None:
+        """Add one explicit field's feature ``k`` (``f_<name>``) to ``out`` as the model sees it."""
+        name = k[2:]
+        spec = self.policy.declared.get(name)
+        if spec is not None:
+            self._declared(out, k, name, spec, v)
+        elif not self.policy.is_private(name):
+            buckets = self.policy.hash_buckets
+            if isinstance(v, str):
+                hashed = _hashed_value(buckets, name, v)
+                if hashed is not None:  # None: an e-mail address in a field of any other name: never a feature
+                    out[hashed], labels[hashed] = 1.0, f"{k}={v}"
+            else:
+                key = f"h_{_bucket(name, buckets)}"
+                out[key] = out.get(key, 0.0) + float(v)
+                labels[key] = k
 
     def _declared(self, out: dict[str, float | str], k: str, name: str, spec: FieldSpec, v: Any) -> None:
         if spec.kind == "numeric":
@@ -252,6 +259,16 @@ class Encoder:
             # Membership can only change if the counted value is not in it yet, or a member left.
             if (value not in vocab and counter.counts[value] >= spec.min_count) or evicted in vocab:
                 self.vocab[name] = frozenset(counter.top(spec.top, spec.min_count))
+
+
+_ONE_HOT: dict[tuple[str, str], str] = {}  # (stage, proposal) -> "stage=proposal": a handful of values
+
+
+def _one_hot_key(k: str, v: str) -> str:
+    if len(_ONE_HOT) > 10_000:
+        _ONE_HOT.clear()
+    key = _ONE_HOT[(k, v)] = f"{k}={v}"
+    return key
 
 
 def _number(v: Any) -> float | None:

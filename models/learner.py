@@ -64,15 +64,25 @@ def vectorize(f: Features, stage_rates: StageRates | None = None, encoder: Encod
 
 def vectorize_labelled(f: Features, stage_rates: StageRates | None = None,
                        encoder: Encoder | None = None) -> tuple[dict[str, float], dict[str, str]]:
-    """:func:`vectorize`, plus the readable name of each hashed key (for this lead's reasons)."""
-    encoded, labels = (encoder or _DEFAULT_ENCODER).encode(f)
+    """:func:`vectorize`, plus the readable name of each hashed key (for this lead's reasons).
+
+    One pass over ``f`` (the hot path of every scored event): numbers go straight to the model's
+    scale; strings and explicit fields go through the encoder, as :meth:`Encoder.encode` would.
+    """
+    encoder = encoder or _DEFAULT_ENCODER
     x: dict[str, float] = {}
+    labels: dict[str, str] = {}
     log1p = math.log1p
-    for k, v in encoded.items():
-        if _log_scaled(k):
-            x[k] = log1p(v) if v > 0.0 else 0.0
+    for k, v in f.items():
+        if k.startswith("f_"):
+            encoder.encode_field(x, labels, k, v)
+        elif isinstance(v, str):
+            encoder.encode_category(x, labels, k, v)
         else:
-            x[k] = float(v)
+            scaled = _LOG_SCALED.get(k)
+            if scaled is None:
+                scaled = _log_scaled(k)
+            x[k] = (log1p(v) if v > 0.0 else 0.0) if scaled else float(v)
     if stage_rates is not None and isinstance(f.get("stage"), str):
         x["stage_win_rate"] = stage_rates.rate(f["stage"])
     return x, labels

@@ -153,6 +153,8 @@ class Rules:
         contributions = self.points(f)
         total = float(sum(contributions.values()))
         score = 1.0 / (1.0 + math.exp(-(total - self.midpoint) / self.width))
+        if not max_reasons:
+            return RuleScore(total, score, self.grades.grade(score), [])
         ranked = sorted(contributions.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:max_reasons]
         reasons = [{"feature": k, "contribution": round(v / self.width, 4), "points": v} for k, v in ranked]
         return RuleScore(total, score, self.grades.grade(score), reasons)

@@ -43,7 +43,12 @@ def rfc3339(ms: int) -> str:
     '2026-01-01T00:00:00.123Z'
     """
     seconds, millis = divmod(int(ms), 1000)
-    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{millis:03d}Z"
+    return f"{_second(seconds)}.{millis:03d}Z"
+
+
+@lru_cache(maxsize=4096)  # a batch's events mostly fall in a few seconds
+def _second(seconds: int) -> str:
+    return time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))
 
 
 @dataclass(frozen=True)
@@ -64,8 +69,8 @@ class Scorer:
     model: ServingModel | None = None
 
     def score(self, f: Features) -> Scored:
-        ruled = self.rules.score(f)
         weight = self.model.model_weight() if self.model is not None else 0.0
+        ruled = self.rules.score(f, max_reasons=0 if weight == 1.0 else 5)  # the model's reasons only
         if weight == 0.0:
             return Scored(ruled.score, ruled.grade, "rules", self.model.version if self.model else 0,
                           ruled.reasons, ruled.score)
