@@ -280,11 +280,12 @@ def _fresh_events(leads: int, seed: int, prefix: str) -> list[dict[str, Any]]:
 
 async def bench_pipeline(settings: Settings, leads: int, rates: list[float], seconds: float,
                          reader_rate: float = 1000.0) -> Figures:
-    """Burst, 2 workers, latency at steady rates with and without a dashboard reader."""
+    """Burst, 2 workers, latency at steady rates with and without a dashboard reader. The scoring
+    workers run as the README advises for latency: the trainer is a worker of its own."""
     await ensure_topics(settings)
     log_dir = Path(settings.home) / "logs"
     figures: Figures = {}
-    workers = [start_worker(settings, log_dir / f"bench-worker-0-{settings.app_id}.log", env=_env(settings))]
+    workers = [_start_trainer(settings), _start_scorer(settings, 0)]
     try:
         # Steady rates first, on a fresh worker; then the burst (whose closed deals keep the trainer
         # busy for a while afterwards).
@@ -302,8 +303,7 @@ async def bench_pipeline(settings: Settings, leads: int, rates: list[float], sec
             settings, events, reader_rate, seconds, reader=lambda: asyncio.to_thread(_get, dashboard))
         burst_events = _fresh_events(leads, 7, "b1")
         figures["burst_1_worker"] = await bench_burst(settings, burst_events)
-        second = dataclasses.replace(settings, web_port=_free_port())
-        workers.append(start_worker(second, log_dir / f"bench-worker-1-{settings.app_id}.log", env=_env(second)))
+        workers.append(_start_scorer(settings, 1))
         await asyncio.sleep(3)  # the group rebalances over both workers
         events = _fresh_events(leads, 8, "b2")
         figures["burst_2_workers"] = await bench_burst(settings, events)
@@ -314,14 +314,26 @@ async def bench_pipeline(settings: Settings, leads: int, rates: list[float], sec
 
 
 async def bench_one_burst(settings: Settings, leads: int) -> Figures:
-    """One worker's burst throughput, on a fresh worker."""
+    """One scoring worker's burst throughput, on a fresh worker (the trainer a worker of its own)."""
     await ensure_topics(settings)
-    log = Path(settings.home) / "logs" / f"bench-worker-0-{settings.app_id}.log"
-    worker = start_worker(settings, log, env=_env(settings))
+    workers = [_start_trainer(settings), _start_scorer(settings, 0)]
     try:
         return await bench_burst(settings, _fresh_events(leads, 7, "b1"))
     finally:
-        stop_worker(worker)
+        for w in workers:
+            stop_worker(w)
+
+
+def _start_scorer(settings: Settings, n: int) -> Any:
+    scorer = dataclasses.replace(settings, web_port=_free_port() if n else settings.web_port, worker_roles="scoring")
+    return start_worker(scorer, Path(settings.home) / "logs" / f"bench-worker-{n}-{settings.app_id}.log",
+                        env=_env(scorer))
+
+
+def _start_trainer(settings: Settings) -> Any:
+    trainer = dataclasses.replace(settings, web_port=_free_port(), worker_roles="training")
+    return start_worker(trainer, Path(settings.home) / "logs" / f"bench-trainer-{settings.app_id}.log",
+                        env=_env(trainer))
 
 
 def _get(url: str) -> None:

@@ -184,6 +184,18 @@ def _choice(*allowed: str) -> Callable[[str, str], str]:
     return parse
 
 
+WORKER_ROLES = ("scoring", "training")
+
+
+def _roles(name: str, raw: str) -> str:
+    roles = [r.strip() for r in raw.split(",") if r.strip()]
+    wrong = [r for r in roles if r not in WORKER_ROLES]
+    if not roles or wrong:
+        raise SettingsError(f"{name}={raw!r}: expected a comma-separated list of {', '.join(WORKER_ROLES)} "
+                            "(e.g. scoring,training)")
+    return ",".join(r for r in WORKER_ROLES if r in roles)
+
+
 @dataclass(frozen=True)
 class Setting:
     env: str
@@ -253,6 +265,11 @@ SETTINGS: dict[str, Setting] = {
                                       "closed deals, with the training offset: a crash replays the deals since."),
     "checkpoint_every_s": Setting("LEADSTREAM_CHECKPOINT_EVERY_SECONDS", "10.0", _positive_float,
                                   "... or this many seconds after the first deal not yet saved, whichever is first."),
+    "worker_roles": Setting("LEADSTREAM_WORKER_ROLES", "scoring,training", _roles,
+                            "What `leadstream worker` runs: scoring (the input topics, rescoring), training (the "
+                            "trainer and its checkpoints), or both. Run the trainer as its own worker "
+                            "(LEADSTREAM_WORKER_ROLES=training) when latency matters: a deal's learning and a "
+                            "checkpoint then never take turns from the scoring loop."),
     "session_timeout_s": Setting("LEADSTREAM_SESSION_TIMEOUT_SECONDS", "30", _int(6),
                                  "Kafka consumer session timeout: how soon a crashed worker's partitions move."),
     "api_port": Setting("LEADSTREAM_API_PORT", "6067", _int(1),
@@ -331,6 +348,7 @@ class Settings:
     model_batch_every: int
     checkpoint_every_deals: int
     checkpoint_every_s: float
+    worker_roles: str
     session_timeout_s: int
     api_port: int
     api_bind: str
@@ -372,6 +390,10 @@ class Settings:
             values[attr] = s.parse(s.env, s.default if raw is None or raw == "" else raw)
         values["api_token"] = _resolve_token(values["api_token"], values["api_token_file"])
         return cls(**values)
+
+    def runs(self, role: str) -> bool:
+        """Whether this worker runs ``role`` (``scoring`` or ``training``; LEADSTREAM_WORKER_ROLES)."""
+        return role in self.worker_roles.split(",")
 
     def to_env(self) -> dict[str, str]:
         """Every setting as the environment variable that gives it (secrets revealed): for child processes."""

@@ -118,3 +118,42 @@ async def wait_until_scored(settings, event_ids, timeout=240.0):
                 missing -= {orjson.loads(r.value)["event_id"] for r in batch if r.value}
     finally:
         await consumer.stop()
+
+
+async def test_trainer_as_its_own_worker(pipeline_settings, start_worker, redis_client, tmp_path):
+    """LEADSTREAM_WORKER_ROLES: one worker only scores, another only trains; together they do what
+    one worker does (every event scored, every closed deal learned, the scorer serves the model)."""
+    from tests.integration.ownstack import free_port
+
+    s = pipeline_settings
+    start_worker(LEADSTREAM_WORKER_ROLES="training", LEADSTREAM_MODEL_MIN_OUTCOMES="10")
+    start_worker(LEADSTREAM_WORKER_ROLES="scoring", LEADSTREAM_WEB_PORT=str(free_port()))
+    leads = simulate_population(120, seed=5)
+    events = merge_events(leads)
+    await publish_events(s, events, progress=None)
+    report = await wait_for_outcomes(redis_client, sum(1 for lead in leads if lead.outcome))
+    assert report["version"] >= 1
+    deadline = asyncio.get_running_loop().time() + 120
+    while True:  # every event scored once, by the scoring worker
+        records = [orjson.loads(r.value) for r in await read_all(s.kafka_bootstrap, s.topic_scores, idle_s=1.0)
+                   if r.value]
+        scored = {r["event_id"] for r in records if r["trigger"] == "event"}
+        deleted = {e["lead_id"] for e in events if e["type"] == "lead_deleted"}
+        if scored >= {e["event_id"] for e in events if e["lead_id"] not in deleted}:
+            break
+        assert asyncio.get_running_loop().time() < deadline, f"{len(scored)} of {len(events)} events scored"
+    # A lead that gets an event now is scored by the model the trainer checkpointed.
+    lead = leads[0].lead_id
+    await publish_events(s, [{"event_id": "late-1", "lead_id": lead, "type": "click",
+                              "ts": max(e["ts"] for e in events) + 1000, "props": {}}], progress=None)
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        late = [orjson.loads(r.value) for r in await read_all(s.kafka_bootstrap, s.topic_scores, idle_s=1.0)
+                if r.value and orjson.loads(r.value)["event_id"] == "late-1"]
+        if late and late[0]["model_version"] >= 1:
+            break
+        assert asyncio.get_running_loop().time() < deadline, f"late event scored as {late}"
+        await asyncio.sleep(1)
+    trainer_log, scorer_log = (tmp_path / "worker-0.log").read_text(), (tmp_path / "worker-1.log").read_text()
+    assert "trainer: checkpoint" in trainer_log and "scoring loop: assigned" not in trainer_log
+    assert "scoring loop: assigned" in scorer_log and "trainer:" not in scorer_log
