@@ -62,7 +62,7 @@ def _register_scoring(app: faust.App, settings: Settings, topics: Topics, client
                       models: ModelStore, pipeline: EventPipeline) -> Callable[[], Iterable[tuple[str, int, int]]]:
     """The scoring loop (a service), the model poller and the rescoring timer; returns the loop's lags."""
     sender = Sender(app, topics)
-    scoring = ScoringLoop(settings, pipeline, sender.enqueue)
+    scoring = ScoringLoop(settings, pipeline, sender.enqueue, on_crash=app.crash)
     rescorer = Rescorer(settings, pipeline, client, sender, owned=scoring.assigned)
     scorer = pipeline.scorer
 

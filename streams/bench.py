@@ -85,18 +85,11 @@ def bench_step(events: list[dict[str, Any]], rules_text: str, batch: int = 500) 
     """Per-event CPU time of decode + validate + fold + features + score, as the worker runs it (one
     state copy per lead per batch), with the rules only and with a trained model."""
     rules = load_rules(rules_text)
-    trainer = Trainer(min_outcomes=5)
-    states: dict[str, Any] = {}
-    for e in events:  # train a model on the stream's own outcomes first
-        ev = parse_event(e["lead_id"].encode(), orjson.dumps(e), topic_kind=topic_kind_of(e["type"]))
-        r = step(states.get(ev.lead_id), ev, Scorer(rules), scored_at_ms=0, stage_snapshots=[])
-        states[ev.lead_id] = r.state
-        if r.training:
-            trainer.learn(r.training["snapshots"], r.training["won"])
+    model = _trained_model(rules_text, events)  # trained on the stream's own outcomes first
     raw = [(e["lead_id"].encode(), orjson.dumps(e), topic_kind_of(e["type"])) for e in events]
     figures = {}
-    for name, model in (("rules", None), ("model", trainer.serving())):
-        scorer = Scorer(rules, model)
+    for name, serving in (("rules", None), ("model", model)):
+        scorer = Scorer(rules, serving)
         stored: dict[str, Any] = {}
         t0 = time.process_time()  # CPU time: the machine's other processes do not count
         for start in range(0, len(raw), batch):
@@ -111,7 +104,7 @@ def bench_step(events: list[dict[str, Any]], rules_text: str, batch: int = 500) 
             stored.update(working)
         figures[name] = round((time.process_time() - t0) / len(raw) * 1e6, 1)
     return {"us_per_event_rules": figures["rules"], "us_per_event_model": figures["model"],
-            "model_source": Scorer(rules, trainer.serving()).score({}).source}
+            "model_source": Scorer(rules, model).score({}).source}
 
 
 # ---- Kafka: publish, collect ---------------------------------------------------------------------
@@ -373,10 +366,7 @@ async def bench_memory_and_reads(settings: Settings, leads: int, rules_text: str
                         "bytes_per_lead": round(memory["total"] / leads), "bytes_per_event": round(memory["total"] / n_events),
                         "bytes_per_lead_by_kind": {k: round(v / leads) for k, v in memory.items() if k != "total"}}
     figures["reads_ms"] = await _time_reads(client, rules)
-    trainer = Trainer(min_outcomes=1)
-    for won in (True, False):
-        trainer.learn([{"features": {"n_download": 2.0 * won}, "rules_score": 0.5, "stage": None}], won)
-    pipeline.scorer.model = trainer.serving()
+    pipeline.scorer.model = _trained_model(rules_text)
     figures["rescoring"] = await _rescoring_pass(client, pipeline, settings.batch_max_events)
     await client.flushdb()
     await client.aclose()
@@ -441,6 +431,34 @@ async def _time_reads(client: aioredis.Redis, rules: Any, settings: Settings | N
         q = statistics.quantiles(times, n=20, method="inclusive")
         figures[name] = {"p50_ms": round(statistics.median(times), 1), "p95_ms": round(q[18], 1)}
     return figures
+
+
+async def bench_rescoring(settings: Settings, rules_text: str) -> Figures:
+    """A full model rescoring pass over the open leads Redis holds (e.g. a million leads), with a
+    model trained on simulated outcomes: load, rescore and write each lead, as the worker's pass
+    does (records are built but not produced)."""
+    client = redis_client(settings)
+    rules = load_rules(rules_text)
+    pipeline = EventPipeline(LeadStore(client), Scorer(rules, _trained_model(rules_text)),
+                             topic_kinds={"web": "web", "crm": "crm"}, max_event_bytes=settings.max_event_bytes,
+                             rescore_every_ms=settings.rescore_every_s * 1000)
+    try:
+        return await _rescoring_pass(client, pipeline, settings.batch_max_events)
+    finally:
+        await client.aclose()
+
+
+def _trained_model(rules_text: str, events: list[dict[str, Any]] | None = None) -> Any:
+    """A serving model trained, through the pure step, on the outcomes of ``events`` (default: 300
+    simulated leads)."""
+    rules, trainer, states = load_rules(rules_text), Trainer(min_outcomes=5), {}
+    for e in simulate(300, seed=99) if events is None else events:
+        ev = parse_event(e["lead_id"].encode(), orjson.dumps(e), topic_kind=topic_kind_of(e["type"]))
+        r = step(states.get(ev.lead_id), ev, Scorer(rules), scored_at_ms=0, stage_snapshots=[])
+        states[ev.lead_id] = r.state
+        if r.training:
+            trainer.learn(r.training["snapshots"], r.training["won"])
+    return trainer.serving()
 
 
 async def _rescoring_pass(client: aioredis.Redis, pipeline: EventPipeline, batch: int) -> Figures:
@@ -584,7 +602,7 @@ async def bench_reader_effect(settings: Settings, rate: float, seconds: float) -
     of every open lead after each new version) cannot fall into one phase and not the other."""
     await ensure_topics(settings)
     log_dir = Path(settings.home) / "logs"
-    procs = [start_worker(settings, log_dir / f"bench-worker-r-{settings.app_id}.log", env=_env(settings)),
+    procs = [_start_scorer(settings, 0),
              start_api(settings, log_dir / f"bench-api-r-{settings.app_id}.log", env=_env(settings))]
     dashboard = f"http://127.0.0.1:{settings.api_port}/dashboard"
     pooled: dict[str, list[float]] = {"without": [], "with": []}
@@ -658,6 +676,7 @@ def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float,
         if "reads" in parts:
             figures["reads"] = asyncio.run(populate_leads(settings, read_leads, rules_text))
             figures["reads"].update(asyncio.run(bench_reads(settings, rules_text)))
+            figures["reads"]["rescoring"] = asyncio.run(bench_rescoring(settings, rules_text))
             figures["reads"]["worker_latency"] = asyncio.run(bench_reader_effect(settings, reader_rate, seconds))
             _print_reads(figures["reads"])
     finally:
@@ -722,6 +741,8 @@ def _print_reads(f: Figures) -> None:
         rows.append((f"worker latency at {r['rate']:,.0f}/s, {f['leads']:,} leads, {label}",
                      f"p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms, p99 {r['p99_ms']} ms"))
     rows.append(("dashboard page (leadstream api)", f"{w['dashboard_page_ms']} ms"))
+    r = f["rescoring"]
+    rows.append((f"model rescoring pass over the {r['open_leads']:,} open leads", f"{r['leads_per_s']:,} leads/s"))
     _table(rows)
 
 

@@ -51,8 +51,9 @@ class ScoringLoop:
     """Consume the input topics in micro-batches and score them (see the module docstring)."""
 
     def __init__(self, settings: Settings, pipeline: EventPipeline,
-                 send: Callable[[list[Out]], Awaitable[list[Awaitable[object]]]]) -> None:
-        self.settings, self.pipeline, self.send = settings, pipeline, send
+                 send: Callable[[list[Out]], Awaitable[list[Awaitable[object]]]],
+                 on_crash: Callable[[BaseException], Awaitable[object]]) -> None:
+        self.settings, self.pipeline, self.send, self.on_crash = settings, pipeline, send, on_crash
         self.topics = (settings.topic_web, settings.topic_crm)
         self.consumer: AIOKafkaConsumer | None = None
         self._in_flight: deque[Batch] = deque()
@@ -117,6 +118,10 @@ class ScoringLoop:
             except KafkaError as exc:  # e.g. the broker restarting: the consumer reconnects by itself
                 log.warning("scoring loop: %r; going on", exc)
                 await asyncio.sleep(1.0)
+            except Exception as exc:  # a bug, not bad input (that is dead-lettered): stop the worker,
+                log.exception("scoring loop stopped by %r", exc)  # whose restart redelivers the batch
+                await self.on_crash(exc)
+                return
 
     async def _process(self, fetched: dict[TopicPartition, list]) -> None:
         started = time.perf_counter()
