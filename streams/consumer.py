@@ -141,8 +141,10 @@ class ScoringLoop:
             done: dict[TopicPartition, int] = {}
             while len(self._in_flight) > keep:
                 batch = self._in_flight[0]
-                if batch.acks:
+                try:
                     await asyncio.gather(*batch.acks)
+                except KafkaError as exc:  # not a transient error for the loop to go on from
+                    raise OutputsNotAcknowledged(f"outputs of a batch of {len(batch.messages)}: {exc!r}") from exc
                 self._in_flight.popleft()
                 self.pipeline.acknowledged(batch.resent_material)
                 done.update(batch.offsets)
@@ -167,7 +169,9 @@ class ScoringLoop:
             log.warning("scoring loop: could not commit %s: %r", sorted(mine.items()), exc)
 
 
-
+class OutputsNotAcknowledged(RuntimeError):
+    """Kafka refused a batch's outputs after the producer's own retries: the worker stops, and its
+    restart redelivers the batch, whose outputs are re-sent from the lead's re-send material."""
 
 
 class _SettleOnRevoke(ConsumerRebalanceListener):

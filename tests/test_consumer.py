@@ -1,0 +1,83 @@
+"""The scoring loop's settle-and-commit rules, with a fake consumer (the real one runs in
+tests/integration: kill -9, rebalance and broker-restart drills)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaTimeoutError
+
+from streams.consumer import Batch, OutputsNotAcknowledged, ScoringLoop
+from streams.settings import Settings
+
+TP = TopicPartition("web", 0)
+
+
+class FakeConsumer:
+    def __init__(self) -> None:
+        self.commits: list[dict[TopicPartition, int]] = []
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TP}
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.commits.append(dict(offsets))
+
+
+class FakePipeline:
+    def __init__(self) -> None:
+        self.acked: list[object] = []
+        self.flushed = 0
+        self.counts: dict[str, int] = {}
+
+    def acknowledged(self, material: list[object]) -> None:
+        self.acked += material
+
+    async def flush_acked(self) -> None:
+        self.flushed += 1
+
+
+def loop_with(pipeline: FakePipeline) -> tuple[ScoringLoop, FakeConsumer]:
+    async def send(outs):  # not used: batches are put in flight by hand
+        return []
+
+    async def crash(exc):
+        raise AssertionError(exc)
+
+    loop = ScoringLoop(Settings.from_env({}), pipeline, send, on_crash=crash)  # type: ignore[arg-type]
+    loop.consumer = FakeConsumer()  # type: ignore[assignment]
+    return loop, loop.consumer  # type: ignore[return-value]
+
+
+def batch(ack: asyncio.Future, next_offset: int, material: str) -> Batch:
+    return Batch([ack], {TP: next_offset}, [(material, ["web/0/1"])], [], [], 0.0)
+
+
+async def test_offsets_are_committed_only_after_the_acks_and_the_clean_up() -> None:
+    pipeline = FakePipeline()
+    loop, consumer = loop_with(pipeline)
+    first, second = asyncio.get_running_loop().create_future(), asyncio.get_running_loop().create_future()
+    loop._in_flight.extend([batch(first, 10, "l1"), batch(second, 20, "l2")])
+    settling = asyncio.create_task(loop._settle(keep=1))
+    await asyncio.sleep(0.01)
+    assert consumer.commits == [] and not settling.done()  # the first batch's outputs are not acked yet
+    first.set_result(None)
+    await settling
+    assert consumer.commits == [{TP: 10}] and pipeline.flushed == 1 and pipeline.acked == [("l1", ["web/0/1"])]
+    assert len(loop._in_flight) == 1  # the newest batch stays in flight while the next is computed
+    second.set_result(None)
+    await loop._settle(keep=0)
+    assert consumer.commits == [{TP: 10}, {TP: 20}]
+
+
+async def test_refused_outputs_stop_the_loop_without_committing() -> None:
+    pipeline = FakePipeline()
+    loop, consumer = loop_with(pipeline)
+    refused = asyncio.get_running_loop().create_future()
+    refused.set_exception(KafkaTimeoutError())
+    loop._in_flight.append(batch(refused, 10, "l1"))
+    with pytest.raises(OutputsNotAcknowledged):
+        await loop._settle(keep=0)
+    assert consumer.commits == [] and pipeline.acked == []  # redelivered after the restart, re-sent from Redis
