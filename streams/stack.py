@@ -40,6 +40,7 @@ from streams.settings import Settings, redact_url
 POM = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "pom.xml"
 SERVICES = ("kafka", "redis")
 START_TIMEOUT_S = {"kafka": 90.0, "redis": 20.0}  # Kafka's first start formats storage and warms a JVM
+LOADING_TIMEOUT_S = 1800.0  # Redis reloading a big data set (a million leads: 3.5 GB of AOF, about a minute)
 EXTERNAL_TIMEOUT_S = 15.0  # a server the user pointed at may be restarting; give it a moment
 STOP_TIMEOUT_S = 30.0
 KAFKA_HEAP = ["-Xms256m", "-Xmx512m"]
@@ -303,6 +304,30 @@ def _redis_command(settings: Settings, paths: Paths, log_offset: int) -> list[st
     return [server, str(conf)]
 
 
+def _wait_started(service: str, settings: Settings, answers: Callable[[], bool], pid: int) -> bool:
+    """Whether ``service`` answers within its start time; a Redis still loading its data set gets
+    up to :data:`LOADING_TIMEOUT_S` more (it refuses commands until it has loaded, not a failure)."""
+    if _wait(answers, START_TIMEOUT_S[service], lambda: _alive(pid)):
+        return True
+    if service != "redis" or not _redis_loading(settings):
+        return False
+    _say(f"redis: still loading its data set; waiting up to {LOADING_TIMEOUT_S:.0f} s")
+    return _wait(answers, LOADING_TIMEOUT_S, lambda: _alive(pid))
+
+
+def _redis_loading(settings: Settings) -> bool:
+    client = redis_sync_client(settings, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        client.ping()
+        return False
+    except redis.exceptions.BusyLoadingError:
+        return True
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
 def _redis_answers(settings: Settings) -> bool:
     client = redis_sync_client(settings, socket_timeout=2, socket_connect_timeout=2)
     try:
@@ -363,7 +388,7 @@ def _ensure(service: str, settings: Settings, address: str, answers: Callable[[]
     pid = _live_pid(pid_file, _mark(service, paths))
     if pid is not None:
         # Alive but maybe still starting (a concurrent up): give it the normal start time.
-        if not _wait(answers, START_TIMEOUT_S[service], lambda: _alive(pid)):
+        if not _wait_started(service, settings, answers, pid):
             raise StackError(f"{service}: process {pid} (from {pid_file}) runs but does not answer; "
                              f"see {log}, or run `leadstream down` and `leadstream up` again")
         _say(f"{service}: already running (pid {pid})")
@@ -384,7 +409,7 @@ def _ensure(service: str, settings: Settings, address: str, answers: Callable[[]
     except OSError as exc:
         raise StackError(f"{service}: could not run {cmd[0]}: {exc}") from exc
     pid_file.write_text(f"{proc.pid}\n")
-    if not _wait(answers, START_TIMEOUT_S[service], lambda: _alive(proc.pid)):
+    if not _wait_started(service, settings, answers, proc.pid):
         exited = not _alive(proc.pid)
         if not exited:
             _terminate(proc.pid)

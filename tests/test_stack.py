@@ -237,3 +237,17 @@ async def test_up_down_twice_keeps_data(tmp_path: Path, monkeypatch: pytest.Monk
             assert (await consumer.getone()).value == b"message"  # the log dir
     finally:
         stack_mod.down(own)
+
+
+def test_a_redis_still_loading_its_data_set_gets_more_time(monkeypatch) -> None:
+    """Redis refuses commands (LOADING) until it has read its data back: that is no failed start."""
+    stack = stack_mod
+    monkeypatch.setattr(stack, "START_TIMEOUT_S", {"kafka": 0.2, "redis": 0.2})
+    monkeypatch.setattr(stack, "_alive", lambda pid: True)
+    answers = iter([False] * 8 + [True])
+    settings = Settings.from_env({})
+    monkeypatch.setattr(stack, "_redis_loading", lambda s: True)
+    assert stack._wait_started("redis", settings, lambda: next(answers), pid=1)
+    monkeypatch.setattr(stack, "_redis_loading", lambda s: False)  # not loading: the start failed
+    assert not stack._wait_started("redis", settings, lambda: False, pid=1)
+    assert not stack._wait_started("kafka", settings, lambda: False, pid=1)  # Kafka has no loading state
