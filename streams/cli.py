@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reader-rate", type=float, default=1000.0,
                    help="offered events/s while a reader loads the dashboard every second (one of --rates)")
     b.add_argument("--read-leads", type=int, default=1_000_000,
-                   help="leads put in Redis for the read benchmark (part 'reads')")
+                   help="leads put in Redis for the read benchmark (part 'reads'; a million take about 3.5 GB: "
+                        "point LEADSTREAM_REDIS at a scratch Redis)")
     b.add_argument("--only", default="step,pipeline,memory",
                    help="parts to run: step, pipeline, burst (passthrough and one worker only), memory, reads "
                         "(reads: populates --read-leads leads)")
