@@ -38,11 +38,11 @@ def interpolate(env: Mapping[str, str], shell: Mapping[str, str]) -> dict[str, s
 
 
 def test_services_and_images(services: dict[str, Any]) -> None:
-    assert set(services) == {"kafka", "redis", "worker", "api", "simulator"}
+    assert set(services) == {"kafka", "redis", "worker", "trainer", "api", "simulator"}
     assert services["kafka"]["image"] == "apache/kafka:4.1.1"
     assert services["redis"]["image"].startswith("redis:7")
     assert services["redis"]["command"] == ["redis-server", "--appendonly", "yes"]
-    for name in ("worker", "api", "simulator"):
+    for name in ("worker", "trainer", "api", "simulator"):
         assert services[name]["build"] == {"context": ".", "dockerfile": "deploy/Dockerfile"}
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert "FROM python:3.11-slim" in dockerfile and "RUN pip install ." in dockerfile
@@ -58,7 +58,7 @@ def test_ports(services: dict[str, Any]) -> None:
     assert services["redis"]["ports"] == ["6379:6379"]
 
 
-@pytest.mark.parametrize("name", ["worker", "api", "simulator"])
+@pytest.mark.parametrize("name", ["worker", "trainer", "api", "simulator"])
 def test_app_services_run_real_subcommands(services: dict[str, Any], name: str) -> None:
     command = services[name]["command"]
     assert command[0] == "leadstream" and command[1] in subcommands()
@@ -77,6 +77,12 @@ def test_app_services_run_real_subcommands(services: dict[str, Any], name: str) 
         bind, own_port = ((settings.web_bind, settings.web_port) if name == "worker"
                           else (settings.api_bind, settings.api_port))
         assert (bind, own_port) == ("0.0.0.0", int(inner))
+
+
+def test_scoring_and_training_run_in_their_own_workers(services: dict[str, Any]) -> None:
+    roles = {name: Settings.from_env(interpolate(services[name]["environment"], {})).worker_roles
+             for name in ("worker", "trainer")}
+    assert roles == {"worker": "scoring", "trainer": "training"}
 
 
 def test_the_api_service_starts_with_the_demo_token_or_the_shells(services: dict[str, Any]) -> None:
