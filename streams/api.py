@@ -46,7 +46,6 @@ AUC_HISTORY_KEY = "model:auc_history"  # sorted set, score = model version, memb
 AUC_HISTORY_LEN = 500
 HISTORY_EVERY_S = 5.0
 DASHBOARD_LEADS = 25
-AGGREGATES_TTL_S = 2.0  # how stale the funnel, team, success curve and model figures may be (docs/api.md)
 
 TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("streams", "templates"), autoescape=True,
                                undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -272,7 +271,7 @@ class Api:
         self.leads = LeadStore(client)
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
-        self.cache = TtlCache(AGGREGATES_TTL_S)
+        self.cache = TtlCache(settings.api_cache_s)  # LEADSTREAM_API_CACHE_SECONDS
 
     async def producer(self) -> AIOKafkaProducer:
         """The producer, started on first use (so the API starts, and reads work, without Kafka)."""
@@ -328,7 +327,7 @@ class Api:
 
     async def aggregates(self, stall_days: float) -> dict[str, Any]:
         """Funnel (with the model's learned win rate per stage and the problems found), team, success
-        curve, model report and AUC history: read at most once per :data:`AGGREGATES_TTL_S`."""
+        curve, model report and AUC history: read at most once per LEADSTREAM_API_CACHE_SECONDS."""
         return await self.cache.get(("aggregates", stall_days), lambda: self._aggregates(stall_days))
 
     async def _aggregates(self, stall_days: float) -> dict[str, Any]:
@@ -550,7 +549,7 @@ async def post_events(request: web.Request) -> web.Response:
 
 
 async def dashboard(request: web.Request) -> web.Response:
-    """The page, rendered at most once per AGGREGATES_TTL_S per filter: a dashboard left open and
+    """The page, rendered at most once per LEADSTREAM_API_CACHE_SECONDS per filter: a dashboard left open and
     reloading (or many people opening it) costs Redis and the CPU the worker needs one reading."""
     api, filters, stall_days = request.app[API], _filters(request), _float(request, "stall_days", 14.0)
 

@@ -285,6 +285,9 @@ SETTINGS: dict[str, Setting] = {
                                   "Largest webhook request body `POST /events` accepts (larger: 413)."),
     "api_max_batch": Setting("LEADSTREAM_API_MAX_BATCH", "1000", _int(1),
                              "Most events one `POST /events` request may carry (more: 413)."),
+    "api_cache_s": Setting("LEADSTREAM_API_CACHE_SECONDS", "2.0", _positive_float,
+                           "How stale the api's aggregates (funnel, team, success curve, model) and the rendered "
+                           "dashboard may be: read and rendered at most once per this many seconds (docs/api.md)."),
     "log_format": Setting("LEADSTREAM_LOG_FORMAT", "text", _choice("text", "json"),
                           "Log lines of the worker and api: text, or json (one object per line)."),
     "home": Setting("LEADSTREAM_HOME", str(Path("~/.cache/leadstream").expanduser()), _path,
@@ -356,6 +359,7 @@ class Settings:
     api_token_file: Path | None
     api_max_body_bytes: int
     api_max_batch: int
+    api_cache_s: float
     log_format: str
     home: Path
     kafka_security_protocol: str
