@@ -54,7 +54,7 @@ def register_agents(app: faust.App, settings: Settings) -> EventPipeline:
         lags = _register_scoring(app, settings, topics, client, models, pipeline)
     if settings.runs("training"):
         _register_training(app, settings, topics, models, scorer)
-    register_web(app, settings, pipeline, models, lags, scoring=settings.runs("scoring"))
+    register_web(app, settings, pipeline, models, lags)
     return pipeline
 
 
@@ -94,8 +94,6 @@ def _register_scoring(app: faust.App, settings: Settings, topics: Topics, client
 
     @app.timer(interval=settings.rescore_poll_s)
     async def rescore() -> None:
-        await survive(lambda: with_retry(pipeline.flush_acked, "dropping acknowledged re-send material"),
-                      "re-send clean-up")
         await survive(lambda: with_retry(rescorer.tick, "rescoring"), "rescoring")
 
     return scoring.lags
