@@ -94,7 +94,7 @@ class EventPipeline:
         self.counts: Counter[str] = Counter()
         self._unacked: list[tuple[str, list[str]]] = []  # (lead, origins) written by the last batch
         self._acked: list[tuple[str, list[str]]] = []  # their outputs are acknowledged: drop their re-send material
-        self._recent: list[tuple[float, int]] = []  # (monotonic time, size) of the last event batches
+        self._last_batch_at = float("-inf")  # monotonic time of the last event batch
         # Held from a write until its records are handed to the producer, by event batches and
         # rescoring alike: records reach a topic in the order of the writes.
         self.send_order = asyncio.Lock()
@@ -117,13 +117,13 @@ class EventPipeline:
                 outs.append(dead_letter(msg, str(exc), now_ms))
                 continue
             by_lead.setdefault(event.lead_id, []).append((msg, event))
-        self._recent = [*self._recent[-9:], (time.monotonic(), len(msgs))]
+        self._last_batch_at = time.monotonic()
         outs += await self._apply(by_lead, lambda record, events: self._compute(record, events, now_ms))
         return outs
 
     def busy(self, window_s: float) -> bool:
         """Whether events arrived within ``window_s``: background work then takes a back seat."""
-        return bool(self._recent) and self._recent[-1][0] >= time.monotonic() - window_s
+        return self._last_batch_at >= time.monotonic() - window_s
 
     def take_unacked(self) -> list[tuple[str, list[str]]]:
         """The re-send material of the batches handled since the last call: hand it back to
