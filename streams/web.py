@@ -49,10 +49,10 @@ async def kafka_reachable(bootstrap: str, timeout_s: float = 2.0) -> str:
 
 
 def register_web(app: faust.App, settings: Settings, pipeline: EventPipeline, models: ModelStore,
-                 lags: Callable[[], Iterable[tuple[str, int, int]]], scoring: bool = True) -> None:
+                 lags: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
     """``/metrics``, ``/healthz``, ``/readyz``, ``/model`` and ``/health`` on the worker's web server;
     ``lags`` gives (topic, partition, lag) of the input partitions this worker holds (a worker that
-    only trains, ``scoring`` false, is ready without any)."""
+    only trains is ready without any)."""
     metrics.REGISTRY.register(metrics.LagCollector(lambda: list(lags())))
 
     def page(path: str, open_: bool = False) -> Callable[[View], View]:
@@ -79,7 +79,7 @@ def register_web(app: faust.App, settings: Settings, pipeline: EventPipeline, mo
         checks["redis"] = await redis_readiness(models.client)
         checks["kafka"] = await kafka_reachable(settings.kafka_bootstrap)
         assigned = [f"{t}/{p}" for t, p, _ in lags()]
-        if scoring:
+        if settings.runs("scoring"):
             checks["partitions"] = "ok" if assigned else "no input partitions assigned to this worker (yet)"
         ready = all(v == "ok" for v in checks.values())
         return web.json({"ready": ready, "checks": checks, "assigned": assigned}, status=200 if ready else 503)
