@@ -176,7 +176,7 @@ def features(state: State, now_ms: int, *, half_life_s: float, fields: FieldPoli
     for name, value in state["fields"].items():
         if fields is not None and fields.is_private(name):
             continue
-        f[_FIELD_KEYS.get(name) or _key(_FIELD_KEYS, "f_", name)] = _field_value(value)
+        f[_field_key(name)] = _field_value(value)
     counts, decayed = state["counts"], state["decayed"]
     f["events_total"] = float(sum(counts.values()))
     factor = 1.0
@@ -184,7 +184,7 @@ def features(state: State, now_ms: int, *, half_life_s: float, fields: FieldPoli
     if ref is not None and now_ms > ref:
         factor = 0.5 ** ((now_ms - ref) / 1000 / half_life_s)
     for event_type, n in counts.items():
-        n_key, d_key = _COUNT_KEYS.get(event_type) or _count_keys(event_type)
+        n_key, d_key = _count_keys(event_type)
         f[n_key] = float(n)
         f[d_key] = decayed.get(event_type, 0.0) * factor
     f["distinct_pages"] = float(len(state["pages"]))
@@ -213,37 +213,30 @@ def features(state: State, now_ms: int, *, half_life_s: float, fields: FieldPoli
 
 
 # Memos for the hot path: the same few names and values come back with every event (bounded).
-_FIELD_KEYS: dict[str, str] = {}
-_COUNT_KEYS: dict[str, tuple[str, str]] = {}
-_VALUES: dict[str, str] = {}
+@lru_cache(maxsize=10_000)
+def _field_key(name: str) -> str:
+    return "f_" + name
 
 
-def _key(memo: dict[str, str], prefix: str, name: str) -> str:
-    if len(memo) > 10_000:
-        memo.clear()
-    memo[name] = prefix + name
-    return memo[name]
-
-
+@lru_cache(maxsize=64)  # event types: a closed set
 def _count_keys(event_type: str) -> tuple[str, str]:
-    _COUNT_KEYS[event_type] = ("n_" + event_type, "d_" + event_type)  # event types: a closed set
-    return _COUNT_KEYS[event_type]
+    return "n_" + event_type, "d_" + event_type
 
 
 def _field_value(value: Any) -> float | str:
     """An explicit field as a feature: strings trimmed and lower-cased, numbers as floats."""
     if value.__class__ is str:
-        cached = _VALUES.get(value)
-        if cached is None:
-            if len(_VALUES) > 100_000:
-                _VALUES.clear()
-            cached = _VALUES[value] = value.strip().lower()
-        return cached
+        return _normalised(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return float(value)
     return str(value).strip().lower()
+
+
+@lru_cache(maxsize=100_000)
+def _normalised(value: str) -> str:
+    return value.strip().lower()
 
 
 @lru_cache(maxsize=4096)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from functools import lru_cache
 from operator import itemgetter
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,7 +212,7 @@ class Encoder:
     def encode_category(self, out: dict[str, Any], labels: dict[str, str], k: str, v: str) -> None:
         """Add a derived categorical feature (``stage``, ``created_month``...) as its one-hot key."""
         if k in _INTERNAL_CATEGORIES:
-            out[_ONE_HOT.get((k, v)) or _one_hot_key(k, v)] = 1.0
+            out[_one_hot_key(k, v)] = 1.0
         else:  # not expected; kept bounded
             key = f"h={_bucket(f'{k}={v}', self.policy.hash_buckets)}"
             out[key], labels[key] = 1.0, f"{k}={v}"
@@ -261,14 +262,9 @@ class Encoder:
                 self.vocab[name] = frozenset(counter.top(spec.top, spec.min_count))
 
 
-_ONE_HOT: dict[tuple[str, str], str] = {}  # (stage, proposal) -> "stage=proposal": a handful of values
-
-
+@lru_cache(maxsize=10_000)  # (stage, proposal) -> "stage=proposal": a handful of values
 def _one_hot_key(k: str, v: str) -> str:
-    if len(_ONE_HOT) > 10_000:
-        _ONE_HOT.clear()
-    key = _ONE_HOT[(k, v)] = f"{k}={v}"
-    return key
+    return f"{k}={v}"
 
 
 def _number(v: Any) -> float | None:
