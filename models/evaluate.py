@@ -25,7 +25,7 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,7 +242,8 @@ class _LaggedRefits:
 
 def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *, min_outcomes: int = 50,
                     model_kind: str = "tournament", keep_examples: bool = False,
-                    batch_every: int = 1000, refit_lag: int = 0) -> EvaluationResult:
+                    batch_every: int = 1000, refit_lag: int = 0, processes: int = 1,
+                    returned: dict[str, Any] | None = None) -> EvaluationResult:
     """Replay ``events`` (in arrival order) through the stream's step, scorer and trainer.
 
     Parameters
@@ -265,6 +266,17 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
         0: each refit runs inline, when it is due. ``n`` > 0: as in the worker, off the hot path: the
         fit runs in a thread on the window as of when it was due, while the replay goes on, and serves
         from ``n`` deals later (a fixed count, not "when done": the figures do not depend on timing).
+    processes
+        1: everything in this process. ``n`` > 1 (with ``refit_lag`` 0): in child processes, ``events``
+        is iterated by one and replayed by ``n`` others, each stepping the events of its own leads (a
+        lead's state and snapshots are its own, so the split changes nothing), and the batch learner's
+        refits are computed ahead by another one from the same training examples; this process merges
+        the examples back into arrival order and runs the trainer. A fit made ahead is used only if
+        the window of rows it was fitted on is this trainer's, byte for byte (else it is fitted here):
+        the figures are those of ``processes=1``. Needs ``fork`` (``events`` is iterated in a child).
+    returned
+        With ``processes`` > 1: a dict that iterating ``events`` fills in (e.g. counts of rows read),
+        copied back from the child process once the replay is done.
     keep_examples
         Also keep every training example (``{"snapshots": [...], "won": bool, ...}`` as the stream
         sends it to the trainer) in ``examples``, in arrival order: for offline model studies
@@ -295,77 +307,359 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
     >>> result.metrics()["rules"]["roc_auc"], result.report()["deals"]["n"]
     (1.0, 4)
     """
+    if processes > 1 and refit_lag == 0 and _can_fork():
+        return _evaluate_in_processes(events, rules, shards=processes, min_outcomes=min_outcomes, model_kind=model_kind,
+                                      keep_examples=keep_examples, batch_every=batch_every, returned=returned)
+    replay = _Replay(rules)
+    return _learn(replay.trainings(events), replay, rules, min_outcomes=min_outcomes, model_kind=model_kind,
+                  keep_examples=keep_examples, batch_every=batch_every, refit_lag=refit_lag)
+
+
+class _Replay:
+    """The model-free half of :func:`evaluate_events`: events decoded, deduplicated and stepped as the
+    stream steps them (rules only); yields each deal's training example and counts the rest."""
+
+    def __init__(self, rules: Rules) -> None:
+        self.rules = rules
+        self.events = 0
+        self.leads = 0
+        self.duplicates = 0
+        self.rejected: Counter[str] = Counter()
+        self.closed_without_snapshot = 0
+
+    def counts(self) -> dict[str, Any]:
+        return {"events": self.events, "leads": self.leads, "duplicates": self.duplicates,
+                "rejected": self.rejected, "closed_without_snapshot": self.closed_without_snapshot}
+
+    def trainings(self, events: Iterable[Event | Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
+        # The per-event model score feeds no feature, snapshot or figure here (only the score message
+        # and the hot flag, which evaluate does not report): events are stepped with the rules alone and
+        # the model scores each deal once, at its close. Same features, same figures, far less work.
+        stepper = Scorer(self.rules)
+        states: dict[str, dict[str, Any]] = {}
+        stage_snaps: dict[str, list[dict[str, Any]]] = {}
+        deleted: dict[str, int] = {}  # when a lead was deleted: older events must not bring it back
+        seen: set[tuple[str, str]] = set()
+        leads: set[str] = set()
+        for raw in events:
+            try:
+                event = _as_event(raw)
+            except RejectedEvent as exc:
+                self.rejected[str(exc)] += 1
+                continue
+            if (event.lead_id, event.event_id) in seen:
+                self.duplicates += 1
+                continue
+            seen.add((event.lead_id, event.event_id))
+            leads.add(event.lead_id)
+            self.leads = len(leads)
+            self.events += 1
+            lead = event.lead_id
+            before = states.get(lead)
+            closing = event.type in ("deal_won", "deal_lost")
+            first_close = closing and (before is None or before.get("outcome") is None)
+            r = step(before, event, stepper, scored_at_ms=event.ts_ms, stage_snapshots=stage_snaps.get(lead),
+                     deleted_ts=deleted.get(lead), copy=False)
+            if r.state is None:  # deleted: the stream drops the state and both kinds of snapshot, keeps deleted_ts
+                if r.deleted_ts is not None:
+                    deleted[lead] = r.deleted_ts
+                states.pop(lead, None)
+                stage_snaps.pop(lead, None)
+            else:
+                states[lead] = r.state
+                if r.stage_snapshot:
+                    kept = stage_snaps.setdefault(lead, [])
+                    kept.append(r.snapshot)
+                    del kept[:-MAX_STAGE_SNAPSHOTS]
+                if closing:  # the stream deletes the stage snapshots at close
+                    stage_snaps.pop(lead, None)
+            if first_close and r.training is None and r.state is not None:  # an outcome with nothing before it
+                self.closed_without_snapshot += 1
+            if r.training is not None:
+                yield r.training
+
+
+def _learn(trainings: Iterable[dict[str, Any]], replay: _Replay | Callable[[], dict[str, Any]], rules: Rules, *,
+           min_outcomes: int, model_kind: str, keep_examples: bool, batch_every: int, refit_lag: int = 0,
+           prefits: _Prefits | None = None) -> EvaluationResult:
+    """The model half of :func:`evaluate_events`: each deal scored by every learner, then learned.
+
+    ``replay`` gives the replay's counts once ``trainings`` is exhausted (a :class:`_Replay`, or a
+    function returning its :meth:`_Replay.counts`)."""
     trainer = Trainer(min_outcomes=min_outcomes, kind=model_kind, batch_every=batch_every,
                       encoder=Encoder(rules.fields), defer_refits=refit_lag > 0)
+    if prefits is not None:
+        prefits.attach(trainer)
     refits = _LaggedRefits(refit_lag) if refit_lag > 0 else None
     scorer = Scorer(rules, trainer.serving(copy_state=False))
-    # The per-event model score feeds no feature, snapshot or figure here (only the score message
-    # and the hot flag, which evaluate does not report): events are stepped with the rules alone and
-    # the model scores each deal once, at its close. Same features, same figures, far less work.
-    stepper = Scorer(rules)
-    states: dict[str, dict[str, Any]] = {}
-    stage_snaps: dict[str, list[dict[str, Any]]] = {}
-    deleted: dict[str, int] = {}  # when a lead was deleted: older events must not bring it back
-    seen: set[tuple[str, str]] = set()
-    leads: set[str] = set()
     result = EvaluationResult([], model_kind=model_kind, min_outcomes=min_outcomes, batch_every=batch_every)
-    for raw in events:
-        try:
-            event = _as_event(raw)
-        except RejectedEvent as exc:
-            result.rejected[str(exc)] += 1
-            continue
-        if (event.lead_id, event.event_id) in seen:
-            result.duplicates += 1
-            continue
-        seen.add((event.lead_id, event.event_id))
-        leads.add(event.lead_id)
-        result.events += 1
-        lead = event.lead_id
-        before = states.get(lead)
-        closing = event.type in ("deal_won", "deal_lost")
-        first_close = closing and (before is None or before.get("outcome") is None)
-        r = step(before, event, stepper, scored_at_ms=event.ts_ms, stage_snapshots=stage_snaps.get(lead),
-                 deleted_ts=deleted.get(lead), copy=False)
-        if r.state is None:  # deleted: the stream drops the state and both kinds of snapshot, keeps deleted_ts
-            if r.deleted_ts is not None:
-                deleted[lead] = r.deleted_ts
-            states.pop(lead, None)
-            stage_snaps.pop(lead, None)
-        else:
-            states[lead] = r.state
-            if r.stage_snapshot:
-                kept = stage_snaps.setdefault(lead, [])
-                kept.append(r.snapshot)
-                del kept[:-MAX_STAGE_SNAPSHOTS]
-            if closing:  # the stream deletes the stage snapshots at close
-                stage_snaps.pop(lead, None)
-        if first_close and r.training is None and r.state is not None:  # an outcome with nothing before it
-            result.closed_without_snapshot += 1
-        if r.training is None:
-            continue
-        features = r.training["snapshots"][-1]["features"]  # the last snapshot before the outcome
+    for training in trainings:
+        features = training["snapshots"][-1]["features"]  # the last snapshot before the outcome
         assert scorer.model is not None
         learners, x = scorer.model.score_all(features, reasons=False)  # every learner, before learning the deal
         served = scorer.score(features)  # the champion's figure is not computed again
         p_model = learners[scorer.model.champion]
         result.predictions.append(Prediction(
-            len(result.predictions), lead, bool(r.training["won"]), served.rules_score, p_model, served.score,
-            served.source, served.model_version, learners))
-        trainer.learn(r.training["snapshots"], r.training["won"], last=(x, learners))
+            len(result.predictions), training["lead_id"], bool(training["won"]), served.rules_score, p_model,
+            served.score, served.source, served.model_version, learners))
+        trainer.learn(training["snapshots"], training["won"], last=(x, learners))
         if keep_examples:
-            result.examples.append(r.training)
+            result.examples.append(training)
         if refits is not None:
             refits.after_deal(trainer, len(result.predictions))
         scorer.model = trainer.serving(copy_state=False)  # a new one after every deal: no copies needed
     if refits is not None:
         refits.finish()
-    result.leads = len(leads)
+    counts = replay.counts() if isinstance(replay, _Replay) else replay()
+    result.events, result.leads, result.duplicates = counts["events"], counts["leads"], counts["duplicates"]
+    result.rejected = Counter(counts["rejected"])
+    result.closed_without_snapshot = counts["closed_without_snapshot"]
     report = trainer.report()
     result.trainer = {k: report[k] for k in ("version", "kind", "outcomes", "drifts", "rejected_promotions",
                                              "tournament", "stage_models")}
     result.trainer["prequential_snapshots"] = {k: report[k] for k in ("rules", "champion", "challenger")}
     return result
+
+
+# ---------------------------------------------------------------- in processes
+
+_BATCH = 128  # training examples per message between processes
+
+
+def _can_fork() -> bool:
+    import multiprocessing
+
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def _window_key(rows: list[tuple[dict[str, float], bool]], params: dict[str, Any], max_columns: int) -> bytes:
+    """A digest of everything a batch fit depends on: the rows (keys in order, exact float bits), the
+    parameters and the column cap. ``marshal`` version 2 writes values only (no shared references)."""
+    import hashlib
+    import marshal
+
+    return hashlib.blake2b(marshal.dumps((rows, sorted(params.items()), max_columns), 2)).digest()
+
+
+class _Prefits:
+    """The batch learner's fits computed ahead in another process (:func:`_prefit_main`), in order.
+
+    Attached to the replaying trainer's batch learner as its ``fit_rows``: a due refit takes the next
+    fit from the other process and keeps it only if it was fitted on the same window (same digest);
+    otherwise, and from then on, it fits here. Waiting for a fit costs no more than fitting it here."""
+
+    def __init__(self, queue: Any, process: Any) -> None:
+        self.queue, self.process = queue, process
+        self.used = 0
+        self.refused = 0
+
+    def attach(self, trainer: Trainer) -> None:
+        from models.tournament import BatchHGB
+
+        for learner in trainer.tournament.learners.values():
+            if isinstance(learner, BatchHGB):
+                learner.fit_rows = self.fit_rows
+
+    def _next(self) -> Any:
+        import queue as queue_
+
+        while True:
+            try:
+                return self.queue.get(timeout=1.0)
+            except queue_.Empty:
+                if not self.process.is_alive() and self.queue.empty():
+                    return None
+
+    def fit_rows(self, rows: list[tuple[dict[str, float], bool]], params: dict[str, Any],
+                 max_columns: int) -> tuple[Any, ...]:
+        from models.tournament import BatchHGB
+
+        if self.queue is not None:
+            item = self._next()
+            if item is not None and item[0] == _window_key(rows, params, max_columns):
+                self.used += 1
+                fitted, code = item[1], item[2]
+                if code is not None:  # the trees as compiled there: the same source, so the same function
+                    import marshal
+                    import types
+
+                    fitted[0].__dict__["_compiled"] = types.FunctionType(marshal.loads(code),
+                                                                         {"__builtins__": __builtins__})
+                return fitted
+            self.refused += 1
+            self.queue = None  # out of step: every later fit is made here
+            print("leadstream evaluate: no batch fit made ahead for this window; fitting here from now on",
+                  file=sys.stderr)
+        return BatchHGB.fit_rows(rows, params, max_columns)
+
+
+def _prefit_main(inboxes: list[Any], outbox: Any, trainer_args: dict[str, Any]) -> None:
+    """The batch learner's refits, ahead of the trainer: the same examples, vectorised as
+    :meth:`Trainer.learn` does (the encoder and stage rates learn from the examples alone, not from
+    any model), into a batch learner configured as the trainer's; each fit goes out as it is made."""
+    import marshal
+
+    from models.learner import vectorize
+    from models.tournament import BatchHGB
+
+    trainer = Trainer(**trainer_args)
+    learners = [l for l in trainer.tournament.learners.values() if isinstance(l, BatchHGB)]
+
+    def fit_and_send(rows: list[tuple[dict[str, float], bool]], params: dict[str, Any],
+                     max_columns: int) -> tuple[Any, ...]:
+        fitted = BatchHGB.fit_rows(rows, params, max_columns)
+        fn = fitted[0].compiled()
+        code = marshal.dumps(fn.__code__) if fn.__code__.co_name == "raw" and not fn.__code__.co_freevars else None
+        outbox.put((_window_key(rows, params, max_columns), fitted, code))
+        return fitted
+
+    for learner in learners:
+        learner.fit_rows = fit_and_send
+    for training in _merged(inboxes):
+        snapshots, won = training["snapshots"], training["won"]
+        y = bool(int(won))
+        xs = [vectorize(snap["features"], trainer.stage_rates, trainer.encoder) for snap in snapshots]
+        for x in xs:
+            for learner in learners:
+                learner.learn(x, y)
+        trainer.stage_rates.update([s["stage"] for s in snapshots if s.get("stage")], won)
+        if snapshots:
+            trainer.encoder.learn(snapshots[-1]["features"])
+    outbox.put(None)
+
+
+def _send(boxes: list[Any], batch: list[Any]) -> None:
+    """One batch to every box, pickled once."""
+    import pickle
+
+    blob = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+    for box in boxes:
+        box.put(blob)
+
+
+def _read_main(events: Iterable[Event | Mapping[str, Any]], shard_boxes: list[Any], end_box: Any,
+               returned: dict[str, Any] | None) -> None:
+    """Iterate ``events`` in a child process: each goes, with its arrival number, to the replay shard
+    of its lead (all of a lead's events to one shard, in order); then ``("end", returned)``."""
+    import traceback
+
+    n = len(shard_boxes)
+    pending: list[list[tuple[int, Any]]] = [[] for _ in range(n)]
+    try:
+        for seq, raw in enumerate(events):
+            lead = raw.lead_id if isinstance(raw, Event) else raw.get("lead_id") if isinstance(raw, Mapping) else None
+            k = hash(lead if isinstance(lead, str) else repr(lead)) % n
+            pending[k].append((seq, raw))
+            if len(pending[k]) >= 8 * _BATCH:
+                _send([shard_boxes[k]], pending[k])
+                pending[k] = []
+        for box, batch in zip(shard_boxes, pending):
+            _send([box], batch)
+            box.put(None)
+        end_box.put(("end", returned))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+        for box in shard_boxes:
+            box.put(None)
+        end_box.put(("error", traceback.format_exc()))
+
+
+def _shard_main(inbox: Any, rules: Rules, outboxes: list[Any]) -> None:
+    """One replay shard in a child process: its leads' events stepped in arrival order, each training
+    example out with the arrival number of the event that closed the deal, in batches; then
+    ``None`` and ``("end", counts)`` (or ``("error", text)``) to the first outbox."""
+    import pickle
+    import traceback
+
+    replay = _Replay(rules)
+    current = -1
+
+    def events() -> Iterator[Any]:
+        nonlocal current
+        while (blob := inbox.get()) is not None:
+            for current, raw in pickle.loads(blob):  # noqa: B007 - read by the loop below
+                yield raw
+
+    try:
+        batch: list[tuple[int, dict[str, Any]]] = []
+        for training in replay.trainings(events()):
+            batch.append((current, training))  # trainings() yields right after the closing event
+            if len(batch) >= _BATCH:
+                _send(outboxes, batch)
+                batch = []
+        _send(outboxes, batch)
+        for box in outboxes:
+            box.put(None)
+        outboxes[0].put(("end", replay.counts()))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+        for box in outboxes:
+            box.put(None)
+        outboxes[0].put(("error", traceback.format_exc()))
+
+
+def _merged(boxes: list[Any]) -> Iterator[dict[str, Any]]:
+    """The shards' training examples in arrival order (each shard's come in order): a k-way merge."""
+    import heapq
+    import pickle
+
+    def one(box: Any) -> Iterator[tuple[int, dict[str, Any]]]:
+        while (blob := box.get()) is not None:
+            yield from pickle.loads(blob)
+
+    for _, training in heapq.merge(*(one(box) for box in boxes), key=lambda st: st[0]):
+        yield training
+
+
+def _evaluate_in_processes(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *, shards: int,
+                           min_outcomes: int, model_kind: str, keep_examples: bool, batch_every: int,
+                           returned: dict[str, Any] | None) -> EvaluationResult:
+    """:func:`evaluate_events` with the replay and the batch fits in child processes (see ``processes``)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    trainer_args = {"min_outcomes": min_outcomes, "kind": model_kind, "batch_every": batch_every,
+                    "encoder": Encoder(rules.fields)}
+    from models.tournament import BatchHGB
+
+    with_prefits = any(isinstance(l, BatchHGB) for l in Trainer(**trainer_args).tournament.learners.values())
+    end_box = ctx.Queue()
+    shard_boxes = [ctx.Queue() for _ in range(shards)]
+    to_trainer = [ctx.Queue() for _ in range(shards)]  # each shard's examples, for this process
+    to_prefit = [ctx.Queue() for _ in range(shards)] if with_prefits else []  # and for the batch fits
+    fits_box = ctx.Queue()
+    children = [ctx.Process(target=_read_main, args=(events, shard_boxes, end_box, returned), daemon=True)]
+    children += [ctx.Process(target=_shard_main, args=(shard_boxes[k], rules,
+                                                       [to_trainer[k]] + ([to_prefit[k]] if with_prefits else [])),
+                             daemon=True) for k in range(shards)]
+    prefits = None
+    if with_prefits:
+        children.append(ctx.Process(target=_prefit_main, args=(to_prefit, fits_box, trainer_args), daemon=True))
+        prefits = _Prefits(fits_box, children[-1])
+    for child in children:
+        child.start()
+
+    def counts() -> dict[str, Any]:
+        total: dict[str, Any] = {"events": 0, "leads": 0, "duplicates": 0, "rejected": Counter(),
+                                 "closed_without_snapshot": 0}
+        for box in [end_box, *to_trainer]:
+            end = box.get()
+            if end[0] == "error":
+                raise RuntimeError(f"leadstream evaluate: the replay failed:\n{end[1]}")
+            if box is end_box:
+                if returned is not None and end[1] is not None:
+                    returned.update(end[1])
+                continue
+            for k, v in end[1].items():
+                total[k] += v
+        return total
+
+    try:
+        return _learn(_merged(to_trainer), counts, rules, min_outcomes=min_outcomes, model_kind=model_kind,
+                      keep_examples=keep_examples, batch_every=batch_every, prefits=prefits)
+    finally:
+        for child in children:
+            child.join(timeout=5)
+            if child.is_alive():
+                child.terminate()
 
 
 # ---------------------------------------------------------------- the command
@@ -419,15 +713,25 @@ def _shown(path: str | Path) -> str:
         return str(path)
 
 
+def _cpus() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def run_evaluate(file: str | Path, mapping: str | Path, scoring_config_path: str | Path, as_json: bool = False,
                  min_outcomes: int = 50, model_kind: str = "tournament", batch_every: int = 1000,
-                 delimiter: str = ",", refit_lag: int = REFIT_LAG) -> int:
+                 delimiter: str = ",", refit_lag: int = REFIT_LAG, processes: int | None = None) -> int:
     """``leadstream evaluate FILE --mapping MAPPING [--json]``.
 
     Reads the history with :mod:`models.history`, lists every bad row with its line on stderr,
     replays the good ones with :func:`evaluate_events` and prints a table, or with ``as_json``
     exactly one JSON object, on stdout. Exit code 0; 2 when the mapping, the scoring config or the
-    file cannot be used at all.
+    file cannot be used at all. ``processes``: see :func:`evaluate_events` (default: 2 when this
+    process may use 2 CPUs or more, else 1; the figures are the same).
     """
     started = time.perf_counter()
     try:
@@ -447,18 +751,25 @@ def run_evaluate(file: str | Path, mapping: str | Path, scoring_config_path: str
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     rows = {"read": 0, "bad": 0}
+    bad: list[str] = []  # printed once the replay is done (it may run in a child process)
 
     def events() -> Iterator[dict[str, Any]]:
         for r in tqdm(results, desc="evaluate", unit=" rows", disable=None, file=sys.stderr):
             rows["read"] += 1
             if r.error:
                 rows["bad"] += 1
-                print(f"{file}:{r.line}: bad row{f' (lead {r.lead_id})' if r.lead_id else ''}: {r.error}",
-                      file=sys.stderr)
+                bad.append(f"{file}:{r.line}: bad row{f' (lead {r.lead_id})' if r.lead_id else ''}: {r.error}")
             yield from r.events
 
+    if processes is None:
+        processes = 2 if _cpus() >= 2 else 1
+    returned = {"rows": rows, "bad": bad}
     evaluation = evaluate_events(events(), rules, min_outcomes=min_outcomes, model_kind=model_kind,
-                                 batch_every=batch_every, refit_lag=refit_lag)
+                                 batch_every=batch_every, refit_lag=refit_lag, processes=processes,
+                                 returned=returned)
+    rows, bad = returned["rows"], returned["bad"]
+    for line in bad:
+        print(line, file=sys.stderr)
     if rows["bad"]:
         print(f"{rows['bad']} of {rows['read']} rows are bad and left out of the evaluation", file=sys.stderr)
     for reason, count in sorted(evaluation.rejected.items()):

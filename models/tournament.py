@@ -125,6 +125,7 @@ class BatchHGB:
         """The checkpoint keeps the last fit, not the window of rows (megabytes, and raw inputs): after a
         restart the learner serves its last fit and refits once ``every`` new deals have come in."""
         state = dict(self.__dict__)
+        state.pop("fit_rows", None)  # a replacement set on the learner (evaluate's fits made ahead)
         state["rows"] = deque(maxlen=self.window)
         state["since_fit"] = 0
         return state
@@ -145,7 +146,7 @@ class BatchHGB:
 
     def refit(self) -> float:
         """Fit on the window now; returns the seconds it took (also summed in ``fit_seconds``)."""
-        return self.install(BatchHGB.fit_rows(self.take_window(), self.params, self.max_columns))
+        return self.install(self.fit_rows(self.take_window(), self.params, self.max_columns))
 
     def take_window(self) -> list[tuple[X, bool]]:
         """The rows of the next fit, as of now (the refit is no longer due): :meth:`fit_rows` may then

@@ -256,3 +256,25 @@ def test_lagged_refits_run_off_the_replay_and_serve_a_fixed_count_of_deals_later
     first = next(i for i, p in enumerate(hgb[0]) if p != 0.5)  # the first deal the first fit scored inline
     assert hgb[1][:first] == hgb[0][:first] and hgb[1][first:first + 15] == [0.5] * 15  # 15 deals later
     assert hgb[1][first + 15] != 0.5
+
+
+def test_processes_give_the_figures_of_one_process(capfd: pytest.CaptureFixture[str]) -> None:
+    """processes=2: the replay split by lead over two children, the batch fits made ahead in a third; the
+    merged examples, every prediction and the report are those of the single process, and every fit
+    made ahead was used (none refused for another window)."""
+    from models.simulate import simulate
+
+    rules = load_rules(DEFAULT_CONFIG.read_text())
+    events = simulate(150, seed=5)
+    events.append({"event_id": "bad", "lead_id": "x", "type": "visit", "ts": "yesterday", "props": {}})
+    one = evaluate_events(events, rules, min_outcomes=5, batch_every=100, keep_examples=True)
+    returned: dict = {}
+    two = evaluate_events(iter(events), rules, min_outcomes=5, batch_every=100, keep_examples=True, processes=2,
+                          returned=returned)
+    assert two.trainer["tournament"]["learners"]["batch_hgb"]["refits"]["fits"] >= 3
+    assert two.predictions == one.predictions and two.examples == one.examples
+    strip = lambda r: orjson.loads(orjson.dumps({**r, "trainer": {**r["trainer"], "tournament": {
+        **r["trainer"]["tournament"], "learners": {n: {k: v for k, v in l.items() if k != "refits"}
+                                                   for n, l in r["trainer"]["tournament"]["learners"].items()}}}}))
+    assert strip(two.report()) == strip(one.report()) and sum(two.rejected.values()) == 1
+    assert "fitting here" not in capfd.readouterr().err
