@@ -36,10 +36,11 @@ from tqdm import tqdm
 from models.events import Event, RejectedEvent, parse_event, topic_kind_of
 from models.history import MappingError, load_mapping, stream_history
 from models.learner import Trainer
-from models.metrics import log_loss, roc_auc
+from models.metrics import log_loss
 from models.fields import Encoder
 from models.rules import ConfigError, Rules, load_rules
 from models.scoring import MAX_STAGE_SNAPSHOTS, Scorer, step
+from models.tournament import fast_auc
 
 SCORERS = ("rules", "model", "served")
 HOLDOUT = 0.2  # the last fifth of the closed deals, by arrival order
@@ -102,7 +103,7 @@ def score_metrics(scores: Sequence[float], labels: Sequence[int]) -> dict[str, f
     {'n': 5, 'won': 2, 'win_rate': 0.4, 'roc_auc': 1.0, 'log_loss': 0.3649, 'brier': 0.108, 'top_decile_lift': 2.5}
     """
     n = len(scores)
-    auc = roc_auc(scores, labels) if n else None
+    auc = fast_auc(scores, labels) if n else None  # exactly roc_auc's figure (sums of half-integers), in numpy
     lift = top_fraction_lift(scores, labels)
     return {
         "n": n,
@@ -267,13 +268,13 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
         fit runs in a thread on the window as of when it was due, while the replay goes on, and serves
         from ``n`` deals later (a fixed count, not "when done": the figures do not depend on timing).
     processes
-        1: everything in this process. ``n`` > 1 (with ``refit_lag`` 0): in child processes, ``events``
-        is iterated by one and replayed by ``n`` others, each stepping the events of its own leads (a
-        lead's state and snapshots are its own, so the split changes nothing), and the batch learner's
-        refits are computed ahead by another one from the same training examples; this process merges
-        the examples back into arrival order and runs the trainer. A fit made ahead is used only if
-        the window of rows it was fitted on is this trainer's, byte for byte (else it is fitted here):
-        the figures are those of ``processes=1``. Needs ``fork`` (``events`` is iterated in a child).
+        1: everything in this process. ``n`` > 1 (with ``refit_lag`` 0): ``n - 1`` child processes
+        replay the events, each stepping the events of its own leads (a lead's state and snapshots are
+        its own, so the split changes nothing; the first one iterates ``events`` and hands the others
+        theirs), another one makes the batch learner's refits ahead from the same training examples,
+        and this process merges the examples back into arrival order and runs the trainer. A fit made
+        ahead is used only if the window of rows it was fitted on is this trainer's, byte for byte
+        (else it is fitted here): the figures are those of ``processes=1``. Needs ``fork``.
     returned
         With ``processes`` > 1: a dict that iterating ``events`` fills in (e.g. counts of rows read),
         copied back from the child process once the replay is done.
@@ -308,7 +309,7 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
     (1.0, 4)
     """
     if processes > 1 and refit_lag == 0 and _can_fork():
-        return _evaluate_in_processes(events, rules, shards=processes, min_outcomes=min_outcomes, model_kind=model_kind,
+        return _evaluate_in_processes(events, rules, shards=processes - 1, min_outcomes=min_outcomes, model_kind=model_kind,
                                       keep_examples=keep_examples, batch_every=batch_every, returned=returned)
     replay = _Replay(rules)
     return _learn(replay.trainings(events), replay, rules, min_outcomes=min_outcomes, model_kind=model_kind,
@@ -537,51 +538,53 @@ def _send(boxes: list[Any], batch: list[Any]) -> None:
         box.put(blob)
 
 
-def _read_main(events: Iterable[Event | Mapping[str, Any]], shard_boxes: list[Any], end_box: Any,
-               returned: dict[str, Any] | None) -> None:
-    """Iterate ``events`` in a child process: each goes, with its arrival number, to the replay shard
-    of its lead (all of a lead's events to one shard, in order); then ``("end", returned)``."""
-    import traceback
+def _replay_main(inbox: Any, rules: Rules, outboxes: list[Any], end_box: Any | None = None,
+                 shard_boxes: Sequence[Any] = (), returned: dict[str, Any] | None = None) -> None:
+    """One replay process: its leads' events stepped in arrival order, each training example out with
+    the arrival number of the event that closed the deal, in batches (to every outbox); then ``None``
+    and ``("end", counts)`` (or ``("error", text)``) to the first outbox.
 
-    n = len(shard_boxes)
-    pending: list[list[tuple[int, Any]]] = [[] for _ in range(n)]
-    try:
-        for seq, raw in enumerate(events):
-            lead = raw.lead_id if isinstance(raw, Event) else raw.get("lead_id") if isinstance(raw, Mapping) else None
-            k = hash(lead if isinstance(lead, str) else repr(lead)) % n
-            pending[k].append((seq, raw))
-            if len(pending[k]) >= 8 * _BATCH:
-                _send([shard_boxes[k]], pending[k])
-                pending[k] = []
-        for box, batch in zip(shard_boxes, pending):
-            _send([box], batch)
-            box.put(None)
-        end_box.put(("end", returned))
-    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
-        for box in shard_boxes:
-            box.put(None)
-        end_box.put(("error", traceback.format_exc()))
-
-
-def _shard_main(inbox: Any, rules: Rules, outboxes: list[Any]) -> None:
-    """One replay shard in a child process: its leads' events stepped in arrival order, each training
-    example out with the arrival number of the event that closed the deal, in batches; then
-    ``None`` and ``("end", counts)`` (or ``("error", text)``) to the first outbox."""
+    ``inbox`` is either a queue of ``(arrival number, event)`` batches, or (the first process) the
+    events themselves: then each event whose lead belongs to another process (by a hash of the lead
+    id: all of a lead's events go to one process, in order) is sent on to ``shard_boxes``, and
+    ``("end", returned)`` goes to ``end_box`` once the events are read."""
     import pickle
     import traceback
 
     replay = _Replay(rules)
     current = -1
+    n = len(shard_boxes) + 1
+    pending: list[list[tuple[int, Any]]] = [[] for _ in range(n)]
 
-    def events() -> Iterator[Any]:
+    def received() -> Iterator[Any]:
         nonlocal current
         while (blob := inbox.get()) is not None:
-            for current, raw in pickle.loads(blob):  # noqa: B007 - read by the loop below
+            for current, raw in pickle.loads(blob):  # noqa: B007 - read with each training example
                 yield raw
+
+    def read() -> Iterator[Any]:
+        nonlocal current
+        for seq, raw in enumerate(inbox):
+            if n > 1:
+                lead = raw.lead_id if isinstance(raw, Event) else raw.get("lead_id") if isinstance(raw, Mapping) \
+                    else None
+                k = hash(lead if isinstance(lead, str) else repr(lead)) % n
+                if k:
+                    pending[k].append((seq, raw))
+                    if len(pending[k]) >= 8 * _BATCH:
+                        _send([shard_boxes[k - 1]], pending[k])
+                        pending[k] = []
+                    continue
+            current = seq
+            yield raw
+        for box, batch in zip(shard_boxes, pending[1:]):
+            _send([box], batch)
+            box.put(None)
+        end_box.put(("end", returned))
 
     try:
         batch: list[tuple[int, dict[str, Any]]] = []
-        for training in replay.trainings(events()):
+        for training in replay.trainings(read() if end_box is not None else received()):
             batch.append((current, training))  # trainings() yields right after the closing event
             if len(batch) >= _BATCH:
                 _send(outboxes, batch)
@@ -591,9 +594,11 @@ def _shard_main(inbox: Any, rules: Rules, outboxes: list[Any]) -> None:
             box.put(None)
         outboxes[0].put(("end", replay.counts()))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
-        for box in outboxes:
+        for box in [*outboxes, *shard_boxes]:
             box.put(None)
         outboxes[0].put(("error", traceback.format_exc()))
+        if end_box is not None:
+            end_box.put(("error", traceback.format_exc()))
 
 
 def _merged(boxes: list[Any]) -> Iterator[dict[str, Any]]:
@@ -622,14 +627,18 @@ def _evaluate_in_processes(events: Iterable[Event | Mapping[str, Any]], rules: R
 
     with_prefits = any(isinstance(l, BatchHGB) for l in Trainer(**trainer_args).tournament.learners.values())
     end_box = ctx.Queue()
-    shard_boxes = [ctx.Queue() for _ in range(shards)]
-    to_trainer = [ctx.Queue() for _ in range(shards)]  # each shard's examples, for this process
+    shard_boxes = [ctx.Queue() for _ in range(shards - 1)]  # events for the replay processes after the first
+    to_trainer = [ctx.Queue() for _ in range(shards)]  # each replay process's examples, for this process
     to_prefit = [ctx.Queue() for _ in range(shards)] if with_prefits else []  # and for the batch fits
     fits_box = ctx.Queue()
-    children = [ctx.Process(target=_read_main, args=(events, shard_boxes, end_box, returned), daemon=True)]
-    children += [ctx.Process(target=_shard_main, args=(shard_boxes[k], rules,
-                                                       [to_trainer[k]] + ([to_prefit[k]] if with_prefits else [])),
-                             daemon=True) for k in range(shards)]
+
+    def outboxes(k: int) -> list[Any]:
+        return [to_trainer[k]] + ([to_prefit[k]] if with_prefits else [])
+
+    children = [ctx.Process(target=_replay_main, args=(events, rules, outboxes(0), end_box, shard_boxes, returned),
+                            daemon=True)]
+    children += [ctx.Process(target=_replay_main, args=(shard_boxes[k - 1], rules, outboxes(k)), daemon=True)
+                 for k in range(1, shards)]
     prefits = None
     if with_prefits:
         children.append(ctx.Process(target=_prefit_main, args=(to_prefit, fits_box, trainer_args), daemon=True))

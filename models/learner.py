@@ -404,12 +404,16 @@ class Trainer:
         """Score every snapshot of the deal with every learner, then learn them; True when the champion changed.
 
         Every snapshot is scored before any learner learns any of them (they share the label).
-        ``last`` is ``(x, predictions)`` for the last snapshot when the caller already scored it.
+        ``last`` is ``(x, predictions)`` for the last snapshot when the caller already vectorised it
+        (with this trainer's stage rates and encoder, as they are now) and scored it.
         """
         y = int(won)
         drifted = False
         champion = self.tournament.champion
-        xs = [vectorize(snap["features"], self.stage_rates, self.encoder) for snap in snapshots]
+        xs = [vectorize(snap["features"], self.stage_rates, self.encoder)
+              for snap in (snapshots[:-1] if last is not None else snapshots)]
+        if last is not None and snapshots:
+            xs.append(last[0])
         stages = [snap.get("stage") or "none" for snap in snapshots]
         for snap, x, stage, preds in zip(snapshots, xs, stages, self.tournament.test_then_train_many(xs, y, stages, last)):
             p_champion = preds[champion]

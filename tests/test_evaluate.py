@@ -259,7 +259,7 @@ def test_lagged_refits_run_off_the_replay_and_serve_a_fixed_count_of_deals_later
 
 
 def test_processes_give_the_figures_of_one_process(capfd: pytest.CaptureFixture[str]) -> None:
-    """processes=2: the replay split by lead over two children, the batch fits made ahead in a third; the
+    """processes=2, 3: the replay in one child or split by lead over two, the batch fits made ahead in another; the
     merged examples, every prediction and the report are those of the single process, and every fit
     made ahead was used (none refused for another window)."""
     from models.simulate import simulate
@@ -268,13 +268,13 @@ def test_processes_give_the_figures_of_one_process(capfd: pytest.CaptureFixture[
     events = simulate(150, seed=5)
     events.append({"event_id": "bad", "lead_id": "x", "type": "visit", "ts": "yesterday", "props": {}})
     one = evaluate_events(events, rules, min_outcomes=5, batch_every=100, keep_examples=True)
-    returned: dict = {}
-    two = evaluate_events(iter(events), rules, min_outcomes=5, batch_every=100, keep_examples=True, processes=2,
-                          returned=returned)
-    assert two.trainer["tournament"]["learners"]["batch_hgb"]["refits"]["fits"] >= 3
-    assert two.predictions == one.predictions and two.examples == one.examples
     strip = lambda r: orjson.loads(orjson.dumps({**r, "trainer": {**r["trainer"], "tournament": {
         **r["trainer"]["tournament"], "learners": {n: {k: v for k, v in l.items() if k != "refits"}
                                                    for n, l in r["trainer"]["tournament"]["learners"].items()}}}}))
-    assert strip(two.report()) == strip(one.report()) and sum(two.rejected.values()) == 1
-    assert "fitting here" not in capfd.readouterr().err
+    for processes in (2, 3):  # the replay in one child, or split by lead over two
+        more = evaluate_events(iter(events), rules, min_outcomes=5, batch_every=100, keep_examples=True,
+                               processes=processes)
+        assert more.trainer["tournament"]["learners"]["batch_hgb"]["refits"]["fits"] >= 3
+        assert more.predictions == one.predictions and more.examples == one.examples
+        assert strip(more.report()) == strip(one.report()) and sum(more.rejected.values()) == 1
+        assert "fitting here" not in capfd.readouterr().err
