@@ -172,6 +172,8 @@ class BatchHGB:
         a category best for a binary label, and 30 columns instead of 150 make the fit ~5x faster.
         """
         import time
+        from collections import Counter
+        from itertools import chain
 
         import numpy as np
         from sklearn.ensemble import HistGradientBoostingClassifier
@@ -181,15 +183,14 @@ class BatchHGB:
         prior = sum(y for _, y in rows) / len(rows)
         tallies: dict[str, dict[str, list[int]]] = {}  # field -> value -> [won, seen]
         numeric: dict[str, int] = {}
-        for x, y in rows:
-            for k in x:
-                if "=" in k and not k.startswith(_BINARY):
-                    field_, value = k.split("=", 1)
-                    t = tallies.setdefault(field_, {}).setdefault(value, [0, 0])
-                    t[0] += y
-                    t[1] += 1
-                else:
-                    numeric[k] = numeric.get(k, 0) + 1
+        # Rows per key counted in C (first-seen order, as a loop over the rows would insert them)
+        won = Counter(chain.from_iterable(x for x, y in rows if y))
+        for k, seen in Counter(chain.from_iterable(x for x, _ in rows)).items():
+            if "=" in k and not k.startswith(_BINARY):
+                field_, value = k.split("=", 1)
+                tallies.setdefault(field_, {})[value] = [won[k], seen]
+            else:
+                numeric[k] = seen
         codes = {f: {v: (won + _SMOOTH * prior) / (seen + _SMOOTH) for v, (won, seen) in vals.items()}
                  for f, vals in tallies.items()}
         keep = sorted(numeric, key=lambda k: -numeric[k])[:max_columns]
