@@ -425,6 +425,7 @@ def _learn(trainings: Iterable[dict[str, Any]], replay: _Replay | Callable[[], d
 # ---------------------------------------------------------------- in processes
 
 _BATCH = 128  # training examples per message between processes
+_READER_SHARE = 0.75  # the replay process that reads the events takes this many leads for another's one
 
 
 def _can_fork() -> bool:
@@ -551,10 +552,15 @@ def _replay_main(inbox: Any, rules: Rules, outboxes: list[Any], end_box: Any | N
     import pickle
     import traceback
 
+    import bisect
+
     replay = _Replay(rules)
     current = -1
     n = len(shard_boxes) + 1
     pending: list[list[tuple[int, Any]]] = [[] for _ in range(n)]
+    # Leads per process, of 1000: the first also reads and converts the history, so it takes fewer
+    weights = [_READER_SHARE] + [1.0] * (n - 1)
+    bounds = [round(1000 * sum(weights[:k + 1]) / sum(weights)) for k in range(n)]
 
     def received() -> Iterator[Any]:
         nonlocal current
@@ -568,7 +574,7 @@ def _replay_main(inbox: Any, rules: Rules, outboxes: list[Any], end_box: Any | N
             if n > 1:
                 lead = raw.lead_id if isinstance(raw, Event) else raw.get("lead_id") if isinstance(raw, Mapping) \
                     else None
-                k = hash(lead if isinstance(lead, str) else repr(lead)) % n
+                k = bisect.bisect_right(bounds, hash(lead if isinstance(lead, str) else repr(lead)) % 1000)
                 if k:
                     pending[k].append((seq, raw))
                     if len(pending[k]) >= 8 * _BATCH:
@@ -739,7 +745,7 @@ def run_evaluate(file: str | Path, mapping: str | Path, scoring_config_path: str
     Reads the history with :mod:`models.history`, lists every bad row with its line on stderr,
     replays the good ones with :func:`evaluate_events` and prints a table, or with ``as_json``
     exactly one JSON object, on stdout. Exit code 0; 2 when the mapping, the scoring config or the
-    file cannot be used at all. ``processes``: see :func:`evaluate_events` (default: 2 when this
+    file cannot be used at all. ``processes``: see :func:`evaluate_events` (default: 3 when this
     process may use 2 CPUs or more, else 1; the figures are the same).
     """
     started = time.perf_counter()
@@ -771,7 +777,7 @@ def run_evaluate(file: str | Path, mapping: str | Path, scoring_config_path: str
             yield from r.events
 
     if processes is None:
-        processes = 2 if _cpus() >= 2 else 1
+        processes = 3 if _cpus() >= 2 else 1
     returned = {"rows": rows, "bad": bad}
     evaluation = evaluate_events(events(), rules, min_outcomes=min_outcomes, model_kind=model_kind,
                                  batch_every=batch_every, refit_lag=refit_lag, processes=processes,
