@@ -667,12 +667,16 @@ def _evaluate_in_processes(events: Iterable[Event | Mapping[str, Any]], rules: R
                 total[k] += v
         return total
 
+    done = False
     try:
-        return _learn(_merged(to_trainer), counts, rules, min_outcomes=min_outcomes, model_kind=model_kind,
-                      keep_examples=keep_examples, batch_every=batch_every, prefits=prefits)
+        result = _learn(_merged(to_trainer), counts, rules, min_outcomes=min_outcomes, model_kind=model_kind,
+                        keep_examples=keep_examples, batch_every=batch_every, prefits=prefits)
+        done = True
+        return result
     finally:
         for child in children:
-            child.join(timeout=5)
+            if done:  # every child has handed everything over: it exits once its queues are flushed
+                child.join(timeout=5)
             if child.is_alive():
                 child.terminate()
 

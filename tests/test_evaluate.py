@@ -278,3 +278,16 @@ def test_processes_give_the_figures_of_one_process(capfd: pytest.CaptureFixture[
         assert more.predictions == one.predictions and more.examples == one.examples
         assert strip(more.report()) == strip(one.report()) and sum(more.rejected.values()) == 1
         assert "fitting here" not in capfd.readouterr().err
+
+
+def test_processes_report_a_failing_replay() -> None:
+    from models.simulate import simulate
+
+    events = simulate(30, seed=1)
+
+    def failing():
+        yield from events[:200]
+        raise ValueError("boom in the events")
+
+    with pytest.raises(RuntimeError, match="boom in the events"):
+        evaluate_events(failing(), RULES, min_outcomes=5, processes=3)
