@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def roc_auc(scores: Iterable[float], labels: Iterable[int]) -> float | None:
@@ -53,9 +54,12 @@ class Prequential:
     brier_sum: float = 0.0
     pos: list[int] = field(default_factory=list)
     neg: list[int] = field(default_factory=list)
-    # Running Mann-Whitney count: (positive, negative) pairs ranked right, ties counting one half. Kept
-    # up to date on each update (two C-level slice sums) so auc() is O(1): the trainer asks after every deal.
-    pairs: float = 0.0
+    # Mann-Whitney count: (positive, negative) pairs ranked right, ties counting one half; None: not
+    # counted since the last update. It depends on the histograms only (each pair counts once, whichever
+    # came first), so it is counted from them when asked (auc, copy, pickling): an O(bins) scan per
+    # report instead of two O(bins) slice sums per update (12 updates per learned snapshot). Every term
+    # is a multiple of 1/2, so the sums are exact whatever their order: the same figure either way.
+    pairs: float | None = field(default=0.0, compare=False)  # derived from pos and neg
 
     def update(self, p: float, y: int) -> None:
         # Run for every learner and every snapshot: log_loss and min() inlined, the same arithmetic.
@@ -71,16 +75,30 @@ class Prequential:
         if b > bins - 1:
             b = bins - 1
         if y:
-            self.pairs += sum(neg[:b]) + neg[b] / 2
             pos[b] += 1
         else:
-            self.pairs += sum(pos[b + 1:]) + pos[b] / 2
             neg[b] += 1
+        self.pairs = None
 
     def copy(self) -> Prequential:
         """An independent copy (what ``copy.deepcopy`` gives, ~50x cheaper for the histograms)."""
         return Prequential(self.bins, self.n, self.log_loss_sum, self.brier_sum, list(self.pos), list(self.neg),
-                           self.pairs)
+                           self.counted_pairs())
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["pairs"] = self.counted_pairs()  # a checkpoint holds the count
+        return state
+
+    def counted_pairs(self) -> float:
+        """The Mann-Whitney count of the histograms (kept until the next update)."""
+        if self.pairs is None:
+            below, total = 0, 0.0
+            for p, q in zip(self.pos, self.neg):
+                total += p * (below + q / 2)
+                below += q
+            self.pairs = total
+        return self.pairs
 
     def auc(self) -> float | None:
         """ROC AUC from the histograms (scores in one bin count as ties).
@@ -94,10 +112,10 @@ class Prequential:
         n_pos, n_neg = sum(self.pos), sum(self.neg)
         if not n_pos or not n_neg:
             return None
-        return self.pairs / (n_pos * n_neg)
+        return self.counted_pairs() / (n_pos * n_neg)
 
     def auc_by_scan(self) -> float | None:
-        """:meth:`auc` recomputed by a scan of the histograms (a check of the running count)."""
+        """:meth:`auc` recomputed by a scan of the histograms."""
         n_pos, n_neg = sum(self.pos), sum(self.neg)
         if not n_pos or not n_neg:
             return None

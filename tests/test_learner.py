@@ -60,6 +60,31 @@ def test_running_auc_matches_exact_auc():
     assert abs(m.auc() - roc_auc(scores, [int(y) for _, y in pairs])) < 0.002
 
 
+def test_pairs_counted_from_the_histograms_equal_the_count_kept_on_arrival():
+    """Prequential counts its Mann-Whitney pairs from the histograms when asked: bit for bit the count
+    once kept on every update (each new score against the histograms so far), checkpoints and copies too."""
+    import pickle
+
+    rng = random.Random(7)
+    for bins in (200, 1000):
+        m = Prequential(bins=bins)
+        pos, neg, kept = [0] * bins, [0] * bins, 0.0
+        for i in range(3000):
+            p = rng.choice([rng.random(), round(rng.random(), 2), 0.0, 1.0])  # ties and both ends
+            y = int(rng.random() < 0.3 + 0.4 * p)
+            m.update(p, y)
+            b = min(int(p * bins), bins - 1)
+            if y:
+                kept += sum(neg[:b]) + neg[b] / 2
+                pos[b] += 1
+            else:
+                kept += sum(pos[b + 1:]) + pos[b] / 2
+                neg[b] += 1
+            if i % 500 == 499:
+                assert m.auc() == kept / (sum(pos) * sum(neg))
+                assert pickle.loads(pickle.dumps(m)).pairs == kept == m.copy().pairs
+
+
 def test_the_served_probability_is_the_models_own():
     """predict_explain scales features its own (faster) way: the probability must be River's."""
     import random
