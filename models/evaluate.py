@@ -749,7 +749,7 @@ def run_evaluate(file: str | Path, mapping: str | Path, scoring_config_path: str
     Reads the history with :mod:`models.history`, lists every bad row with its line on stderr,
     replays the good ones with :func:`evaluate_events` and prints a table, or with ``as_json``
     exactly one JSON object, on stdout. Exit code 0; 2 when the mapping, the scoring config or the
-    file cannot be used at all. ``processes``: see :func:`evaluate_events` (default: 3 when this
+    file cannot be used at all. ``processes``: see :func:`evaluate_events` (default: 2 when this
     process may use 2 CPUs or more, else 1; the figures are the same).
     """
     started = time.perf_counter()
@@ -781,7 +781,7 @@ def run_evaluate(file: str | Path, mapping: str | Path, scoring_config_path: str
             yield from r.events
 
     if processes is None:
-        processes = 3 if _cpus() >= 2 else 1
+        processes = 2 if _cpus() >= 2 else 1
     returned = {"rows": rows, "bad": bad}
     evaluation = evaluate_events(events(), rules, min_outcomes=min_outcomes, model_kind=model_kind,
                                  batch_every=batch_every, refit_lag=refit_lag, processes=processes,
