@@ -13,6 +13,13 @@ learned so far: 0.5 before the first deal) and ``served`` (what the stream would
 until ``min_outcomes`` deals of each class, then the blend, then the model). Metrics are computed
 over the whole history and over its last 20% of closed deals (by arrival order of the outcome).
 
+The replay splits in two halves: the events stepped with the rules alone (decoding, dedupe,
+:func:`models.scoring.step`; no model takes part) give the deals' training examples, which the
+trainer then scores and learns in arrival order. With ``processes`` > 1 (Linux; the command's
+default on 2 CPUs or more) the first half runs in child processes, and the batch learner's refits
+are made ahead in another from the same examples, each used only if fitted on this trainer's window,
+byte for byte: the same figures as one process, from more than one core.
+
 :func:`run_evaluate` is the ``leadstream evaluate FILE --mapping MAPPING [--json]`` command: the
 only function here that reads files or prints.
 """
@@ -274,7 +281,8 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
         theirs), another one makes the batch learner's refits ahead from the same training examples,
         and this process merges the examples back into arrival order and runs the trainer. A fit made
         ahead is used only if the window of rows it was fitted on is this trainer's, byte for byte
-        (else it is fitted here): the figures are those of ``processes=1``. Needs ``fork``.
+        (else it is fitted here): the figures are those of ``processes=1``. On Linux (``fork``);
+        elsewhere everything runs in this process.
     returned
         With ``processes`` > 1: a dict that iterating ``events`` fills in (e.g. counts of rows read),
         copied back from the child process once the replay is done.
@@ -429,9 +437,8 @@ _READER_SHARE = 0.75  # the replay process that reads the events takes this many
 
 
 def _can_fork() -> bool:
-    import multiprocessing
-
-    return "fork" in multiprocessing.get_all_start_methods()
+    """Linux only: macOS has fork, but not safe with the system's numerical libraries loaded."""
+    return sys.platform.startswith("linux")
 
 
 def _window_key(rows: list[tuple[dict[str, float], bool]], params: dict[str, Any], max_columns: int) -> bytes:
