@@ -350,8 +350,8 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
         served = scorer.score(features)  # the champion's figure is not computed again
         p_model = learners[scorer.model.champion]
         result.predictions.append(Prediction(
-            len(result.predictions), lead, bool(r.training["won"]), served.rules_score, p_model, served.score,
-            served.source, served.model_version, learners))
+            len(result.predictions), lead, bool(r.training["won"]), scorer.rules_score(features, served), p_model,
+            served.score, served.source, served.model_version, learners))
         trainer.learn(r.training["snapshots"], r.training["won"], last=(x, learners))
         if keep_examples:
             result.examples.append(r.training)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import heapq
 import math
+from operator import itemgetter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -241,14 +242,33 @@ class LinearScorer:
                 labels: dict[str, str] | None = None) -> tuple[float, list[dict[str, Any]]]:
         """P(won) and the ``top`` contributions, as :func:`predict_explain` gives them."""
         contrib = self.contributions(x)
-        p = self.link(self.intercept + sum(c for _, c in contrib))
-        ranked = sorted(contrib, key=_by_size)[:top]  # a C sort of ~30 pairs beats heapq's Python calls
+        p = self.link(self.intercept + sum(map(_value, contrib)))
         labels = labels or {}
-        return p, [{"feature": labels.get(k, k), "contribution": round(c, 4)} for k, c in ranked]
+        return p, [{"feature": labels.get(k, k), "contribution": round(c, 4)} for k, c in _largest(contrib, top)]
+
+
+_value = itemgetter(1)
 
 
 def _by_size(kc: tuple[str, float]) -> tuple[float, str]:
     return -abs(kc[1]), kc[0]  # the largest first; ties by name, as predict_explain
+
+
+def _largest(contrib: list[tuple[str, float]], top: int) -> list[tuple[str, float]]:
+    """``sorted(contrib, key=_by_size)[:top]`` with ``top`` key calls instead of one per pair.
+
+    The ``top``-th largest size is among the ``top`` lowest and ``top`` highest values (a C sort
+    finds them); only pairs at least that large can be ranked, ties included.
+
+    >>> pairs = [(f"k{i}", (-1) ** i * (i % 7) / 3) for i in range(40)]
+    >>> _largest(pairs, 5) == sorted(pairs, key=_by_size)[:5]
+    True
+    """
+    if 0 < top and len(contrib) > 2 * top:
+        by_value = sorted(contrib, key=_value)
+        cut = sorted(map(abs, map(_value, by_value[:top] + by_value[-top:])))[-top]
+        contrib = [kc for kc in by_value if kc[1] >= cut or -kc[1] >= cut]
+    return sorted(contrib, key=_by_size)[:top]
 
 
 def _is_linear(model: Any) -> bool:
@@ -316,9 +336,10 @@ class ServingModel:
     def _fast_predict(self, x: dict[str, float], labels: dict[str, str]) -> tuple[float, list[dict[str, Any]]]:
         """The champion through the learners' frozen forms (built once per model, rebuilt if a shared
         learner learned since): the linear learner as dicts, naive Bayes as lookups, compiled trees."""
-        stamp = learned_stamp(self.learners)
         fast = self.__dict__.get("_fast")
-        if fast is None or fast[0] != stamp:
+        # A loaded checkpoint's learners are its own and never learn: its frozen forms never go stale.
+        stamp = None if fast is not None and self.__dict__.get("_loaded") else learned_stamp(self.learners)
+        if fast is None or (stamp is not None and fast[0] != stamp):
             linear = LinearScorer(self.model) if _is_linear(self.model) else None
             fast = self.__dict__["_fast"] = (stamp, linear, fast_predictors(
                 self.learners, linear.predict_proba if linear is not None else None))
@@ -348,7 +369,12 @@ class ServingModel:
         state = dict(self.__dict__)
         state.pop("_all", None)  # never in a checkpoint
         state.pop("_fast", None)  # rebuilt after loading
+        state.pop("_loaded", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__["_loaded"] = True  # see _fast_predict
 
     def stage_probabilities(self, f: Features) -> dict[str, float]:
         """P(won) as of each funnel stage, from what the lead did before it (see :class:`StageModels`)."""
