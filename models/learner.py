@@ -45,7 +45,8 @@ from models.tournament import (LEARNER_NAMES, Learner, Stack, StageModels, Tourn
 MODEL_KINDS = ("tournament", "logreg", "hoeffding", "forest", "naive_bayes")
 # Bumped whenever features or the model pipeline change incompatibly: a checkpoint of another
 # format is not loaded (the trainer starts afresh) instead of serving a model fed the wrong inputs.
-MODEL_FORMAT = 4  # 3: field policy, bounded (hashed / vocabulary) feature space; 4: the tournament
+MODEL_FORMAT = 5  # 3: field policy, bounded (hashed / vocabulary) feature space; 4: the tournament;
+# 5: fields_known, the _linear copies of counts, logreg with AdaGrad, the stack starting as the mean of its members
 # Numeric features spanning orders of magnitude: log-scaled so SGD sees comparable ranges.
 _LOG_PREFIXES = ("n_", "d_", "age_days", "recency_s", "time_in_stage_s", "visit_duration_s", "distinct_pages",
                  "sessions", "events_total")
@@ -84,12 +85,20 @@ def vectorize_labelled(f: Features, stage_rates: StageRates | None = None,
             if scaled is None:
                 scaled = _log_scaled(k)
             x[k] = (log1p(v) if v > 0.0 else 0.0) if scaled else float(v)
+    for k, linear in _LINEAR_COPIES:  # beside their log: time on site and visits act more than log-shaped
+        v = f.get(k)
+        if v is not None:
+            x[linear] = float(v)
     if stage_rates is not None and isinstance(f.get("stage"), str):
         x["stage_win_rate"] = stage_rates.rate(f["stage"])
     return x, labels
 
 
 _DEFAULT_ENCODER = Encoder()
+# Counts and durations also given to the model as they are (standardised, not log-scaled), as
+# ``<name>_linear``: X Education whole-history ROC AUC of logreg 0.856 -> 0.867 (AdaGrad), the served
+# model 0.8728 -> 0.8776 (docs/model-comparison.md, 2026-12-01).
+_LINEAR_COPIES = tuple((k, k + "_linear") for k in ("visit_duration_s", "n_visit", "events_total"))
 _LOG_SCALED: dict[str, bool] = {}  # feature name -> log-scaled? (the encoder bounds the names)
 
 
@@ -115,7 +124,9 @@ def make_model(kind: str = "logreg") -> base.Classifier:
 
     Only numeric features are standardised: a one-hot key is only ever seen with the value 1, so a
     scaler would see zero variance and map it to 0, hiding every category from the model
-    (measured on X Education: ROC AUC 0.769 -> 0.901 on the last 20% with this split).
+    (measured on X Education: ROC AUC 0.769 -> 0.901 on the last 20% with this split). AdaGrad(0.5)
+    rather than SGD(0.02): with the ``_linear`` copies of counts, the whole-history figure of the
+    served model on X Education 0.8734 -> 0.8776 (docs/model-comparison.md, 2026-12-01).
 
     >>> m = make_model()
     >>> for _ in range(20):
@@ -128,7 +139,7 @@ def make_model(kind: str = "logreg") -> base.Classifier:
     if kind == "logreg":
         scaled = compose.FuncTransformer(_numeric) | preprocessing.StandardScaler()
         return (scaled + compose.FuncTransformer(_one_hot)) | linear_model.LogisticRegression(
-            optimizer=optim.SGD(0.02), l2=1e-4, intercept_lr=0.02)
+            optimizer=optim.AdaGrad(0.5), l2=1e-4, intercept_lr=0.02)
     if kind == "hoeffding":
         # Leaves answer with their class frequencies: River's default naive-Bayes-adaptive leaves cost
         # ~0.5 ms per prediction here and ranked no better (X Education last 20%: 0.718 vs 0.703).
