@@ -409,8 +409,8 @@ def _learn(trainings: Iterable[dict[str, Any]], replay: _Replay | Callable[[], d
         served = scorer.score(features)  # the champion's figure is not computed again
         p_model = learners[scorer.model.champion]
         result.predictions.append(Prediction(
-            len(result.predictions), training["lead_id"], bool(training["won"]), served.rules_score, p_model,
-            served.score, served.source, served.model_version, learners))
+            len(result.predictions), training["lead_id"], bool(training["won"]), scorer.rules_score(features, served),
+            p_model, served.score, served.source, served.model_version, learners))
         trainer.learn(training["snapshots"], training["won"], last=(x, learners))
         if keep_examples:
             result.examples.append(training)

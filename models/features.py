@@ -156,7 +156,8 @@ _HANDLERS = {
 def features(state: State, now_ms: int, *, half_life_s: float, fields: FieldPolicy | None = None) -> Features:
     """Static and dynamic features of a lead as of ``now_ms`` (the scored event's time).
 
-    Static: creation month and weekday, and the explicit fields (country, source, industry...).
+    Static: creation month and weekday, the explicit fields (country, source, industry...) and how many
+    of them are known (``fields_known``, flags aside: a form left blank says something).
     Dynamic: stage, time in stage, stages visited, activities, counts, decayed counts, recency.
     Absent information is an absent key: models must cope with features that come and go.
     With a ``fields`` policy, private fields (identifiers, see :mod:`models.fields`) are left out.
@@ -173,10 +174,13 @@ def features(state: State, now_ms: int, *, half_life_s: float, fields: FieldPoli
     if created is not None:
         f["created_month"], f["created_weekday"] = _created_parts(created // 1000)
         f["age_days"] = max(0.0, (now_ms - created) / 86_400_000)
+    known = 0  # explicit fields with a value, flags aside: how much of the form the lead filled in
     for name, value in state["fields"].items():
         if fields is not None and fields.is_private(name):
             continue
         f[_field_key(name)] = _field_value(value)
+        known += value.__class__ is not bool
+    f["fields_known"] = float(known)
     counts, decayed = state["counts"], state["decayed"]
     f["events_total"] = float(sum(counts.values()))
     factor = 1.0

@@ -218,7 +218,28 @@ class Encoder:
             out[key], labels[key] = 1.0, f"{k}={v}"
 
     def encode_field(self, out: dict[str, Any], labels: dict[str, str], k: str, v: Any) -> None:
-        """Add one explicit field's feature ``k`` (``f_<name>``) to ``out`` as the model sees it."""
+        """Add one explicit field's feature ``k`` (``f_<name>``) to ``out`` as the model sees it.
+
+        A string value is encoded once and remembered (a lead's fields come back with each of its
+        events) until the vocabularies change; numbers are not (a hashed one adds to its bucket).
+        """
+        if v.__class__ is not str:
+            self._encode_field(out, labels, k, v)
+            return
+        memo = self.__dict__.setdefault("_memo", {})
+        encoded = memo.get((k, v))
+        if encoded is None:
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            one: dict[str, Any] = {}
+            label: dict[str, str] = {}
+            self._encode_field(one, label, k, v)
+            encoded = memo[k, v] = (one, label)
+        out.update(encoded[0])
+        if encoded[1]:
+            labels.update(encoded[1])
+
+    def _encode_field(self, out: dict[str, Any], labels: dict[str, str], k: str, v: Any) -> None:
         name = k[2:]
         spec = self.policy.declared.get(name)
         if spec is not None:
@@ -260,6 +281,15 @@ class Encoder:
             # Membership can only change if the counted value is not in it yet, or a member left.
             if (value not in vocab and counter.counts[value] >= spec.min_count) or evicted in vocab:
                 self.vocab[name] = frozenset(counter.top(spec.top, spec.min_count))
+                self.__dict__.pop("_memo", None)  # encodings made with the old vocabulary
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_memo", None)  # never in a checkpoint
+        return state
+
+
+_MEMO_SIZE = 20_000  # distinct (field, string value) encodings an encoder remembers
 
 
 @lru_cache(maxsize=10_000)  # (stage, proposal) -> "stage=proposal": a handful of values

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import heapq
 import math
+from operator import itemgetter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,8 @@ from models.tournament import (LEARNER_NAMES, Learner, Stack, StageModels, Tourn
 MODEL_KINDS = ("tournament", "logreg", "hoeffding", "forest", "naive_bayes")
 # Bumped whenever features or the model pipeline change incompatibly: a checkpoint of another
 # format is not loaded (the trainer starts afresh) instead of serving a model fed the wrong inputs.
-MODEL_FORMAT = 4  # 3: field policy, bounded (hashed / vocabulary) feature space; 4: the tournament
+MODEL_FORMAT = 5  # 3: field policy, bounded (hashed / vocabulary) feature space; 4: the tournament;
+# 5: fields_known, the _linear copies of counts, logreg with AdaGrad, the stack starting as the mean of its members
 # Numeric features spanning orders of magnitude: log-scaled so SGD sees comparable ranges.
 _LOG_PREFIXES = ("n_", "d_", "age_days", "recency_s", "time_in_stage_s", "visit_duration_s", "distinct_pages",
                  "sessions", "events_total")
@@ -83,12 +85,20 @@ def vectorize_labelled(f: Features, stage_rates: StageRates | None = None,
             if scaled is None:
                 scaled = _log_scaled(k)
             x[k] = (log1p(v) if v > 0.0 else 0.0) if scaled else float(v)
+    for k, linear in _LINEAR_COPIES:  # beside their log: time on site and visits act more than log-shaped
+        v = f.get(k)
+        if v is not None:
+            x[linear] = float(v)
     if stage_rates is not None and isinstance(f.get("stage"), str):
         x["stage_win_rate"] = stage_rates.rate(f["stage"])
     return x, labels
 
 
 _DEFAULT_ENCODER = Encoder()
+# Counts and durations also given to the model as they are (standardised, not log-scaled), as
+# ``<name>_linear``: X Education whole-history ROC AUC of logreg 0.856 -> 0.867 (AdaGrad), the served
+# model 0.8728 -> 0.8776 (docs/model-comparison.md, 2026-12-01).
+_LINEAR_COPIES = tuple((k, k + "_linear") for k in ("visit_duration_s", "n_visit", "events_total"))
 _LOG_SCALED: dict[str, bool] = {}  # feature name -> log-scaled? (the encoder bounds the names)
 
 
@@ -114,7 +124,9 @@ def make_model(kind: str = "logreg") -> base.Classifier:
 
     Only numeric features are standardised: a one-hot key is only ever seen with the value 1, so a
     scaler would see zero variance and map it to 0, hiding every category from the model
-    (measured on X Education: ROC AUC 0.769 -> 0.901 on the last 20% with this split).
+    (measured on X Education: ROC AUC 0.769 -> 0.901 on the last 20% with this split). AdaGrad(0.5)
+    rather than SGD(0.02): with the ``_linear`` copies of counts, the whole-history figure of the
+    served model on X Education 0.8734 -> 0.8776 (docs/model-comparison.md, 2026-12-01).
 
     >>> m = make_model()
     >>> for _ in range(20):
@@ -127,7 +139,7 @@ def make_model(kind: str = "logreg") -> base.Classifier:
     if kind == "logreg":
         scaled = compose.FuncTransformer(_numeric) | preprocessing.StandardScaler()
         return (scaled + compose.FuncTransformer(_one_hot)) | linear_model.LogisticRegression(
-            optimizer=optim.SGD(0.02), l2=1e-4, intercept_lr=0.02)
+            optimizer=optim.AdaGrad(0.5), l2=1e-4, intercept_lr=0.02)
     if kind == "hoeffding":
         # Leaves answer with their class frequencies: River's default naive-Bayes-adaptive leaves cost
         # ~0.5 ms per prediction here and ranked no better (X Education last 20%: 0.718 vs 0.703).
@@ -241,14 +253,33 @@ class LinearScorer:
                 labels: dict[str, str] | None = None) -> tuple[float, list[dict[str, Any]]]:
         """P(won) and the ``top`` contributions, as :func:`predict_explain` gives them."""
         contrib = self.contributions(x)
-        p = self.link(self.intercept + sum(c for _, c in contrib))
-        ranked = sorted(contrib, key=_by_size)[:top]  # a C sort of ~30 pairs beats heapq's Python calls
+        p = self.link(self.intercept + sum(map(_value, contrib)))
         labels = labels or {}
-        return p, [{"feature": labels.get(k, k), "contribution": round(c, 4)} for k, c in ranked]
+        return p, [{"feature": labels.get(k, k), "contribution": round(c, 4)} for k, c in _largest(contrib, top)]
+
+
+_value = itemgetter(1)
 
 
 def _by_size(kc: tuple[str, float]) -> tuple[float, str]:
     return -abs(kc[1]), kc[0]  # the largest first; ties by name, as predict_explain
+
+
+def _largest(contrib: list[tuple[str, float]], top: int) -> list[tuple[str, float]]:
+    """``sorted(contrib, key=_by_size)[:top]`` with ``top`` key calls instead of one per pair.
+
+    The ``top``-th largest size is among the ``top`` lowest and ``top`` highest values (a C sort
+    finds them); only pairs at least that large can be ranked, ties included.
+
+    >>> pairs = [(f"k{i}", (-1) ** i * (i % 7) / 3) for i in range(40)]
+    >>> _largest(pairs, 5) == sorted(pairs, key=_by_size)[:5]
+    True
+    """
+    if 0 < top and len(contrib) > 2 * top:
+        by_value = sorted(contrib, key=_value)
+        cut = sorted(map(abs, map(_value, by_value[:top] + by_value[-top:])))[-top]
+        contrib = [kc for kc in by_value if kc[1] >= cut or -kc[1] >= cut]
+    return sorted(contrib, key=_by_size)[:top]
 
 
 def _is_linear(model: Any) -> bool:
@@ -316,9 +347,10 @@ class ServingModel:
     def _fast_predict(self, x: dict[str, float], labels: dict[str, str]) -> tuple[float, list[dict[str, Any]]]:
         """The champion through the learners' frozen forms (built once per model, rebuilt if a shared
         learner learned since): the linear learner as dicts, naive Bayes as lookups, compiled trees."""
-        stamp = learned_stamp(self.learners)
         fast = self.__dict__.get("_fast")
-        if fast is None or fast[0] != stamp:
+        # A loaded checkpoint's learners are its own and never learn: its frozen forms never go stale.
+        stamp = None if fast is not None and self.__dict__.get("_loaded") else learned_stamp(self.learners)
+        if fast is None or (stamp is not None and fast[0] != stamp):
             linear = LinearScorer(self.model) if _is_linear(self.model) else None
             fast = self.__dict__["_fast"] = (stamp, linear, fast_predictors(
                 self.learners, linear.predict_proba if linear is not None else None))
@@ -348,7 +380,12 @@ class ServingModel:
         state = dict(self.__dict__)
         state.pop("_all", None)  # never in a checkpoint
         state.pop("_fast", None)  # rebuilt after loading
+        state.pop("_loaded", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__["_loaded"] = True  # see _fast_predict
 
     def stage_probabilities(self, f: Features) -> dict[str, float]:
         """P(won) as of each funnel stage, from what the lead did before it (see :class:`StageModels`)."""

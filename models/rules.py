@@ -28,6 +28,7 @@ from models.fields import FieldPolicy, PolicyError, parse_policy
 from models.grading import Grades
 
 DEFAULT_CONFIG = Path(__file__).with_name("scoring.toml")
+_UNSEEN = object()  # a value the memo of value rules has not seen yet (None: seen, no points)
 
 
 class ConfigError(ValueError):
@@ -107,10 +108,13 @@ class Rules:
             n = get(key)
             if n.__class__ is float and n > 0:
                 out[status] = rule.apply(n)
+        memo = self._value_memo
         for key, name, value_rules in self._value_tables:
             value = get(key)
             if value is not None:
-                hit = self._value_points(name, value_rules, value)
+                hit = memo.get((name, value), _UNSEEN) if value.__class__ is str else _UNSEEN
+                if hit is _UNSEEN:
+                    hit = self._value_points(name, value_rules, value)
                 if hit is not None:
                     out[hit[0]] = hit[1]
         return {k: v for k, v in out.items() if v}
@@ -135,8 +139,6 @@ class Rules:
     def _value_points(self, name: str, value_rules: list[ValueRule], value: float | str) -> tuple[str, float] | None:
         """The reason and points of the first rule ``value`` matches (None: none, or zero points)."""
         memo_key = (name, value) if isinstance(value, str) else None
-        if memo_key is not None and memo_key in self._value_memo:
-            return self._value_memo[memo_key]
         hit = None
         for rule in value_rules:  # the first matching rule wins
             if rule.matches(value):

@@ -58,7 +58,7 @@ class Scored:
     source: str
     model_version: int
     reasons: list[dict[str, Any]]
-    rules_score: float
+    rules_score: float | None  # None when the model alone was served: see :meth:`Scorer.rules_score`
 
 
 @dataclass
@@ -70,21 +70,25 @@ class Scorer:
 
     def score(self, f: Features) -> Scored:
         weight = self.model.model_weight() if self.model is not None else 0.0
-        ruled = self.rules.score(f, max_reasons=0 if weight == 1.0 else 5)  # the model's reasons only
+        if weight == 1.0:  # the model alone: the rules are only computed where a snapshot needs them
+            p, model_reasons = self.model.predict(f)
+            return Scored(p, self.rules.grades.grade(p), "model", self.model.version, model_reasons, None)
+        ruled = self.rules.score(f)
         if weight == 0.0:
             return Scored(ruled.score, ruled.grade, "rules", self.model.version if self.model else 0,
                           ruled.reasons, ruled.score)
         p, model_reasons = self.model.predict(f)
         score = weight * p + (1 - weight) * ruled.score
-        if weight == 1.0:
-            source, reasons = "model", model_reasons
-        else:
-            merged: dict[str, float] = {}
-            for r, w in [(r, 1 - weight) for r in ruled.reasons] + [(r, weight) for r in model_reasons]:
-                merged[r["feature"]] = merged.get(r["feature"], 0.0) + w * r["contribution"]
-            ranked = sorted(merged.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:5]
-            source, reasons = "blend", [{"feature": k, "contribution": round(v, 4)} for k, v in ranked]
-        return Scored(score, self.rules.grades.grade(score), source, self.model.version, reasons, ruled.score)
+        merged: dict[str, float] = {}
+        for r, w in [(r, 1 - weight) for r in ruled.reasons] + [(r, weight) for r in model_reasons]:
+            merged[r["feature"]] = merged.get(r["feature"], 0.0) + w * r["contribution"]
+        ranked = sorted(merged.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:5]
+        reasons = [{"feature": k, "contribution": round(v, 4)} for k, v in ranked]
+        return Scored(score, self.rules.grades.grade(score), "blend", self.model.version, reasons, ruled.score)
+
+    def rules_score(self, f: Features, scored: Scored) -> float:
+        """The point rules' score of ``f`` (training snapshots keep it beside the model's, as a baseline)."""
+        return scored.rules_score if scored.rules_score is not None else self.rules.score(f, max_reasons=0).score
 
     @property
     def version(self) -> int:
@@ -145,7 +149,7 @@ def step(state: State | None, event: Event, scorer: Scorer, *, scored_at_ms: int
         return result  # nothing after the outcome is ever a training snapshot
     if after.get("outcome") is None and event.type == "stage_changed" and after["stage"] != stage_before:
         result.snapshot = {"ts": event.ts_ms, "stage": f.get("stage"), "features": f,
-                           "rules_score": round(scored.rules_score, 6)}
+                           "rules_score": round(scorer.rules_score(f, scored), 6)}
     return result
 
 
@@ -176,7 +180,7 @@ def rescore(state: State, scorer: Scorer, *, now_ms: int, trigger: str) -> StepR
 
 def _snapshot(state: State, at_ms: int, rules: Rules) -> dict[str, Any]:
     f = features(state, at_ms, half_life_s=rules.half_life_s, fields=rules.fields)
-    return {"ts": at_ms, "stage": f.get("stage"), "features": f, "rules_score": round(rules.score(f).score, 6)}
+    return {"ts": at_ms, "stage": f.get("stage"), "features": f, "rules_score": round(rules.score(f, max_reasons=0).score, 6)}
 
 
 def _apply_score(state: State, scored: Scored, rules: Rules, was_hot: bool, message: dict[str, Any],

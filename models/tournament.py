@@ -462,6 +462,9 @@ def _compile_trees(flat: FlatTrees) -> Any:
     return fn
 
 
+# The stack starts as the mean of its members' log-odds and learns with AdaGrad(0.1). From zero weights
+# with SGD(0.01) it drifted away from a good blend on a long history (simulated 40,000 leads: whole-history
+# ROC AUC 0.785, below logreg alone at 0.787, against 0.793 now; X Education 0.8777 -> 0.8778).
 class Stack:
     """Online logistic regression over the base learners' log-odds (their predictions before learning).
 
@@ -474,9 +477,13 @@ class Stack:
 
     name = "stack"
 
-    def __init__(self, bases: Sequence[str], lr: float = 0.01) -> None:
+    def __init__(self, bases: Sequence[str], lr: float = 0.1, init: dict[str, float] | None = None) -> None:
         self.bases = tuple(bases)
-        self.model = linear_model.LogisticRegression(optimizer=optim.SGD(lr), l2=0.0, intercept_lr=lr)
+        self.model = linear_model.LogisticRegression(optimizer=optim.AdaGrad(lr), l2=0.0, intercept_lr=0.01)
+        if init is None:  # the mean of the members' log-odds
+            init = {k: 1 / len(self.bases) for k in self.bases} if self.bases else {}
+        for k, w in init.items():
+            self.model._weights[k] = w  # River has no per-weight initialiser: set before any learning
 
     def _x(self, base_p: dict[str, float]) -> X:
         return {k: _logit(base_p[k]) for k in self.bases if k in base_p}

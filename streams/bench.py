@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import pickle
 import statistics
 import time
 import uuid
@@ -458,7 +459,7 @@ def _trained_model(rules_text: str, events: list[dict[str, Any]] | None = None) 
         states[ev.lead_id] = r.state
         if r.training:
             trainer.learn(r.training["snapshots"], r.training["won"])
-    return trainer.serving()
+    return pickle.loads(pickle.dumps(trainer.serving()))  # as a scorer loads it from its checkpoint
 
 
 async def _rescoring_pass(client: aioredis.Redis, pipeline: EventPipeline, batch: int) -> Figures:

@@ -59,10 +59,15 @@ def test_config_names_only_real_settings_and_no_secrets():
     assert set(data) <= known, set(data) - known
     assert not {s.env for s in SETTINGS.values() if s.secret} & set(data), "a secret in the ConfigMap"
     assert all(isinstance(v, str) for v in data.values())
-    # What the pods get parses (files are checked where they are mounted: here, leave them out).
-    env = {k: v for k, v in data.items() if not k.endswith("_CAFILE") and k not in PENDING_SETTINGS}
-    settings = Settings.from_env(env | {"LEADSTREAM_KAFKA_SASL_PASSWORD": "x"})
+    settings = pod_settings()
     assert settings.kafka_security_protocol == "SASL_SSL" and settings.web_bind == "0.0.0.0"
+
+
+def pod_settings(extra: dict[str, str] | None = None) -> Settings:
+    """What the pods get, parsed (files are checked where they are mounted: here, leave them out)."""
+    data = by_kind("ConfigMap", "leadstream-config")["data"]
+    env = {k: v for k, v in data.items() if not k.endswith("_CAFILE") and k not in PENDING_SETTINGS}
+    return Settings.from_env(env | {"LEADSTREAM_KAFKA_SASL_PASSWORD": "x"} | (extra or {}))
 
 
 def test_worker_probes_ports_shutdown_and_replicas():
@@ -81,7 +86,28 @@ def test_worker_probes_ports_shutdown_and_replicas():
     assert worker["spec"]["selector"]["matchLabels"].items() <= worker["spec"]["template"]["metadata"]["labels"].items()
 
 
-@pytest.mark.parametrize("name", ["leadstream-worker", "leadstream-api"])
+def role_of(name: str) -> str:
+    (container,) = by_kind("Deployment", name)["spec"]["template"]["spec"]["containers"]
+    return next(e["value"] for e in container["env"] if e["name"] == "LEADSTREAM_WORKER_ROLES")
+
+
+def test_one_trainer_beside_scoring_only_workers():
+    data = by_kind("ConfigMap", "leadstream-config")["data"]
+    trainer = by_kind("Deployment", "leadstream-trainer")
+    assert "LEADSTREAM_WORKER_ROLES" not in data  # each Deployment says what it runs
+    roles = {name: pod_settings({"LEADSTREAM_WORKER_ROLES": role_of(name)})
+             for name in ("leadstream-worker", "leadstream-trainer")}
+    assert roles["leadstream-worker"].runs("scoring") and not roles["leadstream-worker"].runs("training")
+    assert roles["leadstream-trainer"].runs("training") and not roles["leadstream-trainer"].runs("scoring")
+    # leads.training has one partition: a second trainer would idle; none must overlap another at a rollout.
+    assert trainer["spec"]["replicas"] == 1 and trainer["spec"]["strategy"]["type"] == "Recreate"
+    (container,) = trainer["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    worker = by_kind("Deployment", "leadstream-worker")
+    assert trainer["spec"]["selector"]["matchLabels"] != worker["spec"]["selector"]["matchLabels"]
+
+
+@pytest.mark.parametrize("name", ["leadstream-worker", "leadstream-trainer", "leadstream-api"])
 def test_secret_files_are_mounted_where_the_settings_point(name):
     secret = by_kind("Secret", "leadstream-secrets")["stringData"]
     config = by_kind("ConfigMap", "leadstream-config")["data"]
@@ -95,7 +121,7 @@ def test_secret_files_are_mounted_where_the_settings_point(name):
             mounted[f"{mount['mountPath']}/{item['path']}"] = item["key"]
     files = [e["value"] for e in container.get("env", []) if e["name"].endswith("_FILE")]
     files += [config["LEADSTREAM_REDIS_SSL_CAFILE"]] + ([config["LEADSTREAM_KAFKA_SSL_CAFILE"]]
-                                                         if name == "leadstream-worker" else [])
+                                                         if name != "leadstream-api" else [])
     assert files and all(f in mounted for f in files), (files, mounted)
     assert {e["name"][: -len("_FILE")] for e in container.get("env", []) if e["name"].endswith("_FILE")} <= {
         s.env for s in SETTINGS.values() if s.secret}
