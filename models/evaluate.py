@@ -317,8 +317,9 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
     (1.0, 4)
     """
     if processes > 1 and refit_lag == 0 and _can_fork():
-        return _evaluate_in_processes(events, rules, shards=processes - 1, min_outcomes=min_outcomes, model_kind=model_kind,
-                                      keep_examples=keep_examples, batch_every=batch_every, returned=returned)
+        return _evaluate_in_processes(events, rules, shards=processes - 1, min_outcomes=min_outcomes,
+                                      model_kind=model_kind, keep_examples=keep_examples, batch_every=batch_every,
+                                      returned=returned)
     replay = _Replay(rules)
     return _learn(replay.trainings(events), replay, rules, min_outcomes=min_outcomes, model_kind=model_kind,
                   keep_examples=keep_examples, batch_every=batch_every, refit_lag=refit_lag)
