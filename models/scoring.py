@@ -180,7 +180,8 @@ def rescore(state: State, scorer: Scorer, *, now_ms: int, trigger: str) -> StepR
 
 def _snapshot(state: State, at_ms: int, rules: Rules) -> dict[str, Any]:
     f = features(state, at_ms, half_life_s=rules.half_life_s, fields=rules.fields)
-    return {"ts": at_ms, "stage": f.get("stage"), "features": f, "rules_score": round(rules.score(f, max_reasons=0).score, 6)}
+    return {"ts": at_ms, "stage": f.get("stage"), "features": f,
+            "rules_score": round(rules.score(f, max_reasons=0).score, 6)}
 
 
 def _apply_score(state: State, scored: Scored, rules: Rules, was_hot: bool, message: dict[str, Any],
