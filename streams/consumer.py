@@ -61,8 +61,6 @@ class ScoringLoop:
         self._cycle = asyncio.Lock()  # held from a batch's fetch to its records being queued
         self._task: asyncio.Task[None] | None = None
         self._read: dict[TopicPartition, int] = {}  # next offset to read, per assigned partition
-        self._uncommitted: dict[TopicPartition, int] = {}  # settled (acked, material dropped), not committed
-        self._committed_at = float("-inf")
 
     async def start(self) -> None:
         self.consumer = AIOKafkaConsumer(
@@ -138,9 +136,7 @@ class ScoringLoop:
                                      time.perf_counter() - started))
 
     async def _settle(self, keep: int) -> None:
-        """Wait for the acknowledgements of all but the newest ``keep`` batches, drop their re-send
-        material, and commit their offsets (every ``LEADSTREAM_COMMIT_EVERY_SECONDS``, or at once
-        when ``keep`` is 0: out of input, a rebalance, stopping)."""
+        """Wait for the acknowledgements of all but the newest ``keep`` batches, then commit them."""
         async with self._settling:
             done: dict[TopicPartition, int] = {}
             while len(self._in_flight) > keep:
@@ -157,12 +153,7 @@ class ScoringLoop:
                 # Re-send material goes before the offsets are committed: a crash in between must
                 # leave neither stale material nor an uncommitted offset without its material.
                 await with_retry(self.pipeline.flush_acked, "dropping acknowledged re-send material")
-                self._uncommitted.update(done)
-            due = keep == 0 or time.monotonic() - self._committed_at >= self.settings.commit_every_s
-            if self._uncommitted and due:
-                offsets, self._uncommitted = self._uncommitted, {}
-                self._committed_at = time.monotonic()
-                await self._commit(offsets)
+                await self._commit(done)
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         assert self.consumer is not None

@@ -72,22 +72,6 @@ async def test_offsets_are_committed_only_after_the_acks_and_the_clean_up() -> N
     assert consumer.commits == [{TP: 10}, {TP: 20}]
 
 
-async def test_commits_wait_for_the_interval_while_input_keeps_coming() -> None:
-    pipeline = FakePipeline()
-    loop, consumer = loop_with(pipeline)
-    done = asyncio.get_running_loop().create_future()
-    done.set_result(None)
-    loop._in_flight.append(batch(done, 10, "l1"))
-    for offset, keep in ((20, 1), (30, 1), (None, 0)):
-        if offset is not None:
-            loop._in_flight.append(batch(done, offset, f"l{offset}"))
-        await loop._settle(keep=keep)
-    # Every settled batch's material was dropped at once (3 clean-ups); within LEADSTREAM_COMMIT_EVERY_SECONDS
-    # (1 s by default) only the first was committed, then the newest offset when the input ran out (keep=0).
-    assert pipeline.flushed == 3 and len(pipeline.acked) == 3
-    assert consumer.commits == [{TP: 10}, {TP: 30}]
-
-
 async def test_refused_outputs_stop_the_loop_without_committing() -> None:
     pipeline = FakePipeline()
     loop, consumer = loop_with(pipeline)
