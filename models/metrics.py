@@ -106,24 +106,13 @@ class Prequential:
         >>> m = Prequential()
         >>> for p, y in [(0.9, 1), (0.3, 1), (0.3, 0), (0.6, 0), (0.2, 0)]:
         ...     m.update(p, y)
-        >>> m.auc() == m.auc_by_scan() == 0.75
-        True
+        >>> m.auc()
+        0.75
         """
         n_pos, n_neg = sum(self.pos), sum(self.neg)
         if not n_pos or not n_neg:
             return None
         return self.counted_pairs() / (n_pos * n_neg)
-
-    def auc_by_scan(self) -> float | None:
-        """:meth:`auc` recomputed by a scan of the histograms."""
-        n_pos, n_neg = sum(self.pos), sum(self.neg)
-        if not n_pos or not n_neg:
-            return None
-        below, total = 0, 0.0
-        for p, q in zip(self.pos, self.neg):
-            total += p * (below + q / 2)
-            below += q
-        return total / (n_pos * n_neg)
 
     def reliability(self, groups: int = 10) -> list[dict[str, float]]:
         """Observed win rate per band of predicted probability (a calibration check)."""
