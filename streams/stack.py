@@ -316,24 +316,22 @@ def _wait_started(service: str, settings: Settings, answers: Callable[[], bool],
 
 
 def _redis_loading(settings: Settings) -> bool:
-    client = redis_sync_client(settings, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        client.ping()
-        return False
-    except redis.exceptions.BusyLoadingError:
-        return True
-    except (redis.RedisError, OSError):
-        return False
-    finally:
-        client.close()
+    return _redis_state(settings) == "loading"
 
 
 def _redis_answers(settings: Settings) -> bool:
+    return _redis_state(settings) == "up"
+
+
+def _redis_state(settings: Settings) -> str:
+    """``up``, ``loading`` (it refuses commands until its data set is loaded) or ``down``."""
     client = redis_sync_client(settings, socket_timeout=2, socket_connect_timeout=2)
     try:
-        return bool(client.ping())
+        return "up" if client.ping() else "down"
+    except redis.exceptions.BusyLoadingError:
+        return "loading"
     except (redis.RedisError, OSError):
-        return False
+        return "down"
     finally:
         client.close()
 
