@@ -156,8 +156,11 @@ class ScoringLoop:
                 metrics.observe_batch(batch.messages, batch.outs, self.pipeline.counts, batch.seconds)
             if done:
                 self._to_commit.update(done)  # batches in order: later offsets win
-                if self._committer is None or self._committer.done():
-                    self._committer = asyncio.create_task(self._commit_acknowledged(), name="scoring-commits")
+                self._start_commits()
+
+    def _start_commits(self) -> None:
+        if self._to_commit and (self._committer is None or self._committer.done()):
+            self._committer = asyncio.create_task(self._commit_acknowledged(), name="scoring-commits")
 
     async def _commit_acknowledged(self) -> None:
         """Commit what was acknowledged, one commit at a time, off the loop's path: the loop goes on
@@ -180,16 +183,16 @@ class ScoringLoop:
         """Commit everything acknowledged before partitions move or the worker stops, waiting at most
         ``timeout_s``: a commit hanging on a re-forming group must not hold the rebalance (what is
         not committed is read again by the next owner, and the offset guard makes that harmless)."""
-        if self._to_commit and (self._committer is None or self._committer.done()):
-            self._committer = asyncio.create_task(self._commit_acknowledged(), name="scoring-commits")
-        if self._committer is None:
+        self._start_commits()
+        committer = self._committer
+        if committer is None or committer.done():  # nothing to commit, or a failed try already logged
             return
         try:
-            await asyncio.wait_for(asyncio.shield(self._committer), timeout_s)
+            await asyncio.wait_for(asyncio.shield(committer), timeout_s)
         except asyncio.TimeoutError:
             log.warning("scoring loop: the last commit took over %.0f s; left to the next owner", timeout_s)
-            self._committer.cancel()
-            await asyncio.wait([self._committer], timeout=1.0)  # its offsets back in _to_commit
+            committer.cancel()
+            await asyncio.wait([committer], timeout=1.0)  # its offsets back in _to_commit
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         assert self.consumer is not None
