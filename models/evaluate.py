@@ -369,7 +369,7 @@ class _Replay:
             closing = event.type in ("deal_won", "deal_lost")
             first_close = closing and (before is None or before.get("outcome") is None)
             r = step(before, event, stepper, scored_at_ms=event.ts_ms, stage_snapshots=stage_snaps.get(lead),
-                     deleted_ts=deleted.get(lead), copy=False)
+                     deleted_ts=deleted.get(lead), copy=False, message=False)
             if r.state is None:  # deleted: the stream drops the state and both kinds of snapshot, keeps deleted_ts
                 if r.deleted_ts is not None:
                     deleted[lead] = r.deleted_ts
