@@ -18,12 +18,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from models.events import Event
 from models.features import Features, State, features, fold, new_state
-from models.learner import ServingModel
 from models.rules import Rules
+
+if TYPE_CHECKING:  # the rules-only step needs no learner: importing River and SciPy costs ~2.5 s (evaluate's replay)
+    from models.learner import ServingModel
 
 MAX_STAGE_SNAPSHOTS = 12  # bounded per lead: one per stage entry, the oldest dropped first
 MAX_HISTORY = 10  # the last scores kept in the state, for the lead page: [ts_ms, score, grade, trigger]
