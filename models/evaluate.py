@@ -18,7 +18,8 @@ The replay splits in two halves: the events stepped with the rules alone (decodi
 trainer then scores and learns in arrival order. With ``processes`` > 1 (Linux; the command's
 default on 2 CPUs or more) the first half runs in child processes, and the batch learner's refits
 are made ahead in another from the same examples, each used only if fitted on this trainer's window,
-byte for byte: the same figures as one process, from more than one core.
+byte for byte: the same figures as one process, from more than one core. The replay is forked before
+this module imports the learners (it needs none), and it builds no score messages (nothing reads them).
 
 :func:`run_evaluate` is the ``leadstream evaluate FILE --mapping MAPPING [--json]`` command: the
 only function here that reads files or prints.
