@@ -49,6 +49,7 @@ from models.simulate import simulate
 from streams.demo import start_api, start_worker, stop_worker
 from streams.pipeline import EventPipeline, Message
 from streams.publish import topic_for
+from streams.rescoring import RESCORE_CHUNK
 from streams.clients import kafka_kwargs, redis_client
 from streams.settings import SETTINGS, Settings
 from streams.state import SHARDS, LeadStore, lead_key, shard_of, view_key
@@ -370,7 +371,7 @@ async def bench_memory_and_reads(settings: Settings, leads: int, rules_text: str
                         "bytes_per_lead_by_kind": {k: round(v / leads) for k, v in memory.items() if k != "total"}}
     figures["reads_ms"] = await _time_reads(client, rules)
     pipeline.scorer.model = _trained_model(rules_text)
-    figures["rescoring"] = await _rescoring_pass(client, pipeline, settings.batch_max_events)
+    figures["rescoring"] = await _rescoring_pass(client, pipeline, RESCORE_CHUNK)
     await client.flushdb()
     await client.aclose()
     return figures
@@ -446,7 +447,7 @@ async def bench_rescoring(settings: Settings, rules_text: str) -> Figures:
                              topic_kinds={"web": "web", "crm": "crm"}, max_event_bytes=settings.max_event_bytes,
                              rescore_every_ms=settings.rescore_every_s * 1000)
     try:
-        return await _rescoring_pass(client, pipeline, settings.batch_max_events)
+        return await _rescoring_pass(client, pipeline, RESCORE_CHUNK)
     finally:
         await client.aclose()
 
@@ -465,6 +466,7 @@ def _trained_model(rules_text: str, events: list[dict[str, Any]] | None = None) 
 
 
 async def _rescoring_pass(client: aioredis.Redis, pipeline: EventPipeline, batch: int) -> Figures:
+    """Every open lead rescored by the model, ``batch`` leads per write as the worker's pass does."""
     from streams.state import SHARDS, view_key
 
     leads: list[str] = []
