@@ -220,7 +220,7 @@ class LeadStore:
                 pipe.hgetall(lead_key(lead_id))
         results = await pipe.execute()
         if state_only:
-            return {lead_id: _record(lead_id, {k: v for k, v in zip(_STATE_FIELDS, values) if v is not None}, None)
+            return {lead_id: _state_record(lead_id, *values)
                     for lead_id, values in zip(ids, results[len(results) - len(ids):])}
         hashes = dict(zip(ids, results[len(results) - len(ids):]))
         # A lead that exists carries its deletion time (if it was ever deleted) in ``dts``; only the
@@ -354,6 +354,12 @@ def _record(lead_id: str, values: dict[bytes, bytes], tombstone: bytes | None) -
     return LeadRecord(
         lead_id, values.get(b"v", b"0").decode(), s or None, values.get(b"ids", b""),
         orjson.loads(off) if off else {}, snaps or None, pending, (values.get(b"dts") or tombstone or b"").decode())
+
+
+def _state_record(lead_id: str, version: bytes | None, state: bytes | None, dts: bytes | None) -> LeadRecord:
+    """A lead as a rescore loads it (the values of :data:`_STATE_FIELDS`): :func:`_record` of them, directly."""
+    return LeadRecord(lead_id, version.decode() if version is not None else "0", state or None,
+                      tombstone=(dts or b"").decode())
 
 
 def _pickled(trainer: Trainer) -> tuple[bytes, bytes, dict[str, Any]]:
