@@ -24,7 +24,7 @@ from streams.topics import Topics
 
 log = logging.getLogger(__name__)
 # Leads rescored per write: small, so the scoring loop gets the event loop between two chunks (a chunk
-# is about 30 ms of CPU); larger ones cut no measurable per-chunk cost (bench: same CPU per lead at 500).
+# is 30-50 ms of CPU); larger ones cut no measurable per-chunk cost (bench: same CPU per lead at 500).
 RESCORE_CHUNK = 100
 
 
@@ -39,7 +39,6 @@ class Sender:
         """Hand the records to the producer, in order; returns their acknowledgements to await."""
         producer = self.app.producer
         return [await producer.send(self.names[out.kind], out.key, out.value, None, None, None) for out in outs]
-
 
 
 def partition_of(lead_id: str, partitions: int) -> int:
