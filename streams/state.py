@@ -111,7 +111,10 @@ def shard_of(lead_id: str) -> int:
 
 
 def tag(shard: int) -> str:
-    return f"{{{shard:02d}}}"
+    return _TAGS[shard]
+
+
+_TAGS = tuple(f"{{{shard:02d}}}" for shard in range(SHARDS))  # formatted once: every key of every write has one
 
 
 def lead_key(lead_id: str) -> str:
