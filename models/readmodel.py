@@ -75,27 +75,61 @@ def contributions(state: State | None, *, rescore_every_ms: int) -> Contribution
     return counters, sets
 
 
+def score_contributions(state: State | None, *, rescore_every_ms: int) -> Contribution:
+    """The part of :func:`contributions` that depends on the lead's score (grade, hot, the
+    leaderboards, the next decay): all a rescore can change.
+
+    :func:`models.scoring.rescore` changes only the score fields of an open lead, so the
+    :func:`diff` of this part before and after it equals the diff of the whole contributions, at a
+    fraction of the cost (a rescoring pass computes it for every open lead). Empty when the lead is
+    deleted, closed or not scored yet.
+
+    >>> from models.features import new_state
+    >>> lead = new_state("l1") | {"stage": "proposal", "score": 0.91, "grade": "A+", "hot": True,
+    ...                          "score_as_of": 10, "fields": {"owner": "Ana"}}
+    >>> counters, sets = score_contributions(lead, rescore_every_ms=100)
+    >>> sorted(counters), sorted(sets)
+    (['grade:A+', 'o:Ana:hot', 'sg:proposal:A+'], ['due', 'hot', 'lb', 'lb:proposal', 'lbo:Ana'])
+    """
+    if state is None or state.get("outcome") or "score" not in state:
+        return EMPTY
+    counters: dict[str, int] = {}
+    sets: dict[str, float] = {}
+    _scored(state, state["stage"] or "none", owner_of(state), counters, sets, rescore_every_ms)
+    return counters, sets
+
+
 def _open(state: State, owner: str | None, counters: dict[str, int], sets: dict[str, float],
           rescore_every_ms: int) -> None:
-    stage, score, grade = state["stage"] or "none", float(state["score"]), state["grade"]
+    stage = state["stage"] or "none"
     overdue = sum(1 for a in state["activities"].values() if a[0] == "overdue")
-    counters.update({"open": 1, f"open:{stage}": 1, f"grade:{grade}": 1, f"sg:{stage}:{grade}": 1})
+    counters.update({"open": 1, f"open:{stage}": 1})
     _add(counters, "overdue", overdue)
-    sets.update({"lb": score, f"lb:{stage}": score})
-    if state.get("hot"):
-        sets["hot"] = score
     if state["stage"] is not None:
         sets[f"st:{stage}"] = state["stage_ts"]
+    if owner is not None:
+        counters[f"o:{owner}:open"] = 1
+        _add(counters, f"o:{owner}:overdue", overdue)
+        if state["stage"] is not None:
+            sets[f"sto:{owner}"] = state["stage_ts"]
+    _scored(state, stage, owner, counters, sets, rescore_every_ms)
+
+
+def _scored(state: State, stage: str, owner: str | None, counters: dict[str, int], sets: dict[str, float],
+            rescore_every_ms: int) -> None:
+    """An open lead's score-dependent contributions (see :func:`score_contributions`)."""
+    score, grade, hot = float(state["score"]), state["grade"], bool(state.get("hot"))
+    counters[f"grade:{grade}"] = 1
+    counters[f"sg:{stage}:{grade}"] = 1
+    sets["lb"] = sets[f"lb:{stage}"] = score
+    if hot:
+        sets["hot"] = score
     as_of = state.get("score_as_of", state.get("scored_at"))
     if as_of is not None:  # decay is due a cadence after the time the score is as of (an old import: now)
         sets["due"] = as_of + rescore_every_ms
     if owner is not None:
-        counters[f"o:{owner}:open"] = 1
-        _add(counters, f"o:{owner}:hot", int(bool(state.get("hot"))))
-        _add(counters, f"o:{owner}:overdue", overdue)
+        _add(counters, f"o:{owner}:hot", int(hot))
         sets[f"lbo:{owner}"] = score
-        if state["stage"] is not None:
-            sets[f"sto:{owner}"] = state["stage_ts"]
 
 
 def _closed(state: State, outcome: str, owner: str | None, counters: dict[str, int], sets: dict[str, float]) -> None:

@@ -15,6 +15,8 @@ What it measures (a table on stdout, ``--json FILE`` for the figures):
   after the pipeline's own write path wrote ``--memory-leads`` simulated leads.
 - ``reads`` and ``rescoring``: dashboard, funnel and leaderboard read times at that many leads,
   and a full rescoring pass after a model change (leads per second, same write path).
+- ``rescoring`` alone: populates ``--read-leads`` leads and times the model rescoring pass only
+  (Redis only: no broker needed).
 
 Each run uses its own topics, app id and Redis database (``--redis-db``), and cleans them up.
 """
@@ -47,6 +49,7 @@ from models.simulate import simulate
 from streams.demo import start_api, start_worker, stop_worker
 from streams.pipeline import EventPipeline, Message
 from streams.publish import topic_for
+from streams.rescoring import RESCORE_CHUNK
 from streams.clients import kafka_kwargs, redis_client
 from streams.settings import SETTINGS, Settings
 from streams.state import SHARDS, LeadStore, lead_key, shard_of, view_key
@@ -368,7 +371,7 @@ async def bench_memory_and_reads(settings: Settings, leads: int, rules_text: str
                         "bytes_per_lead_by_kind": {k: round(v / leads) for k, v in memory.items() if k != "total"}}
     figures["reads_ms"] = await _time_reads(client, rules)
     pipeline.scorer.model = _trained_model(rules_text)
-    figures["rescoring"] = await _rescoring_pass(client, pipeline, settings.batch_max_events)
+    figures["rescoring"] = await _rescoring_pass(client, pipeline, RESCORE_CHUNK)
     await client.flushdb()
     await client.aclose()
     return figures
@@ -444,7 +447,7 @@ async def bench_rescoring(settings: Settings, rules_text: str) -> Figures:
                              topic_kinds={"web": "web", "crm": "crm"}, max_event_bytes=settings.max_event_bytes,
                              rescore_every_ms=settings.rescore_every_s * 1000)
     try:
-        return await _rescoring_pass(client, pipeline, settings.batch_max_events)
+        return await _rescoring_pass(client, pipeline, RESCORE_CHUNK)
     finally:
         await client.aclose()
 
@@ -463,17 +466,29 @@ def _trained_model(rules_text: str, events: list[dict[str, Any]] | None = None) 
 
 
 async def _rescoring_pass(client: aioredis.Redis, pipeline: EventPipeline, batch: int) -> Figures:
+    """Every open lead rescored by the model, ``batch`` leads per write as the worker's pass does."""
     from streams.state import SHARDS, view_key
 
     leads: list[str] = []
     for shard in range(SHARDS):
         leads += [m.decode() for m in await client.zrevrange(view_key(shard, "lb"), 0, -1)]
-    t0 = time.perf_counter()
+    redis_cpu0 = await _redis_cpu_s(client)
+    t0, cpu0 = time.perf_counter(), time.process_time()
     sent = 0
     for i in range(0, len(leads), batch):
         sent += len(await pipeline.rescore_leads(leads[i:i + batch], "model"))
-    seconds = time.perf_counter() - t0
-    return {"open_leads": len(leads), "rescored": sent, "leads_per_s": round(len(leads) / seconds) if seconds else None}
+    seconds, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
+    redis_cpu_s = await _redis_cpu_s(client) - redis_cpu0
+    n = max(1, len(leads))
+    # CPU per lead, the worker's and Redis's: steadier than leads/s on a machine shared with others.
+    return {"open_leads": len(leads), "rescored": sent, "leads_per_s": round(len(leads) / seconds) if seconds else None,
+            "worker_cpu_us_per_lead": round(cpu_s / n * 1e6, 1), "redis_cpu_us_per_lead": round(redis_cpu_s / n * 1e6, 1)}
+
+
+async def _redis_cpu_s(client: aioredis.Redis) -> float:
+    """CPU seconds the Redis server has used (its main thread and children, user and system)."""
+    cpu = await client.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
 async def _write_templates(client: aioredis.Redis, settings: Settings, rules_text: str, leads: int
@@ -633,7 +648,18 @@ async def bench_reader_effect(settings: Settings, rate: float, seconds: float) -
 
 # ---- the command ---------------------------------------------------------------------------------
 
-async def _cleanup(settings: Settings) -> None:
+KAFKA_PARTS = {"pipeline", "burst", "reads"}  # the parts that create topics (memory and rescoring use Redis only)
+
+
+async def _cleanup(settings: Settings, kafka: bool = True) -> None:
+    if kafka:
+        await _delete_topics(settings)
+    client = redis_client(settings)
+    await client.flushdb(asynchronous=True)  # in the background: a million leads take seconds
+    await client.aclose()
+
+
+async def _delete_topics(settings: Settings) -> None:
     admin = AIOKafkaAdminClient(**kafka_kwargs(settings))
     await admin.start()
     try:
@@ -642,9 +668,6 @@ async def _cleanup(settings: Settings) -> None:
             await admin.delete_topics(ours)
     finally:
         await admin.close()
-    client = redis_client(settings)
-    await client.flushdb(asynchronous=True)  # in the background: a million leads take seconds
-    await client.aclose()
 
 
 def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float, memory_leads: int,
@@ -680,8 +703,12 @@ def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float,
             figures["reads"]["rescoring"] = asyncio.run(bench_rescoring(settings, rules_text))
             figures["reads"]["worker_latency"] = asyncio.run(bench_reader_effect(settings, reader_rate, seconds))
             _print_reads(figures["reads"])
+        if "rescoring" in parts:  # the pass alone, on a Redis of its own: no broker needed
+            figures["rescoring"] = asyncio.run(populate_leads(settings, read_leads, rules_text))
+            figures["rescoring"]["pass"] = asyncio.run(bench_rescoring(settings, rules_text))
+            _print_rescoring(figures["rescoring"])
     finally:
-        asyncio.run(_cleanup(settings))
+        asyncio.run(_cleanup(settings, kafka=bool(parts & KAFKA_PARTS)))
     if json_path is not None:
         json_path.write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
         print(f"figures written to {json_path}")
@@ -745,6 +772,14 @@ def _print_reads(f: Figures) -> None:
     r = f["rescoring"]
     rows.append((f"model rescoring pass over the {r['open_leads']:,} open leads", f"{r['leads_per_s']:,} leads/s"))
     _table(rows)
+
+
+def _print_rescoring(f: Figures) -> None:
+    r = f["pass"]
+    _table([(f"populate {f['leads']:,} leads", f"{f['populate_leads_per_s']:,} leads/s ({f['populate_s']} s)"),
+            (f"model rescoring pass over the {r['open_leads']:,} open leads",
+             f"{r['leads_per_s']:,} leads/s (CPU per lead: worker {r['worker_cpu_us_per_lead']} us, "
+             f"Redis {r['redis_cpu_us_per_lead']} us)")])
 
 
 def _table(rows: list[tuple[str, str]]) -> None:

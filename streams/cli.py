@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "point LEADSTREAM_REDIS at a scratch Redis)")
     b.add_argument("--only", default="step,pipeline,memory",
                    help="parts to run: step, pipeline, burst (passthrough and one worker only), memory, reads "
-                        "(reads: populates --read-leads leads)")
+                        "(reads: populates --read-leads leads), rescoring (populates --read-leads leads and times "
+                        "a model rescoring pass; Redis only)")
     b.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     add("rebuild-views", _rebuild_views, "Recompute every read model (leaderboards, funnel, owners) from the lead "
                                          "hashes: repair after a bug or a restore.")

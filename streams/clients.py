@@ -112,6 +112,10 @@ class HiredisPacking:
         if isinstance(args[0], str) and " " in args[0]:  # e.g. "CONFIG GET": separate arguments
             args = (*args[0].split(), *args[1:])
         try:
+            return [hiredis.pack_command(args)]  # the usual arguments (str, bytes, numbers): one C call
+        except TypeError:
+            pass
+        try:  # a bytearray, which hiredis does not take: as bytes, as redis-py's own packers send it
             return [hiredis.pack_command(tuple(bytes(a) if isinstance(a, (bytearray, memoryview)) else a
                                                for a in args))]
         except TypeError as exc:

@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 
 from models.events import Event, RejectedEvent, parse_event
-from models.readmodel import contributions, diff
+from models.readmodel import contributions, diff, score_contributions
 from models.scoring import CLOSING_TYPES, MAX_STAGE_SNAPSHOTS, Scorer, StepResult, rescore, rfc3339, step
 from streams.state import APPLIED, DIGEST_BYTES, LeadRecord, LeadStore, LeadWrite, event_digest, has_digest
 
@@ -156,9 +156,10 @@ class EventPipeline:
             return Computed(None, [], {})
         if trigger == "model" and state.get("model_version") == self.scorer.version:
             return Computed(None, [], {})  # already scored by this model
-        before = contributions(state, rescore_every_ms=self.rescore_every_ms)
+        # A rescore changes only the score fields: the views move by their part alone.
+        before = score_contributions(state, rescore_every_ms=self.rescore_every_ms)
         r = rescore(state, self.scorer, now_ms=now_ms, trigger=trigger)
-        after = contributions(state, rescore_every_ms=self.rescore_every_ms)
+        after = score_contributions(state, rescore_every_ms=self.rescore_every_ms)
         write = LeadWrite(record, state, record.ids, record.offsets, None, {}, record.deleted_ts,
                           diff(before, after), state_only=True)
         key = record.lead_id.encode()

@@ -23,6 +23,9 @@ from streams.state import SHARDS, view_key
 from streams.topics import Topics
 
 log = logging.getLogger(__name__)
+# Leads rescored per write: small, so the scoring loop gets the event loop between two chunks (a chunk
+# is 30-50 ms of CPU); larger ones cut no measurable per-chunk cost (bench: same CPU per lead at 500).
+RESCORE_CHUNK = 100
 
 
 class Sender:
@@ -36,11 +39,6 @@ class Sender:
         """Hand the records to the producer, in order; returns their acknowledgements to await."""
         producer = self.app.producer
         return [await producer.send(self.names[out.kind], out.key, out.value, None, None, None) for out in outs]
-
-    async def send_all(self, outs: list[Out]) -> None:
-        futures = await self.enqueue(outs)
-        if futures:
-            await asyncio.gather(*futures)
 
 
 def partition_of(lead_id: str, partitions: int) -> int:
@@ -126,10 +124,15 @@ class Rescorer:
         return [lead for lead in leads if partition_of(lead, self.settings.partitions) in owned]
 
     async def _rescore(self, leads: list[str], trigger: str, now_ms: int) -> None:
-        step = 100  # small batches: the scoring agent gets the event loop between them
-        for i in range(0, len(leads), step):
-            # Writes and sends in the order of the writes: a lead's stale rescore must never reach
-            # the topic after the tombstone of its deletion (a compacted consumer would keep it).
+        acks: list[Awaitable[object]] = []
+        for i in range(0, len(leads), RESCORE_CHUNK):
+            # Writes and hands the records to the producer in the order of the writes: a lead's stale
+            # rescore must never reach the topic after the tombstone of its deletion (a compacted
+            # consumer would keep it). The producer keeps that order, as for event batches.
             async with self.pipeline.send_order:
-                outs = await self.pipeline.rescore_leads(leads[i:i + step], trigger, now_ms)
-                await self.sender.send_all(outs)
+                outs = await self.pipeline.rescore_leads(leads[i:i + RESCORE_CHUNK], trigger, now_ms)
+                acks += await self.sender.enqueue(outs)
+        # Kafka's acknowledgements awaited once, out of the lock: event batches and the next chunk
+        # do not wait a broker round trip per chunk.
+        if acks:
+            await asyncio.gather(*acks)

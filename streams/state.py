@@ -50,6 +50,22 @@ from models.readmodel import ViewChanges
 SHARDS = 32  # fixed: changing it moves every key (a migration, not a setting)
 DIGEST_BYTES = 8
 
+# The view changes of a lead's write (``member`` its id, ``ops`` the JSON [[op, key index, args...], ...]):
+# z = ZADD score, r = ZREM, h = HINCRBY of the counters hash (a counter at 0 is removed).
+_APPLY_VIEWS = """
+for _, op in ipairs(cjson.decode(ops)) do
+  local key = KEYS[op[2]]
+  if op[1] == 'z' then
+    redis.call('ZADD', key, op[3], member)
+  elseif op[1] == 'r' then
+    redis.call('ZREM', key, member)
+  elseif redis.call('HINCRBY', key, op[3], op[4]) == 0 then
+    redis.call('HDEL', key, op[3])
+  end
+end
+return 1
+"""
+
 # KEYS: lead hash, tombstone, view keys. ARGV: expected version, expected tombstone, delete (1/0),
 # tombstone to set ('' none), tombstone TTL, n fields, fields..., n deleted fields, names..., the lead
 # id (the views' member), the view changes as JSON [[op, key index, args...], ...].
@@ -71,19 +87,20 @@ i = i + 2 * n + 1
 local d = tonumber(ARGV[i])
 if d > 0 and ARGV[3] ~= '1' then redis.call('HDEL', KEYS[1], unpack(ARGV, i + 1, i + d)) end
 i = i + d + 1
-local member = ARGV[i]
-for _, op in ipairs(cjson.decode(ARGV[i + 1])) do
-  local key = KEYS[op[2]]
-  if op[1] == 'z' then
-    redis.call('ZADD', key, op[3], member)
-  elseif op[1] == 'r' then
-    redis.call('ZREM', key, member)
-  elseif redis.call('HINCRBY', key, op[3], op[4]) == 0 then
-    redis.call('HDEL', key, op[3])
-  end
-end
-return 1
-"""
+local member, ops = ARGV[i], ARGV[i + 1]
+""" + _APPLY_VIEWS
+
+# A rescore's write (LeadWrite.state_only, the lead exists): only the state and the views change.
+# KEYS: lead hash, view keys. ARGV: expected version, expected deletion time ('' none), the state, the
+# lead id, the view changes. The same guards as _WRITE for a lead that exists: a deletion (the hash
+# gone) or a deletion and a new start (a new ``dts``, the version counted again from 1) both refuse it.
+_WRITE_STATE = """
+local guards = redis.call('HMGET', KEYS[1], 'v', 'dts')
+if guards[1] ~= ARGV[1] or (guards[2] or '') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'v', tonumber(guards[1]) + 1, 's', ARGV[3])
+local member, ops = ARGV[4], ARGV[5]
+""" + _APPLY_VIEWS
+_SCRIPTS = (_WRITE, _WRITE_STATE)
 
 APPLIED, CONFLICT = 1, 0
 log = logging.getLogger(__name__)
@@ -94,7 +111,10 @@ def shard_of(lead_id: str) -> int:
 
 
 def tag(shard: int) -> str:
-    return f"{{{shard:02d}}}"
+    return _TAGS[shard]
+
+
+_TAGS = tuple(f"{{{shard:02d}}}" for shard in range(SHARDS))  # formatted once: every key of every write has one
 
 
 def lead_key(lead_id: str) -> str:
@@ -184,7 +204,7 @@ class LeadStore:
     def __init__(self, client: aioredis.Redis, tombstone_ttl_s: int = 30 * 86_400) -> None:
         self.client = client
         self.tombstone_ttl_s = tombstone_ttl_s
-        self._write_sha = hashlib.sha1(_WRITE.encode()).hexdigest()
+        self._write_sha, self._write_state_sha = _sha(_WRITE), _sha(_WRITE_STATE)
 
     async def load_many(self, lead_ids: Iterable[str], acked: Iterable[tuple[str, list[str]]] = (),
                         state_only: bool = False) -> dict[str, LeadRecord]:
@@ -203,7 +223,7 @@ class LeadStore:
                 pipe.hgetall(lead_key(lead_id))
         results = await pipe.execute()
         if state_only:
-            return {lead_id: _record(lead_id, {k: v for k, v in zip(_STATE_FIELDS, values) if v is not None}, None)
+            return {lead_id: _state_record(lead_id, *values)
                     for lead_id, values in zip(ids, results[len(results) - len(ids):])}
         hashes = dict(zip(ids, results[len(results) - len(ids):]))
         # A lead that exists carries its deletion time (if it was ever deleted) in ``dts``; only the
@@ -221,20 +241,31 @@ class LeadStore:
         """Apply each lead's write atomically (one pipelined round trip); APPLIED or CONFLICT each."""
         if not writes:
             return []
-        calls = [self._script_call(w) for w in writes]
+        calls = [self._state_call(w) if _state_write(w) else self._script_call(w) for w in writes]
         for attempt in range(2):
             pipe = self.client.pipeline(transaction=False)
-            for keys, args in calls:
-                pipe.evalsha(self._write_sha, len(keys), *keys, *args)
+            for call in calls:
+                pipe.execute_command("EVALSHA", *call)
             try:
                 return [int(r) for r in await pipe.execute()]
-            except NoScriptError:  # first use, or Redis restarted: nothing ran; load it and write again
-                await self.client.script_load(_WRITE)
-        raise RuntimeError("the lead write script could not be loaded into Redis")
+            except NoScriptError:  # first use, or Redis restarted: load the scripts and write again
+                # Nothing ran unless the batch mixed a known and an unknown script (a batch is either
+                # events or rescores: never in practice); a write that ran is then refused as stale.
+                for script in _SCRIPTS:
+                    await self.client.script_load(script)
+        raise RuntimeError("the lead write scripts could not be loaded into Redis")
 
-    def _script_call(self, w: LeadWrite) -> tuple[list[str], list[Any]]:
+    def _state_call(self, w: LeadWrite) -> list[Any]:
+        """EVALSHA arguments of a rescore's write (:data:`_WRITE_STATE`): a third of the full write's."""
         lead_id = w.record.lead_id
-        shard = shard_of(lead_id)
+        keys = [lead_key(lead_id)]
+        ops = _view_ops(shard_of(lead_id), w.views, keys)
+        return [self._write_state_sha, len(keys), *keys, w.record.version, w.record.tombstone,
+                orjson.dumps(w.state), lead_id, ops]
+
+    def _script_call(self, w: LeadWrite) -> list[Any]:
+        """EVALSHA arguments of a lead's write (:data:`_WRITE`)."""
+        lead_id = w.record.lead_id
         tombstone = str(w.deleted_ts) if w.deleted_ts is not None and str(w.deleted_ts) != w.record.tombstone else ""
         fields: list[Any] = []
         removed: list[str] = []
@@ -251,21 +282,10 @@ class LeadStore:
             for origin, sent in w.pending.items():
                 fields += [PENDING + origin, orjson.dumps(sent)]
         keys = [lead_key(lead_id), tombstone_key(lead_id)]
-        index: dict[str, int] = {}
-
-        def key_no(name: str) -> int:
-            if name not in index:
-                keys.append(view_key(shard, name))
-                index[name] = len(keys)
-            return index[name]
-
-        # The view changes travel as one JSON argument: fewer arguments to pack, decoded in Redis.
-        ops: list[list[Any]] = [["z", key_no(name), score] for name, score in w.views.set_adds.items()]
-        ops += [["r", key_no(name)] for name in w.views.set_removes]
-        ops += [["h", key_no("c"), name, delta] for name, delta in w.views.counters.items()]
+        ops = _view_ops(shard_of(lead_id), w.views, keys)
         args = [w.record.version, w.record.tombstone, "1" if w.state is None else "0", tombstone,
-                self.tombstone_ttl_s, len(fields) // 2, *fields, len(removed), *removed, lead_id, orjson.dumps(ops)]
-        return keys, args
+                self.tombstone_ttl_s, len(fields) // 2, *fields, len(removed), *removed, lead_id, ops]
+        return [self._write_sha, len(keys), *keys, *args]
 
     async def get(self, lead_id: str) -> dict[str, Any] | None:
         """One lead for people and APIs: its state, score, grade, stage, source, the last scores."""
@@ -291,6 +311,33 @@ class LeadStore:
         return [orjson.loads(raw) for raw in await pipe.execute() if raw]
 
 
+def _view_ops(shard: int, views: ViewChanges, keys: list[str]) -> bytes:
+    """The view changes as one JSON argument (fewer arguments to pack, decoded in Redis), each op
+    naming its key by its index in ``keys`` (1-based, as Lua's KEYS), the keys appended to ``keys``."""
+    index: dict[str, int] = {}
+
+    def key_no(name: str) -> int:
+        if name not in index:
+            keys.append(view_key(shard, name))
+            index[name] = len(keys)
+        return index[name]
+
+    ops: list[list[Any]] = [["z", key_no(name), score] for name, score in views.set_adds.items()]
+    ops += [["r", key_no(name)] for name in views.set_removes]
+    ops += [["h", key_no("c"), name, delta] for name, delta in views.counters.items()]
+    return orjson.dumps(ops)
+
+
+def _state_write(w: LeadWrite) -> bool:
+    """Whether :data:`_WRITE_STATE` does all ``w`` asks: a rescore of a lead that exists, its deletion
+    time unchanged (else the full write, which also handles a tombstone)."""
+    return w.state_only and w.state is not None and w.record.version != "0" and w.deleted_ts == w.record.deleted_ts
+
+
+def _sha(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()
+
+
 def lead_view(record: LeadRecord) -> dict[str, Any]:
     state = record.state or {}
     return {
@@ -310,6 +357,12 @@ def _record(lead_id: str, values: dict[bytes, bytes], tombstone: bytes | None) -
     return LeadRecord(
         lead_id, values.get(b"v", b"0").decode(), s or None, values.get(b"ids", b""),
         orjson.loads(off) if off else {}, snaps or None, pending, (values.get(b"dts") or tombstone or b"").decode())
+
+
+def _state_record(lead_id: str, version: bytes | None, state: bytes | None, dts: bytes | None) -> LeadRecord:
+    """A lead as a rescore loads it (the values of :data:`_STATE_FIELDS`): :func:`_record` of them, directly."""
+    return LeadRecord(lead_id, version.decode() if version is not None else "0", state or None,
+                      tombstone=(dts or b"").decode())
 
 
 def _pickled(trainer: Trainer) -> tuple[bytes, bytes, dict[str, Any]]:

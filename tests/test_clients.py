@@ -53,3 +53,23 @@ def test_redis_password_and_ca_go_to_the_client(ca_file):
     s = Settings.from_env({"LEADSTREAM_REDIS": "rediss://scorer@redis.internal:6380/0",
                            "LEADSTREAM_REDIS_PASSWORD": "pw", "LEADSTREAM_REDIS_SSL_CAFILE": str(ca_file)})
     assert redis_kwargs(s) == {"password": "pw", "ssl_ca_certs": str(ca_file)}
+
+
+def test_commands_are_packed_as_redis_py_packs_them():
+    """The C packer sends the bytes redis-py's own Python packer would, whatever the argument types."""
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import DataError
+
+    from streams.clients import _hiredis_packing
+
+    ours, theirs = _hiredis_packing(Connection)(), Connection()
+    for args in [("EVALSHA", "a" * 40, 2, "lead:{03}:x", "view:{03}:lb", "3", "", b"\x00" * 7000, 1.5, -2),
+                 ("CONFIG GET", "maxmemory"), ("HSET", "k", "f", bytearray(b"ids")), ("SET", "k", memoryview(b"v")),
+                 ("SET", "k", "ünïcode"), ("ZADD", "z", 0.1 + 0.2, "m", 1e-7, "n", 2 ** 70, "o")]:
+        assert b"".join(ours.pack_command(*args)) == b"".join(theirs.pack_command(*args)), args
+    for bad in (True, None, object()):
+        try:
+            ours.pack_command("SET", "k", bad)
+        except DataError:
+            continue
+        raise AssertionError(f"{bad!r} was packed")

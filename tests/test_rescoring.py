@@ -1,0 +1,81 @@
+"""The rescoring timer's chunks: written and handed to the producer in order, acknowledged out of the lock."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from streams.pipeline import Out
+from streams.rescoring import RESCORE_CHUNK, Rescorer
+from streams.settings import Settings
+
+
+class Pipeline:
+    """The pipeline's rescoring side as the timer sees it: one record per lead, in the order asked."""
+
+    def __init__(self) -> None:
+        self.send_order = asyncio.Lock()
+        self.chunks: list[list[str]] = []
+
+    async def rescore_leads(self, leads: list[str], trigger: str, now_ms: int) -> list[Out]:
+        assert self.send_order.locked()  # written under the lock the event batches take too
+        self.chunks.append(leads)
+        await asyncio.sleep(0)
+        return [Out("scores", lead.encode(), trigger.encode()) for lead in leads]
+
+
+class Sender:
+    """A producer whose acknowledgements come only when the test says so."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.enqueued: list[bytes | None] = []
+        self.acks: list[asyncio.Future[Any]] = []
+
+    async def enqueue(self, outs: list[Out]) -> list[asyncio.Future[Any]]:
+        assert self.pipeline.send_order.locked()  # handed over before another write can slip in
+        self.enqueued += [o.key for o in outs]
+        futures = [asyncio.get_running_loop().create_future() for _ in outs]
+        self.acks += futures
+        return futures
+
+
+async def until(condition: Any, turns: int = 10_000) -> None:
+    """Let the event loop run until ``condition()`` holds (a bounded number of turns, no clock)."""
+    for _ in range(turns):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the condition never held")
+
+
+async def test_chunks_are_sent_in_the_order_of_their_writes_and_acknowledged_out_of_the_lock():
+    pipeline = Pipeline()
+    sender = Sender(pipeline)
+    rescorer = Rescorer(Settings.from_env({}), pipeline, None, sender, owned=set)  # type: ignore[arg-type]
+    leads = [f"l{i}" for i in range(RESCORE_CHUNK * 2 + 5)]
+    task = asyncio.create_task(rescorer._rescore(leads, "model", 0))
+    await until(lambda: len(sender.enqueued) == len(leads))  # every chunk before any acknowledgement
+    assert [len(c) for c in pipeline.chunks] == [RESCORE_CHUNK, RESCORE_CHUNK, 5]
+    assert sender.enqueued == [lead.encode() for lead in leads]
+    async with pipeline.send_order:  # an event batch gets the lock while the acknowledgements are due
+        assert not task.done()
+    for ack in sender.acks:
+        ack.set_result(None)
+    await asyncio.wait_for(task, 5)
+
+
+async def test_a_failed_acknowledgement_fails_the_tick():
+    pipeline = Pipeline()
+    sender = Sender(pipeline)
+    rescorer = Rescorer(Settings.from_env({}), pipeline, None, sender, owned=set)  # type: ignore[arg-type]
+    task = asyncio.create_task(rescorer._rescore(["a", "b"], "decay", 0))
+    await until(lambda: len(sender.acks) == 2)
+    sender.acks[0].set_exception(RuntimeError("broker gone"))
+    sender.acks[1].set_result(None)
+    try:
+        await asyncio.wait_for(task, 5)
+    except RuntimeError as exc:
+        assert "broker gone" in str(exc)
+    else:
+        raise AssertionError("the failure was swallowed")
