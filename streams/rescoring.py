@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 
 import faust
@@ -19,13 +21,14 @@ from aiokafka.partitioner import murmur2
 
 from streams.pipeline import EventPipeline, Out
 from streams.settings import Settings
-from streams.state import SHARDS, view_key
+from streams.state import SHARDS, tag, view_key
 from streams.topics import Topics
 
 log = logging.getLogger(__name__)
 # Leads rescored per write: small, so the scoring loop gets the event loop between two chunks (a chunk
 # is 30-50 ms of CPU); larger ones cut no measurable per-chunk cost (bench: same CPU per lead at 500).
 RESCORE_CHUNK = 100
+PASS_TTL_S = 86_400  # a model pass's snapshot of the leaderboard outlives a crashed worker by a day at most
 
 
 class Sender:
@@ -59,7 +62,9 @@ class Rescorer:
                  owned: Callable[[], set[TopicPartition]]) -> None:
         self.settings, self.pipeline, self.client, self.sender = settings, pipeline, client, sender
         self.assigned = owned  # the input partitions this worker's scoring loop holds now
-        self._model_ranks: list[int] | None = None  # per shard: next rank of the leaderboard to rescore
+        self._model_ranks: list[int] | None = None  # per shard: next rank of the pass's snapshot to rescore
+        self._pass_token = uuid.uuid4().hex[:12]  # this worker's snapshot keys
+        self._snapshot_taken = False
         self._pass_version = -1  # the model version the last pass started with
         self._model_moved = False
         self._pass_started = float("-inf")
@@ -76,6 +81,7 @@ class Rescorer:
         if time.monotonic() - self._pass_started < self.settings.rescore_model_every_s:
             return
         self._model_ranks = [0] * SHARDS  # from the top of every shard
+        self._snapshot_taken = False
         self._pass_version = self.pipeline.scorer.version
         self._pass_started = time.monotonic()
         self._model_moved = False
@@ -106,14 +112,31 @@ class Rescorer:
         leads = [m.decode() for members in await pipe.execute() for m in members]
         return [lead for lead in leads if partition_of(lead, self.settings.partitions) in owned][:limit]
 
-    async def _next_for_model(self, limit: int, owned: set[int]) -> list[str]:
-        """The next leads of the pass, highest scores first in each shard."""
-        ranks = self._model_ranks
-        assert ranks is not None
-        per_shard = max(1, limit // SHARDS)
+    def _snapshot_key(self, shard: int) -> str:
+        return f"rescore:{tag(shard)}:pass:{self._pass_token}"  # the leaderboard's slot (Redis Cluster)
+
+    async def _take_snapshot(self) -> None:
+        """Copy every shard's leaderboard for the pass to walk: the rescores move the leads' scores,
+        so a walk by rank over the live leaderboard would skip leads that others overtake."""
         pipe = self.client.pipeline(transaction=False)
         for shard in range(SHARDS):
-            pipe.zrevrange(view_key(shard, "lb"), ranks[shard], ranks[shard] + per_shard - 1)
+            pipe.zrangestore(self._snapshot_key(shard), view_key(shard, "lb"), 0, -1)
+            pipe.expire(self._snapshot_key(shard), PASS_TTL_S)
+        await pipe.execute()
+        self._snapshot_taken = True
+
+    async def _next_for_model(self, limit: int, owned: set[int]) -> list[str]:
+        """The next leads of the pass, highest scores first in each shard (as they were when the pass
+        started). ``limit`` counts this worker's leads: the others' are read and left to them."""
+        ranks = self._model_ranks
+        assert ranks is not None
+        if not self._snapshot_taken:
+            await self._take_snapshot()
+        share = len(owned) / self.settings.partitions  # of the leads, the part on this worker's partitions
+        per_shard = max(1, math.ceil(limit / share / SHARDS))
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(SHARDS):
+            pipe.zrevrange(self._snapshot_key(shard), ranks[shard], ranks[shard] + per_shard - 1)
         leads: list[str] = []
         for shard, members in enumerate(await pipe.execute()):
             ranks[shard] += len(members)
@@ -121,6 +144,10 @@ class Rescorer:
         if not leads:
             log.info("rescoring: every open lead is scored by model version %d", self._pass_version)
             self._model_ranks = None
+            pipe = self.client.pipeline(transaction=False)
+            for shard in range(SHARDS):  # one key per command: the shards are in different slots
+                pipe.delete(self._snapshot_key(shard))
+            await pipe.execute()
         return [lead for lead in leads if partition_of(lead, self.settings.partitions) in owned]
 
     async def _rescore(self, leads: list[str], trigger: str, now_ms: int) -> None:

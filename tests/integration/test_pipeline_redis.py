@@ -13,7 +13,9 @@ from models.rules import DEFAULT_CONFIG, load_rules
 from models.scoring import Scorer
 from models.simulate import simulate
 from streams.pipeline import EventPipeline, Message
-from streams.state import APPLIED, CONFLICT, DIGEST_BYTES, LeadStore, LeadWrite, lead_key, tombstone_key
+from streams.rescoring import Rescorer, partition_of
+from streams.settings import Settings
+from streams.state import APPLIED, CONFLICT, DIGEST_BYTES, SHARDS, LeadStore, LeadWrite, lead_key, tombstone_key, view_key
 from streams.views import Views, dump_views, rebuild_views
 
 pytestmark = pytest.mark.integration
@@ -329,3 +331,29 @@ async def test_lead_and_model_reports_read_back_what_the_pipeline_wrote(pipeline
     assert await model_report(settings) is None  # no closed deal yet
     await ModelStore(pipeline.store.client).save(Trainer(min_outcomes=1))
     assert (await model_report(settings))["version"] == 0
+
+
+async def test_a_model_pass_reaches_every_open_lead_although_rescores_reorder_the_leaderboard(redis_client):
+    """The pass walks a snapshot taken when it starts: leads it rescored may fall below leads it has
+    not reached yet (a walk by rank over the live leaderboard skipped those), and a worker's budget
+    counts its own leads (those of its partitions), not every lead read."""
+    rng = random.Random(7)
+    settings = Settings.from_env({"LEADSTREAM_PARTITIONS": "8"})
+    leads = [f"lead-{i}" for i in range(2000)]
+    for i, lead in enumerate(leads):
+        await redis_client.zadd(view_key(i % SHARDS, "lb"), {lead: rng.random()})
+    owned = {0, 1, 2, 3}  # half of the 8 partitions
+    rescorer = Rescorer(settings, None, redis_client, None, owned=set)  # type: ignore[arg-type]
+    rescorer._model_ranks = [0] * SHARDS
+    reached: list[str] = []
+    for _ in range(100):
+        batch = await rescorer._next_for_model(100, owned)
+        if rescorer._model_ranks is None:
+            break
+        assert len(batch) >= 60  # ~100 of this worker's leads per call, not ~50
+        reached += batch
+        for lead in batch:  # the rescores move the leads: many fall below those not reached yet
+            await redis_client.zadd(view_key(leads.index(lead) % SHARDS, "lb"), {lead: rng.random() / 10})
+    mine = {lead for lead in leads if partition_of(lead, 8) in owned}
+    assert sorted(reached) == sorted(mine)  # every one of this worker's leads once
+    assert not [k async for k in redis_client.scan_iter(match="rescore:*")]  # the snapshot is gone
