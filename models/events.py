@@ -70,7 +70,37 @@ def validators() -> dict[str, Draft7Validator]:
 @cache
 def _fast_checks() -> dict[str, Any]:
     """Compiled validators for the hot path (about 20x faster than the readable ones)."""
-    return {t: fastjsonschema.compile(schema) for t, schema in schemas().items()}
+    return {t: fastjsonschema.compile(_first_match(schema)) for t, schema in schemas().items()}
+
+
+def _first_match(schema: Any) -> Any:
+    """``schema`` with each ``oneOf`` of branches of disjoint types read as ``anyOf``, integers first.
+
+    The same verdict (a value has one JSON type, so at most one such branch can match), but the
+    compiled check stops at the first match: an epoch-ms ``ts`` no longer raises and catches the
+    string branch's exception on every event.
+
+    >>> _first_match({"oneOf": [{"type": "string"}, {"type": "integer", "minimum": 0}]})
+    {'anyOf': [{'type': 'integer', 'minimum': 0}, {'type': 'string'}]}
+    >>> _first_match({"oneOf": [{"type": "number"}, {"type": "integer"}]})  # overlapping: kept
+    {'oneOf': [{'type': 'number'}, {'type': 'integer'}]}
+    """
+    if isinstance(schema, list):
+        return [_first_match(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _first_match(v) for k, v in schema.items()}
+    branches = out.get("oneOf")
+    if branches is not None and _disjoint_types(branches):
+        out["anyOf"] = sorted(out.pop("oneOf"), key=lambda b: b["type"] != "integer")
+    return out
+
+
+def _disjoint_types(branches: list[Any]) -> bool:
+    types = [b.get("type") if isinstance(b, dict) else None for b in branches]
+    if not all(isinstance(t, str) for t in types) or len(set(types)) != len(types):
+        return False
+    return not {"integer", "number"} <= set(types)  # every integer is a number
 
 
 def parse_ts(ts: Any) -> int:
