@@ -16,11 +16,11 @@ models.events.RejectedEvent: invalid JSON: unexpected end of data: line 1 column
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
 from importlib import resources
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import fastjsonschema
 import orjson
@@ -41,13 +41,17 @@ class RejectedEvent(ValueError):
     """The message breaks the contract; ``str(exc)`` is the reason sent to the dead-letter topic."""
 
 
-@dataclass(frozen=True)
-class Event:
+_NO_PROPS: Any = MappingProxyType({})  # the default props: shared, so read-only
+
+
+class Event(NamedTuple):
+    """One validated event: an immutable tuple (one is built per message: ~3x cheaper than a frozen dataclass)."""
+
     event_id: str
     lead_id: str
     type: str
     ts_ms: int
-    props: dict[str, Any] = field(default_factory=dict)
+    props: dict[str, Any] = _NO_PROPS
 
 
 def topic_kind_of(event_type: str) -> str:
