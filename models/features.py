@@ -174,13 +174,9 @@ def features(state: State, now_ms: int, *, half_life_s: float, fields: FieldPoli
     if created is not None:
         f["created_month"], f["created_weekday"] = _created_parts(created // 1000)
         f["age_days"] = max(0.0, (now_ms - created) / 86_400_000)
-    known = 0  # explicit fields with a value, flags aside: how much of the form the lead filled in
-    for name, value in state["fields"].items():
-        if fields is not None and fields.is_private(name):
-            continue
-        f[_field_key(name)] = _field_value(value)
-        known += value.__class__ is not bool
-    f["fields_known"] = float(known)
+    explicit, known = _explicit(state["fields"], fields)
+    f.update(explicit)
+    f["fields_known"] = known
     counts, decayed = state["counts"], state["decayed"]
     f["events_total"] = float(sum(counts.values()))
     factor = 1.0
@@ -214,6 +210,47 @@ def features(state: State, now_ms: int, *, half_life_s: float, fields: FieldPoli
     f["activities_completed"] = float(statuses["completed"])
     f["activities_overdue"] = float(statuses["overdue"])
     return f
+
+
+def _explicit(values: dict[str, Any], policy: FieldPolicy | None) -> tuple[dict[str, float | str], float]:
+    """The explicit fields' features and how many of them have a value, flags aside (how much of the
+    form the lead filled in). Memoised by the fields' JSON: they change only on a lead's CRM updates.
+
+    >>> _explicit({"Country": " DE ", "email": "a@b.c", "vip": True, "size": 3}, FieldPolicy())
+    ({'f_Country': 'de', 'f_vip': 'true', 'f_size': 3.0}, 2.0)
+    """
+    key = _explicit_key(values)
+    if key is not None:
+        hit = _EXPLICIT.get((id(policy), key))
+        if hit is not None and hit[0] is policy:  # the entry holds the policy: its id is not reused
+            return hit[1], hit[2]
+    out: dict[str, float | str] = {}
+    known = 0
+    for name, value in values.items():
+        if policy is not None and policy.is_private(name):
+            continue
+        out[_field_key(name)] = _field_value(value)
+        known += value.__class__ is not bool
+    if key is not None:
+        if len(_EXPLICIT) >= _EXPLICIT_SIZE:
+            _EXPLICIT.clear()
+        _EXPLICIT[id(policy), key] = (policy, out, float(known))
+    return out, float(known)
+
+
+def _explicit_key(values: dict[str, Any]) -> bytes | None:
+    """The fields as JSON (true, 1 and 1.0 apart), or None where JSON could confuse two values: a type
+    other than str/int/float/bool (orjson writes a datetime as a string), or a NaN or infinity (null)."""
+    if not values or not set(map(type, values.values())) <= _JSON_SCALARS:
+        return None
+    blob = orjson.dumps(values)
+    return None if b"null" in blob else blob
+
+
+_JSON_SCALARS = frozenset({str, int, float, bool})
+# (policy id, fields JSON) -> (policy, features, known): a lead's fields come back with each of its events.
+_EXPLICIT: dict[tuple[int, bytes], tuple[FieldPolicy | None, dict[str, float | str], float]] = {}
+_EXPLICIT_SIZE = 8192  # leads whose fields are remembered: a batch's leads, and then some
 
 
 # Memos for the hot path: the same few names and values come back with every event (bounded).
