@@ -531,12 +531,13 @@ class FastNaiveBayes:
     def predict_proba(self, x: X) -> float:
         if not self.ready:
             return 0.5
+        one_hot, gauss, unseen = self.one_hot, self.gauss, self.unseen  # locals: read once per key of x
         z = self.prior
         for k, v in x.items():
             if "=" in k:
-                z += self.one_hot.get(k, self.unseen)
+                z += one_hot.get(k, unseen)
             else:
-                g = self.gauss.get(k)
+                g = gauss.get(k)
                 if g is None:
                     continue
                 g0, g1 = g
