@@ -52,12 +52,15 @@ def fold(state: State, event: Event, *, half_life_s: float, copy: bool = True) -
     """Return the state after ``event``; ``state`` is left unchanged unless ``copy`` is False."""
     s = copy_state(state) if copy else state
     ts = event.ts_ms
-    s["first_ts"] = ts if s["first_ts"] is None else min(s["first_ts"], ts)
-    s["last_ts"] = ts if s["last_ts"] is None else max(s["last_ts"], ts)
+    # Conditionals, not min/max calls (the hot path): the same values.
+    first, last = s["first_ts"], s["last_ts"]
+    s["first_ts"] = ts if first is None or ts < first else first
+    s["last_ts"] = ts if last is None or ts > last else last
     s["counts"][event.type] = s["counts"].get(event.type, 0) + 1
     _fold_decay(s, event.type, ts, half_life_s)
     if event.type in TOUCH_TYPES:
-        s["last_touch_ts"] = ts if s["last_touch_ts"] is None else max(s["last_touch_ts"], ts)
+        touch = s["last_touch_ts"]
+        s["last_touch_ts"] = ts if touch is None or ts > touch else touch
     handler = _HANDLERS.get(event.type)
     if handler is not None:
         handler(s, event)
@@ -173,7 +176,8 @@ def features(state: State, now_ms: int, *, half_life_s: float, fields: FieldPoli
     created = state["created_ts"] if state["created_ts"] is not None else state["first_ts"]
     if created is not None:
         f["created_month"], f["created_weekday"] = _created_parts(created // 1000)
-        f["age_days"] = max(0.0, (now_ms - created) / 86_400_000)
+        age = (now_ms - created) / 86_400_000
+        f["age_days"] = age if age > 0.0 else 0.0  # max(0.0, age) without the call; NaN -> 0.0 as max gives
     explicit, known = _explicit(state["fields"], fields)
     f.update(explicit)
     f["fields_known"] = known
@@ -197,11 +201,13 @@ def features(state: State, now_ms: int, *, half_life_s: float, fields: FieldPoli
     if opens or replies:
         f["email_reply_rate"] = replies / max(opens, replies)
     if state["last_touch_ts"] is not None:
-        f["recency_s"] = max(0.0, (now_ms - state["last_touch_ts"]) / 1000)
+        recency = (now_ms - state["last_touch_ts"]) / 1000
+        f["recency_s"] = recency if recency > 0.0 else 0.0
     if state["stage"] is not None:
         f["stage"] = state["stage"]
         f["stage_index"] = float(_STAGE_INDEX[state["stage"]])
-        f["time_in_stage_s"] = max(0.0, (now_ms - state["stage_ts"]) / 1000)
+        in_stage = (now_ms - state["stage_ts"]) / 1000
+        f["time_in_stage_s"] = in_stage if in_stage > 0.0 else 0.0
     f["stages_visited"] = float(len(state["stages_visited"]))
     statuses = {"open": 0, "completed": 0, "overdue": 0}
     for activity in state["activities"].values():
