@@ -89,12 +89,10 @@ def vectorize_labelled(f: Features, stage_rates: StageRates | None = None,
                 x.update(encoded[0])
                 if encoded[1]:
                     labels.update(encoded[1])
-        elif isinstance(v, str):
-            encoder.encode_category(x, labels, k, v)
-        elif kind is _LOG:
-            x[k] = log1p(v) if v > 0.0 else 0.0
+        elif v.__class__ is float or not isinstance(v, str):  # a number: the common case tested first
+            x[k] = (log1p(v) if v > 0.0 else 0.0) if kind is _LOG else float(v)
         else:
-            x[k] = float(v)
+            encoder.encode_category(x, labels, k, v)
     for k, linear in _LINEAR_COPIES:  # beside their log: time on site and visits act more than log-shaped
         v = f.get(k)
         if v is not None:
