@@ -18,7 +18,8 @@ The replay splits in two halves: the events stepped with the rules alone (decodi
 trainer then scores and learns in arrival order. With ``processes`` > 1 (Linux; the command's
 default on 2 CPUs or more) the first half runs in child processes, and the batch learner's refits
 are made ahead in another from the same examples, each used only if fitted on this trainer's window,
-byte for byte: the same figures as one process, from more than one core.
+byte for byte: the same figures as one process, from more than one core. The replay is forked before
+this module imports the learners (it needs none), and it builds no score messages (nothing reads them).
 
 :func:`run_evaluate` is the ``leadstream evaluate FILE --mapping MAPPING [--json]`` command: the
 only function here that reads files or prints.
@@ -35,19 +36,22 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from tqdm import tqdm
 
 from models.events import Event, RejectedEvent, parse_event, topic_kind_of
 from models.history import MappingError, load_mapping, stream_history
-from models.learner import Trainer
 from models.metrics import log_loss
 from models.fields import Encoder
 from models.rules import ConfigError, Rules, load_rules
 from models.scoring import MAX_STAGE_SNAPSHOTS, Scorer, step
-from models.tournament import fast_auc
+
+# The learners (River, SciPy, ~2.5 s of imports) are imported where they are used: with processes > 1
+# the replay, which needs none of them, is forked first and runs while this process imports them.
+if TYPE_CHECKING:
+    from models.learner import Trainer
 
 SCORERS = ("rules", "model", "served")
 HOLDOUT = 0.2  # the last fifth of the closed deals, by arrival order
@@ -109,6 +113,8 @@ def score_metrics(scores: Sequence[float], labels: Sequence[int]) -> dict[str, f
     >>> score_metrics([0.9, 0.8, 0.3, 0.6, 0.2], [1, 1, 0, 0, 0])
     {'n': 5, 'won': 2, 'win_rate': 0.4, 'roc_auc': 1.0, 'log_loss': 0.3649, 'brier': 0.108, 'top_decile_lift': 2.5}
     """
+    from models.tournament import fast_auc
+
     n = len(scores)
     auc = fast_auc(scores, labels) if n else None  # exactly roc_auc's figure (sums of half-integers), in numpy
     lift = top_fraction_lift(scores, labels)
@@ -369,7 +375,7 @@ class _Replay:
             closing = event.type in ("deal_won", "deal_lost")
             first_close = closing and (before is None or before.get("outcome") is None)
             r = step(before, event, stepper, scored_at_ms=event.ts_ms, stage_snapshots=stage_snaps.get(lead),
-                     deleted_ts=deleted.get(lead), copy=False)
+                     deleted_ts=deleted.get(lead), copy=False, message=False)
             if r.state is None:  # deleted: the stream drops the state and both kinds of snapshot, keeps deleted_ts
                 if r.deleted_ts is not None:
                     deleted[lead] = r.deleted_ts
@@ -396,6 +402,8 @@ def _learn(trainings: Iterable[dict[str, Any]], replay: _Replay | Callable[[], d
 
     ``replay`` gives the replay's counts once ``trainings`` is exhausted (a :class:`_Replay`, or a
     function returning its :meth:`_Replay.counts`)."""
+    from models.learner import Trainer
+
     trainer = Trainer(min_outcomes=min_outcomes, kind=model_kind, batch_every=batch_every,
                       encoder=Encoder(rules.fields), defer_refits=refit_lag > 0)
     if prefits is not None:
@@ -435,6 +443,31 @@ def _learn(trainings: Iterable[dict[str, Any]], replay: _Replay | Callable[[], d
 
 _BATCH = 128  # training examples per message between processes
 _READER_SHARE = 0.75  # the replay process that reads the events takes this many leads for another's one
+
+
+# Garbage collection for a batch job that builds millions of long-lived objects (the leads' states, the
+# learners' windows): with Python's default (700, 10, 10) each full collection walks all of them, 4.3 s
+# of the 40,000-lead replay's ~35 s of CPU (9 full collections); with this, and the objects alive at the
+# start (modules, classes) frozen out of every collection, 1.4 s (2). Cycles are still collected.
+_GC_THRESHOLDS = (10_000, 10, 100)
+
+
+def _batch_gc() -> tuple[int, int, int]:
+    """Tune this process's garbage collection for the replay (see :data:`_GC_THRESHOLDS`); returns the
+    thresholds it had (the objects frozen stay frozen: they live as long as the process anyway).
+
+    >>> import gc
+    >>> before = _batch_gc()
+    >>> gc.get_threshold() == _GC_THRESHOLDS
+    True
+    >>> gc.set_threshold(*before); gc.unfreeze()
+    """
+    import gc
+
+    before = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(*_GC_THRESHOLDS)
+    return before
 
 
 def _can_fork() -> bool:
@@ -509,9 +542,10 @@ def _prefit_main(inboxes: list[Any], outbox: Any, trainer_args: dict[str, Any]) 
     any model), into a batch learner configured as the trainer's; each fit goes out as it is made."""
     import marshal
 
-    from models.learner import vectorize
+    from models.learner import Trainer, vectorize
     from models.tournament import BatchHGB
 
+    _batch_gc()  # a child process of its own
     trainer = Trainer(**trainer_args)
     learners = [l for l in trainer.tournament.learners.values() if isinstance(l, BatchHGB)]
 
@@ -548,10 +582,15 @@ def _send(boxes: list[Any], batch: list[Any]) -> None:
 
 
 def _replay_main(inbox: Any, rules: Rules, outboxes: list[Any], end_box: Any | None = None,
-                 shard_boxes: Sequence[Any] = (), returned: dict[str, Any] | None = None) -> None:
+                 shard_boxes: Sequence[Any] = (), returned: dict[str, Any] | None = None,
+                 plan: Any | None = None) -> None:
     """One replay process: its leads' events stepped in arrival order, each training example out with
     the arrival number of the event that closed the deal, in batches (to every outbox); then ``None``
     and ``("end", counts)`` (or ``("error", text)``) to the first outbox.
+
+    ``plan``: a queue that says, before the first batch goes out, whether the outboxes after the first
+    are read (the batch fits' process): the parent knows only once it has imported the learners, which
+    it does while this process already replays.
 
     ``inbox`` is either a queue of ``(arrival number, event)`` batches, or (the first process) the
     events themselves: then each event whose lead belongs to another process (by a hash of the lead
@@ -562,6 +601,7 @@ def _replay_main(inbox: Any, rules: Rules, outboxes: list[Any], end_box: Any | N
 
     import bisect
 
+    _batch_gc()  # a child process of its own: its settings end with it
     replay = _Replay(rules)
     current = -1
     n = len(shard_boxes) + 1
@@ -596,14 +636,21 @@ def _replay_main(inbox: Any, rules: Rules, outboxes: list[Any], end_box: Any | N
             box.put(None)
         end_box.put(("end", returned))
 
+    def read_outboxes() -> list[Any]:
+        nonlocal outboxes, plan
+        if plan is not None:
+            outboxes = outboxes if plan.get() else outboxes[:1]
+            plan = None
+        return outboxes
+
     try:
         batch: list[tuple[int, dict[str, Any]]] = []
         for training in replay.trainings(read() if end_box is not None else received()):
             batch.append((current, training))  # trainings() yields right after the closing event
             if len(batch) >= _BATCH:
-                _send(outboxes, batch)
+                _send(read_outboxes(), batch)
                 batch = []
-        _send(outboxes, batch)
+        _send(read_outboxes(), batch)
         for box in outboxes:
             box.put(None)
         outboxes[0].put(("end", replay.counts()))
@@ -628,6 +675,18 @@ def _merged(boxes: list[Any]) -> Iterator[dict[str, Any]]:
         yield training
 
 
+def _has_batch_learner(trainer_args: dict[str, Any]) -> bool:
+    """Whether a :class:`~models.learner.Trainer` made with ``trainer_args`` has a batch learner to fit ahead.
+
+    >>> _has_batch_learner({"kind": "tournament"}), _has_batch_learner({"kind": "logreg"})
+    (True, False)
+    """
+    from models.learner import Trainer
+    from models.tournament import BatchHGB
+
+    return any(isinstance(l, BatchHGB) for l in Trainer(**trainer_args).tournament.learners.values())
+
+
 def _evaluate_in_processes(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *, shards: int,
                            min_outcomes: int, model_kind: str, keep_examples: bool, batch_every: int,
                            returned: dict[str, Any] | None) -> EvaluationResult:
@@ -635,28 +694,18 @@ def _evaluate_in_processes(events: Iterable[Event | Mapping[str, Any]], rules: R
     import multiprocessing
 
     ctx = multiprocessing.get_context("fork")
-    trainer_args = {"min_outcomes": min_outcomes, "kind": model_kind, "batch_every": batch_every,
-                    "encoder": Encoder(rules.fields)}
-    from models.tournament import BatchHGB
-
-    with_prefits = any(isinstance(l, BatchHGB) for l in Trainer(**trainer_args).tournament.learners.values())
     end_box = ctx.Queue()
     shard_boxes = [ctx.Queue() for _ in range(shards - 1)]  # events for the replay processes after the first
     to_trainer = [ctx.Queue() for _ in range(shards)]  # each replay process's examples, for this process
-    to_prefit = [ctx.Queue() for _ in range(shards)] if with_prefits else []  # and for the batch fits
+    to_prefit = [ctx.Queue() for _ in range(shards)]  # and for the batch fits, if there are any (plan)
+    plan = ctx.Queue()
     fits_box = ctx.Queue()
-
-    def outboxes(k: int) -> list[Any]:
-        return [to_trainer[k]] + ([to_prefit[k]] if with_prefits else [])
-
-    children = [ctx.Process(target=_replay_main, args=(events, rules, outboxes(0), end_box, shard_boxes, returned),
-                            daemon=True)]
-    children += [ctx.Process(target=_replay_main, args=(shard_boxes[k - 1], rules, outboxes(k)), daemon=True)
+    # The replay first: it needs no learner, so it runs while this process imports them (~2.5 s)
+    children = [ctx.Process(target=_replay_main, daemon=True,
+                            args=(events, rules, [to_trainer[0], to_prefit[0]], end_box, shard_boxes, returned, plan))]
+    children += [ctx.Process(target=_replay_main, daemon=True,
+                             args=(shard_boxes[k - 1], rules, [to_trainer[k], to_prefit[k]], None, (), None, plan))
                  for k in range(1, shards)]
-    prefits = None
-    if with_prefits:
-        children.append(ctx.Process(target=_prefit_main, args=(to_prefit, fits_box, trainer_args), daemon=True))
-        prefits = _Prefits(fits_box, children[-1])
     for child in children:
         child.start()
 
@@ -677,6 +726,16 @@ def _evaluate_in_processes(events: Iterable[Event | Mapping[str, Any]], rules: R
 
     done = False
     try:
+        trainer_args = {"min_outcomes": min_outcomes, "kind": model_kind, "batch_every": batch_every,
+                        "encoder": Encoder(rules.fields)}
+        with_prefits = _has_batch_learner(trainer_args)  # imports the learners, while the replay runs
+        for _ in range(shards):  # each replay process waits for this before its first batch goes out
+            plan.put(with_prefits)
+        prefits = None
+        if with_prefits:
+            children.append(ctx.Process(target=_prefit_main, args=(to_prefit, fits_box, trainer_args), daemon=True))
+            prefits = _Prefits(fits_box, children[-1])
+            children[-1].start()
         result = _learn(_merged(to_trainer), counts, rules, min_outcomes=min_outcomes, model_kind=model_kind,
                         keep_examples=keep_examples, batch_every=batch_every, prefits=prefits)
         done = True
@@ -791,9 +850,16 @@ def run_evaluate(file: str | Path, mapping: str | Path, scoring_config_path: str
     if processes is None:
         processes = 2 if _cpus() >= 2 else 1
     returned = {"rows": rows, "bad": bad}
-    evaluation = evaluate_events(events(), rules, min_outcomes=min_outcomes, model_kind=model_kind,
-                                 batch_every=batch_every, refit_lag=refit_lag, processes=processes,
-                                 returned=returned)
+    thresholds = _batch_gc()  # here the trainer's process (and the child processes forked from it)
+    try:
+        evaluation = evaluate_events(events(), rules, min_outcomes=min_outcomes, model_kind=model_kind,
+                                     batch_every=batch_every, refit_lag=refit_lag, processes=processes,
+                                     returned=returned)
+    finally:
+        import gc
+
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
     rows, bad = returned["rows"], returned["bad"]
     for line in bad:
         print(line, file=sys.stderr)

@@ -33,6 +33,7 @@ from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 IN_FLIGHT = 2  # batches whose records may still await Kafka's acknowledgement while the next is computed
+COMMIT_WAIT_S = 10.0  # how long a rebalance or a shutdown waits for the last commit (a replay is harmless)
 
 
 @dataclass
@@ -61,6 +62,8 @@ class ScoringLoop:
         self._cycle = asyncio.Lock()  # held from a batch's fetch to its records being queued
         self._task: asyncio.Task[None] | None = None
         self._read: dict[TopicPartition, int] = {}  # next offset to read, per assigned partition
+        self._to_commit: dict[TopicPartition, int] = {}  # acknowledged, not yet committed
+        self._committer: asyncio.Task[None] | None = None  # at most one commit at a time
 
     async def start(self) -> None:
         self.consumer = AIOKafkaConsumer(
@@ -84,6 +87,7 @@ class ScoringLoop:
             try:
                 async with self._cycle:
                     await self._settle(keep=0)
+                    await self.drain_commits()
             finally:
                 await self.consumer.stop()
 
@@ -136,7 +140,8 @@ class ScoringLoop:
                                      time.perf_counter() - started))
 
     async def _settle(self, keep: int) -> None:
-        """Wait for the acknowledgements of all but the newest ``keep`` batches, then commit them."""
+        """Wait for the acknowledgements of all but the newest ``keep`` batches, then have their
+        offsets committed in the background."""
         async with self._settling:
             done: dict[TopicPartition, int] = {}
             while len(self._in_flight) > keep:
@@ -150,10 +155,44 @@ class ScoringLoop:
                 done.update(batch.offsets)
                 metrics.observe_batch(batch.messages, batch.outs, self.pipeline.counts, batch.seconds)
             if done:
+                self._to_commit.update(done)  # batches in order: later offsets win
+                self._start_commits()
+
+    def _start_commits(self) -> None:
+        if self._to_commit and (self._committer is None or self._committer.done()):
+            self._committer = asyncio.create_task(self._commit_acknowledged(), name="scoring-commits")
+
+    async def _commit_acknowledged(self) -> None:
+        """Commit what was acknowledged, one commit at a time, off the loop's path: the loop goes on
+        with the next batch meanwhile, and the offsets acknowledged during a commit go in the next."""
+        while self._to_commit:
+            offsets, self._to_commit = self._to_commit, {}
+            try:
                 # Re-send material goes before the offsets are committed: a crash in between must
                 # leave neither stale material nor an uncommitted offset without its material.
                 await with_retry(self.pipeline.flush_acked, "dropping acknowledged re-send material")
-                await self._commit(done)
+                await self._commit(offsets)
+            except BaseException as exc:  # kept for the next try (a replay would be harmless anyway)
+                self._to_commit = offsets | self._to_commit
+                if not isinstance(exc, Exception):
+                    raise
+                log.warning("scoring loop: offsets not committed yet: %r", exc)
+                return
+
+    async def drain_commits(self, timeout_s: float = COMMIT_WAIT_S) -> None:
+        """Commit everything acknowledged before partitions move or the worker stops, waiting at most
+        ``timeout_s``: a commit hanging on a re-forming group must not hold the rebalance (what is
+        not committed is read again by the next owner, and the offset guard makes that harmless)."""
+        self._start_commits()
+        committer = self._committer
+        if committer is None or committer.done():  # nothing to commit, or a failed try already logged
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(committer), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("scoring loop: the last commit took over %.0f s; left to the next owner", timeout_s)
+            committer.cancel()
+            await asyncio.wait([committer], timeout=1.0)  # its offsets back in _to_commit
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         assert self.consumer is not None
@@ -183,8 +222,10 @@ class _SettleOnRevoke(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self.loop._cycle:
             await with_retry(lambda: self.loop._settle(keep=0), "settling before a rebalance")
+            await self.loop.drain_commits()
         for tp in revoked:
             self.loop._read.pop(tp, None)
+            self.loop._to_commit.pop(tp, None)  # the next owner's now
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("scoring loop: assigned %s", ", ".join(f"{tp.topic}/{tp.partition}" for tp in sorted(assigned)))

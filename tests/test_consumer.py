@@ -18,11 +18,14 @@ TP = TopicPartition("web", 0)
 class FakeConsumer:
     def __init__(self) -> None:
         self.commits: list[dict[TopicPartition, int]] = []
+        self.gate: asyncio.Event | None = None  # set: commits wait for it (a slow or hanging broker)
 
     def assignment(self) -> set[TopicPartition]:
         return {TP}
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
         self.commits.append(dict(offsets))
 
 
@@ -65,11 +68,45 @@ async def test_offsets_are_committed_only_after_the_acks_and_the_clean_up() -> N
     assert consumer.commits == [] and not settling.done()  # the first batch's outputs are not acked yet
     first.set_result(None)
     await settling
+    await loop.drain_commits()
     assert consumer.commits == [{TP: 10}] and pipeline.flushed == 1 and pipeline.acked == [("l1", ["web/0/1"])]
     assert len(loop._in_flight) == 1  # the newest batch stays in flight while the next is computed
     second.set_result(None)
     await loop._settle(keep=0)
+    await loop.drain_commits()
     assert consumer.commits == [{TP: 10}, {TP: 20}]
+
+
+async def test_the_loop_goes_on_while_a_commit_is_under_way() -> None:
+    """A slow commit does not hold the next batches; what they acknowledge meanwhile goes in one commit."""
+    pipeline = FakePipeline()
+    loop, consumer = loop_with(pipeline)
+    consumer.gate = asyncio.Event()
+    for offset in (10, 20, 30):
+        ack = asyncio.get_running_loop().create_future()
+        ack.set_result(None)
+        loop._in_flight.append(batch(ack, offset, f"l{offset}"))
+        await asyncio.wait_for(loop._settle(keep=0), 1.0)  # returns although the first commit waits
+    assert consumer.commits == []
+    consumer.gate.set()
+    await loop.drain_commits()
+    assert consumer.commits == [{TP: 10}, {TP: 30}]
+    assert pipeline.flushed == 2  # the material of acknowledged batches dropped before each commit
+
+
+async def test_a_hanging_commit_does_not_hold_a_rebalance() -> None:
+    pipeline = FakePipeline()
+    loop, consumer = loop_with(pipeline)
+    consumer.gate = asyncio.Event()  # never set: the broker does not answer
+    ack = asyncio.get_running_loop().create_future()
+    ack.set_result(None)
+    loop._in_flight.append(batch(ack, 10, "l1"))
+    await loop._settle(keep=0)
+    await asyncio.wait_for(loop.drain_commits(timeout_s=0.05), 1.0)
+    assert consumer.commits == [] and loop._to_commit == {TP: 10}  # left for a later try or the next owner
+    consumer.gate.set()  # the broker answers again: the next drain commits what was left
+    await asyncio.wait_for(loop.drain_commits(timeout_s=1.0), 2.0)
+    assert consumer.commits == [{TP: 10}] and loop._to_commit == {}
 
 
 async def test_refused_outputs_stop_the_loop_without_committing() -> None:
