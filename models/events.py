@@ -16,11 +16,11 @@ models.events.RejectedEvent: invalid JSON: unexpected end of data: line 1 column
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
 from importlib import resources
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import fastjsonschema
 import orjson
@@ -41,13 +41,17 @@ class RejectedEvent(ValueError):
     """The message breaks the contract; ``str(exc)`` is the reason sent to the dead-letter topic."""
 
 
-@dataclass(frozen=True)
-class Event:
+_NO_PROPS: Any = MappingProxyType({})  # the default props: shared, so read-only
+
+
+class Event(NamedTuple):
+    """One validated event: an immutable tuple (one is built per message: ~3x cheaper than a frozen dataclass)."""
+
     event_id: str
     lead_id: str
     type: str
     ts_ms: int
-    props: dict[str, Any] = field(default_factory=dict)
+    props: dict[str, Any] = _NO_PROPS
 
 
 def topic_kind_of(event_type: str) -> str:
@@ -70,7 +74,37 @@ def validators() -> dict[str, Draft7Validator]:
 @cache
 def _fast_checks() -> dict[str, Any]:
     """Compiled validators for the hot path (about 20x faster than the readable ones)."""
-    return {t: fastjsonschema.compile(schema) for t, schema in schemas().items()}
+    return {t: fastjsonschema.compile(_first_match(schema)) for t, schema in schemas().items()}
+
+
+def _first_match(schema: Any) -> Any:
+    """``schema`` with each ``oneOf`` of branches of disjoint types read as ``anyOf``, integers first.
+
+    The same verdict (a value has one JSON type, so at most one such branch can match), but the
+    compiled check stops at the first match: an epoch-ms ``ts`` no longer raises and catches the
+    string branch's exception on every event.
+
+    >>> _first_match({"oneOf": [{"type": "string"}, {"type": "integer", "minimum": 0}]})
+    {'anyOf': [{'type': 'integer', 'minimum': 0}, {'type': 'string'}]}
+    >>> _first_match({"oneOf": [{"type": "number"}, {"type": "integer"}]})  # overlapping: kept
+    {'oneOf': [{'type': 'number'}, {'type': 'integer'}]}
+    """
+    if isinstance(schema, list):
+        return [_first_match(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _first_match(v) for k, v in schema.items()}
+    branches = out.get("oneOf")
+    if branches is not None and _disjoint_types(branches):
+        out["anyOf"] = sorted(out.pop("oneOf"), key=lambda b: b["type"] != "integer")
+    return out
+
+
+def _disjoint_types(branches: list[Any]) -> bool:
+    types = [b.get("type") if isinstance(b, dict) else None for b in branches]
+    if not all(isinstance(t, str) for t in types) or len(set(types)) != len(types):
+        return False
+    return not {"integer", "number"} <= set(types)  # every integer is a number
 
 
 def parse_ts(ts: Any) -> int:
@@ -156,5 +190,6 @@ def parse_event(key: bytes | None, value: bytes | None, *, topic_kind: str, max_
         raise RejectedEvent("missing key: events must be keyed by lead_id")
     if key != doc["lead_id"].encode():
         raise RejectedEvent(f"key {key[:200]!r} does not match lead_id {doc['lead_id']!r}")
-    ts_ms = check_ts(parse_ts(doc["ts"]), now_ms, max_future_skew_ms)
+    ts = doc["ts"]
+    ts_ms = check_ts(ts if ts.__class__ is int else parse_ts(ts), now_ms, max_future_skew_ms)  # epoch ms: no call
     return Event(doc["event_id"], doc["lead_id"], event_type, ts_ms, doc.get("props") or {})

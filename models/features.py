@@ -52,12 +52,15 @@ def fold(state: State, event: Event, *, half_life_s: float, copy: bool = True) -
     """Return the state after ``event``; ``state`` is left unchanged unless ``copy`` is False."""
     s = copy_state(state) if copy else state
     ts = event.ts_ms
-    s["first_ts"] = ts if s["first_ts"] is None else min(s["first_ts"], ts)
-    s["last_ts"] = ts if s["last_ts"] is None else max(s["last_ts"], ts)
+    # Conditionals, not min/max calls (the hot path): the same values.
+    first, last = s["first_ts"], s["last_ts"]
+    s["first_ts"] = ts if first is None or ts < first else first
+    s["last_ts"] = ts if last is None or ts > last else last
     s["counts"][event.type] = s["counts"].get(event.type, 0) + 1
     _fold_decay(s, event.type, ts, half_life_s)
     if event.type in TOUCH_TYPES:
-        s["last_touch_ts"] = ts if s["last_touch_ts"] is None else max(s["last_touch_ts"], ts)
+        touch = s["last_touch_ts"]
+        s["last_touch_ts"] = ts if touch is None or ts > touch else touch
     handler = _HANDLERS.get(event.type)
     if handler is not None:
         handler(s, event)
@@ -173,14 +176,11 @@ def features(state: State, now_ms: int, *, half_life_s: float, fields: FieldPoli
     created = state["created_ts"] if state["created_ts"] is not None else state["first_ts"]
     if created is not None:
         f["created_month"], f["created_weekday"] = _created_parts(created // 1000)
-        f["age_days"] = max(0.0, (now_ms - created) / 86_400_000)
-    known = 0  # explicit fields with a value, flags aside: how much of the form the lead filled in
-    for name, value in state["fields"].items():
-        if fields is not None and fields.is_private(name):
-            continue
-        f[_field_key(name)] = _field_value(value)
-        known += value.__class__ is not bool
-    f["fields_known"] = float(known)
+        age = (now_ms - created) / 86_400_000
+        f["age_days"] = age if age > 0.0 else 0.0  # max(0.0, age) without the call; NaN -> 0.0 as max gives
+    explicit, known = _explicit(state["fields"], fields)
+    f.update(explicit)
+    f["fields_known"] = known
     counts, decayed = state["counts"], state["decayed"]
     f["events_total"] = float(sum(counts.values()))
     factor = 1.0
@@ -201,11 +201,13 @@ def features(state: State, now_ms: int, *, half_life_s: float, fields: FieldPoli
     if opens or replies:
         f["email_reply_rate"] = replies / max(opens, replies)
     if state["last_touch_ts"] is not None:
-        f["recency_s"] = max(0.0, (now_ms - state["last_touch_ts"]) / 1000)
+        recency = (now_ms - state["last_touch_ts"]) / 1000
+        f["recency_s"] = recency if recency > 0.0 else 0.0
     if state["stage"] is not None:
         f["stage"] = state["stage"]
         f["stage_index"] = float(_STAGE_INDEX[state["stage"]])
-        f["time_in_stage_s"] = max(0.0, (now_ms - state["stage_ts"]) / 1000)
+        in_stage = (now_ms - state["stage_ts"]) / 1000
+        f["time_in_stage_s"] = in_stage if in_stage > 0.0 else 0.0
     f["stages_visited"] = float(len(state["stages_visited"]))
     statuses = {"open": 0, "completed": 0, "overdue": 0}
     for activity in state["activities"].values():
@@ -214,6 +216,47 @@ def features(state: State, now_ms: int, *, half_life_s: float, fields: FieldPoli
     f["activities_completed"] = float(statuses["completed"])
     f["activities_overdue"] = float(statuses["overdue"])
     return f
+
+
+def _explicit(values: dict[str, Any], policy: FieldPolicy | None) -> tuple[dict[str, float | str], float]:
+    """The explicit fields' features and how many of them have a value, flags aside (how much of the
+    form the lead filled in). Memoised by the fields' JSON: they change only on a lead's CRM updates.
+
+    >>> _explicit({"Country": " DE ", "email": "a@b.c", "vip": True, "size": 3}, FieldPolicy())
+    ({'f_Country': 'de', 'f_vip': 'true', 'f_size': 3.0}, 2.0)
+    """
+    key = _explicit_key(values)
+    if key is not None:
+        hit = _EXPLICIT.get((id(policy), key))
+        if hit is not None and hit[0] is policy:  # the entry holds the policy: its id is not reused
+            return hit[1], hit[2]
+    out: dict[str, float | str] = {}
+    known = 0
+    for name, value in values.items():
+        if policy is not None and policy.is_private(name):
+            continue
+        out[_field_key(name)] = _field_value(value)
+        known += value.__class__ is not bool
+    if key is not None:
+        if len(_EXPLICIT) >= _EXPLICIT_SIZE:
+            _EXPLICIT.clear()
+        _EXPLICIT[id(policy), key] = (policy, out, float(known))
+    return out, float(known)
+
+
+def _explicit_key(values: dict[str, Any]) -> bytes | None:
+    """The fields as JSON (true, 1 and 1.0 apart), or None where JSON could confuse two values: a type
+    other than str/int/float/bool (orjson writes a datetime as a string), or a NaN or infinity (null)."""
+    if not values or not set(map(type, values.values())) <= _JSON_SCALARS:
+        return None
+    blob = orjson.dumps(values)
+    return None if b"null" in blob else blob
+
+
+_JSON_SCALARS = frozenset({str, int, float, bool})
+# (policy id, fields JSON) -> (policy, features, known): a lead's fields come back with each of its events.
+_EXPLICIT: dict[tuple[int, bytes], tuple[FieldPolicy | None, dict[str, float | str], float]] = {}
+_EXPLICIT_SIZE = 8192  # leads whose fields are remembered: a batch's leads, and then some
 
 
 # Memos for the hot path: the same few names and values come back with every event (bounded).

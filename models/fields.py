@@ -151,6 +151,11 @@ def _bucket(text: str, buckets: int) -> str:
     return format(zlib.crc32(text.encode()) % buckets, "x")
 
 
+@lru_cache(maxsize=10_000)  # an undeclared numeric field's key: its name alone decides it, on every event
+def _numeric_bucket(name: str, buckets: int) -> str:
+    return f"h_{_bucket(name, buckets)}"
+
+
 @dataclass
 class TopValues:
     """A bounded counter (Space-Saving): at most ``capacity`` values, the most frequent kept.
@@ -251,7 +256,7 @@ class Encoder:
                 if hashed is not None:  # None: an e-mail address in a field of any other name: never a feature
                     out[hashed], labels[hashed] = 1.0, f"{k}={v}"
             else:
-                key = f"h_{_bucket(name, buckets)}"
+                key = _numeric_bucket(name, buckets)
                 out[key] = out.get(key, 0.0) + float(v)
                 labels[key] = k
 

@@ -75,16 +75,24 @@ def vectorize_labelled(f: Features, stage_rates: StageRates | None = None,
     x: dict[str, float] = {}
     labels: dict[str, str] = {}
     log1p = math.log1p
+    kinds = _KINDS
+    memo = encoder.__dict__.get("_memo")  # the encoder's string encodings (see Encoder.encode_field)
     for k, v in f.items():
-        if k.startswith("f_"):
-            encoder.encode_field(x, labels, k, v)
-        elif isinstance(v, str):
-            encoder.encode_category(x, labels, k, v)
+        kind = kinds.get(k)
+        if kind is None:
+            kind = _kind(k)
+        if kind is _FIELD:
+            encoded = memo.get((k, v)) if memo is not None and v.__class__ is str else None
+            if encoded is None:
+                encoder.encode_field(x, labels, k, v)
+            else:  # what encode_field would add, without the call
+                x.update(encoded[0])
+                if encoded[1]:
+                    labels.update(encoded[1])
+        elif v.__class__ is float or not isinstance(v, str):  # a number: the common case tested first
+            x[k] = (log1p(v) if v > 0.0 else 0.0) if kind is _LOG else float(v)
         else:
-            scaled = _LOG_SCALED.get(k)
-            if scaled is None:
-                scaled = _log_scaled(k)
-            x[k] = (log1p(v) if v > 0.0 else 0.0) if scaled else float(v)
+            encoder.encode_category(x, labels, k, v)
     for k, linear in _LINEAR_COPIES:  # beside their log: time on site and visits act more than log-shaped
         v = f.get(k)
         if v is not None:
@@ -99,16 +107,20 @@ _DEFAULT_ENCODER = Encoder()
 # ``<name>_linear``: X Education whole-history ROC AUC of logreg 0.856 -> 0.867 (AdaGrad), the served
 # model 0.8728 -> 0.8776 (docs/model-comparison.md, 2026-12-01).
 _LINEAR_COPIES = tuple((k, k + "_linear") for k in ("visit_duration_s", "n_visit", "events_total"))
-_LOG_SCALED: dict[str, bool] = {}  # feature name -> log-scaled? (the encoder bounds the names)
+_FIELD, _LOG, _PLAIN = "field", "log", "plain"  # how vectorize treats a feature, by its name
+_KINDS: dict[str, str] = {}  # feature name -> its kind, decided once (the encoder bounds the names)
 
 
-def _log_scaled(name: str) -> bool:
-    known = _LOG_SCALED.get(name)
-    if known is None:
-        if len(_LOG_SCALED) > 100_000:
-            _LOG_SCALED.clear()
-        known = _LOG_SCALED[name] = name.startswith(_LOG_PREFIXES)
-    return known
+def _kind(name: str) -> str:
+    """``_FIELD`` for an explicit field (through the encoder), else whether a number is log-scaled.
+
+    >>> _kind("f_age"), _kind("n_visit"), _kind("stage_index")
+    ('field', 'log', 'plain')
+    """
+    if len(_KINDS) > 100_000:
+        _KINDS.clear()
+    kind = _KINDS[name] = _FIELD if name.startswith("f_") else _LOG if name.startswith(_LOG_PREFIXES) else _PLAIN
+    return kind
 
 
 def _numeric(x: dict[str, float]) -> dict[str, float]:
@@ -236,15 +248,8 @@ class LinearScorer:
 
     def contributions(self, x: dict[str, float]) -> list[tuple[str, float]]:
         """``(key, weight x scaled value)`` for every key of ``x`` that counts."""
-        out = []
-        get = self.coef.get
-        for k, v in x.items():
-            e = get(k)
-            if e is not None:
-                c = e[0] * v + e[1]
-                if c:
-                    out.append((k, c))
-        return out
+        get = self.coef.get  # a comprehension: no append call per key
+        return [(k, c) for k, v in x.items() if (e := get(k)) is not None and (c := e[0] * v + e[1])]
 
     def predict_proba(self, x: dict[str, float]) -> float:
         return self.link(self.intercept + sum(c for _, c in self.contributions(x)))

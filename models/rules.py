@@ -20,7 +20,7 @@ import tomllib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from models.events import STAGES
 from models.features import Features
@@ -29,14 +29,16 @@ from models.grading import Grades
 
 DEFAULT_CONFIG = Path(__file__).with_name("scoring.toml")
 _UNSEEN = object()  # a value the memo of value rules has not seen yet (None: seen, no points)
+# Values the memo keys: exactly str and float (an int or a bool equal to a float must not share its entry:
+# a range matches floats only).
+_MEMO_TYPES = frozenset({str, float})
 
 
 class ConfigError(ValueError):
     """The scoring config has a key of the wrong form."""
 
 
-@dataclass(frozen=True)
-class RuleScore:
+class RuleScore(NamedTuple):  # a tuple: built on every event, ~3x cheaper than a frozen dataclass
     points: float
     score: float
     grade: str
@@ -92,40 +94,45 @@ class Rules:
         """Every non-zero contribution in points, keyed by a readable reason name."""
         out: dict[str, float] = {}
         get = f.get
-        for key, event_type, rule in self._behaviour:
+        for key, event_type, points, cap in self._behaviour:
             count = get(key)
-            if count.__class__ is float and count > 0:
-                out[event_type] = rule.apply(count)
+            if count.__class__ is float and count > 0:  # Capped.apply, inline: a call less per rule
+                raw = points * count
+                out[event_type] = (raw if raw <= cap else cap) if points >= 0 else (raw if raw >= cap else cap)
         recency = get("recency_s")
         if isinstance(recency, float):
             matching = [p for seconds, p in self.recency if recency > seconds]
             if matching:
                 out["recency"] = min(matching)
         stage = get("stage")
-        if isinstance(stage, str) and self.stage.get(stage):
-            out[f"stage={stage}"] = self.stage[stage]
-        for key, status, rule in self._activities:
+        if isinstance(stage, str):
+            stage_points = self.stage.get(stage)
+            if stage_points:
+                out[f"stage={stage}"] = stage_points
+        for key, status, points, cap in self._activities:
             n = get(key)
             if n.__class__ is float and n > 0:
-                out[status] = rule.apply(n)
+                raw = points * n
+                out[status] = (raw if raw <= cap else cap) if points >= 0 else (raw if raw >= cap else cap)
         memo = self._value_memo
         for key, name, value_rules in self._value_tables:
             value = get(key)
             if value is not None:
-                hit = memo.get((name, value), _UNSEEN) if value.__class__ is str else _UNSEEN
+                hit = memo.get((name, value), _UNSEEN) if value.__class__ in _MEMO_TYPES else _UNSEEN
                 if hit is _UNSEEN:
                     hit = self._value_points(name, value_rules, value)
                 if hit is not None:
                     out[hit[0]] = hit[1]
-        return {k: v for k, v in out.items() if v}
+        return out if 0.0 not in out.values() else {k: v for k, v in out.items() if v}
 
     @cached_property
-    def _behaviour(self) -> list[tuple[str, str, Capped]]:
-        return [("d_" + event_type, event_type, rule) for event_type, rule in self.behaviour.items()]
+    def _behaviour(self) -> list[tuple[str, str, float, float]]:
+        return [("d_" + event_type, event_type, rule.points, rule.cap) for event_type, rule in self.behaviour.items()]
 
     @cached_property
-    def _activities(self) -> list[tuple[str, str, Capped]]:
-        return [("activities_" + status, "activities_" + status, rule) for status, rule in self.activities.items()]
+    def _activities(self) -> list[tuple[str, str, float, float]]:
+        return [("activities_" + status, "activities_" + status, rule.points, rule.cap)
+                for status, rule in self.activities.items()]
 
     @cached_property
     def _value_tables(self) -> list[tuple[str, str, list[ValueRule]]]:
@@ -134,11 +141,11 @@ class Rules:
 
     @cached_property
     def _value_memo(self) -> dict[tuple[str, str], tuple[str, float] | None]:
-        return {}  # (field, string value) -> its reason and points: the same values come with every event
+        return {}  # (field, value) -> its reason and points: a lead's values come back with each of its events
 
     def _value_points(self, name: str, value_rules: list[ValueRule], value: float | str) -> tuple[str, float] | None:
         """The reason and points of the first rule ``value`` matches (None: none, or zero points)."""
-        memo_key = (name, value) if isinstance(value, str) else None
+        memo_key = (name, value) if value.__class__ in _MEMO_TYPES else None
         hit = None
         for rule in value_rules:  # the first matching rule wins
             if rule.matches(value):
@@ -157,8 +164,10 @@ class Rules:
         score = 1.0 / (1.0 + math.exp(-(total - self.midpoint) / self.width))
         if not max_reasons:
             return RuleScore(total, score, self.grades.grade(score), [])
-        ranked = sorted(contributions.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:max_reasons]
-        reasons = [{"feature": k, "contribution": round(v / self.width, 4), "points": v} for k, v in ranked]
+        # The largest first, ties by name (names are unique: the points never decide), without a key call each.
+        ranked = sorted([(-abs(v), k, v) for k, v in contributions.items()])[:max_reasons]
+        width = self.width
+        reasons = [{"feature": k, "contribution": round(v / width, 4), "points": v} for _, k, v in ranked]
         return RuleScore(total, score, self.grades.grade(score), reasons)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from models.events import Event
 from models.features import Features, State, features, fold, new_state
@@ -53,8 +53,7 @@ def _second(seconds: int) -> str:
     return time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))
 
 
-@dataclass(frozen=True)
-class Scored:
+class Scored(NamedTuple):  # a tuple: built on every event, ~3x cheaper than a frozen dataclass
     score: float
     grade: str
     source: str

@@ -517,33 +517,36 @@ class FastNaiveBayes:
         self.unseen = math.log(1 / (n1 + 2)) - math.log(1 / (n0 + 2))
         self.one_hot = {k: math.log((hits1.get(k, 0) + 1) / (n1 + 2)) - math.log((hits0.get(k, 0) + 1) / (n0 + 2))
                         for k in hits0.keys() | hits1.keys()}
-        self.gauss: dict[str, tuple[tuple[float, float, float] | None, ...]] = {
-            k: tuple(self._normal(nb.moments[c].get(k)) for c in (0, 1))
+        # Per key (mean, variance, log(2 pi variance)) of class 1, then of class 0: one flat tuple to
+        # unpack per key of x (Nones where a class has too few values).
+        self.gauss: dict[str, tuple[float | None, ...]] = {
+            k: self._normal(nb.moments[1].get(k)) + self._normal(nb.moments[0].get(k))
             for k in nb.moments[0].keys() | nb.moments[1].keys()}
 
     @staticmethod
-    def _normal(m: list[float] | None) -> tuple[float, float, float] | None:
+    def _normal(m: list[float] | None) -> tuple[float | None, float | None, float | None]:
         if m is None or m[0] < 2:
-            return None
+            return None, None, None
         var = m[2] / (m[0] - 1) + 1e-2  # as NaiveBayes.predict_proba
         return m[1], var, math.log(2 * math.pi * var)
 
     def predict_proba(self, x: X) -> float:
         if not self.ready:
             return 0.5
+        one_hot, gauss, unseen = self.one_hot, self.gauss, self.unseen  # locals: read once per key of x
         z = self.prior
         for k, v in x.items():
             if "=" in k:
-                z += self.one_hot.get(k, self.unseen)
+                z += one_hot.get(k, unseen)
             else:
-                g = self.gauss.get(k)
+                g = gauss.get(k)
                 if g is None:
                     continue
-                g0, g1 = g
-                if g1 is not None:
-                    z += -0.5 * (g1[2] + (v - g1[0]) ** 2 / g1[1])
-                if g0 is not None:
-                    z -= -0.5 * (g0[2] + (v - g0[0]) ** 2 / g0[1])
+                mean1, var1, log1, mean0, var0, log0 = g
+                if mean1 is not None:
+                    z += -0.5 * (log1 + (v - mean1) ** 2 / var1)
+                if mean0 is not None:
+                    z -= -0.5 * (log0 + (v - mean0) ** 2 / var0)
         return _sigmoid(z)
 
 

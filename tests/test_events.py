@@ -2,10 +2,11 @@
 
 import json
 
+import fastjsonschema
 import orjson
 import pytest
 
-from models.events import EVENT_TYPES, RejectedEvent, parse_event, topic_kind_of, validators
+from models.events import EVENT_TYPES, RejectedEvent, _fast_checks, parse_event, schemas, topic_kind_of, validators
 
 
 def raw(**overrides):
@@ -76,3 +77,22 @@ def test_event_times_within_the_skew_are_accepted(ts):
 def test_without_a_receive_time_only_the_range_is_checked():
     # History imports and offline evaluation replay old events: no clock to compare with.
     assert parse_event(b"l1", raw(ts="9999-12-31T23:59:59Z"), topic_kind="web").ts_ms == 253402300799000
+
+
+@pytest.mark.parametrize("ts", [0, 5, -1, 5.0, 5.5, True, None, "", "2026-03-01", "x" * 41, [1], {"a": 1}])
+def test_the_fast_checks_give_the_published_schemas_verdict(ts):
+    # The compiled checks read the ts oneOf (string or integer) as anyOf: the same verdict, cheaper.
+    for event_type in ("page_view", "lead_created"):
+        doc = orjson.loads(raw(type=event_type, ts=ts, props={"url": "/", "fields": {}}))
+        as_published = fastjsonschema.compile(schemas()[event_type])
+        verdicts = [_passes(_fast_checks()[event_type], doc), _passes(as_published, doc),
+                    validators()[event_type].is_valid(doc)]
+        assert verdicts in ([True] * 3, [False] * 3), (event_type, ts, verdicts)
+
+
+def _passes(check, doc):
+    try:
+        check(doc)
+        return True
+    except fastjsonschema.JsonSchemaException:
+        return False

@@ -1,0 +1,101 @@
+"""The pure step of two source trees in one process, passes alternated: a fair before/after on a shared machine.
+
+    .venv/bin/python benchmarks/bench_step_ab.py BEFORE_TREE AFTER_TREE [passes] [--no-gc]
+
+e.g. ``git worktree add --detach /tmp/step-before main`` then ``... /tmp/step-before .``. Each tree's
+``models`` and ``streams`` are imported apart (the first tree's modules stay alive in its closures),
+so both run in the same minutes and share the machine's load. The loop is ``streams.bench.bench_step``'s
+over 300 simulated leads (8,670 events in batches of 500), with the rules alone, with the model the
+simulated outcomes trained (its champion) and with each other champion forced (``logreg``,
+``naive_bayes``), as the previous rounds measured it. Every pass starts from the same empty store, so
+a batch does the same work in every pass: each figure is the sum of each batch's best CPU time
+(``time.process_time``) over ``passes``, per event (a burst of load spoils a batch of one pass, not
+the figure); ``--no-gc`` leaves the garbage collector off (the code's own cost, without the collections
+that the two trees' heaps make dearer than one worker's).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import importlib
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+Runner = Callable[[Any], list[float]]
+
+
+def load(tree: str) -> tuple[dict[str, Any], Runner]:
+    """Import ``tree``'s modules afresh; its step cases (name -> serving model) and a timed pass."""
+    for name in [m for m in sys.modules if m in ("models", "streams") or m.startswith(("models.", "streams."))]:
+        del sys.modules[name]
+    root = str(Path(tree).resolve())
+    sys.path.insert(0, root)
+    try:
+        mods = {n: importlib.import_module(f"models.{n}") for n in ("events", "features", "rules", "scoring", "simulate")}
+        bench = importlib.import_module("streams.bench")
+    finally:
+        sys.path.remove(root)
+    assert mods["events"].__file__.startswith(root), mods["events"].__file__
+    rules_text = mods["rules"].DEFAULT_CONFIG.read_text()
+    events = mods["simulate"].simulate(300, seed=99)
+    rules = mods["rules"].load_rules(rules_text)
+    model = bench._trained_model(rules_text, events)
+    raw = [(e["lead_id"].encode(), orjson.dumps(e), mods["events"].topic_kind_of(e["type"])) for e in events]
+    cases: dict[str, Any] = {"rules": None, f"model ({model.champion})": model}
+    for champion in ("logreg", "naive_bayes"):
+        if champion != model.champion:
+            forced = copy.copy(model)
+            forced.__dict__.pop("_fast", None)  # frozen forms are built for the champion asked
+            forced.champion = champion
+            cases[f"{champion} forced"] = forced
+    parse_event, copy_state = mods["events"].parse_event, mods["features"].copy_state
+    scorer_of, step = mods["scoring"].Scorer, mods["scoring"].step
+
+    def run(serving: Any, batch: int = 500) -> list[float]:
+        """µs of CPU per event of each batch: bench_step's loop (one state copy per lead per batch)."""
+        scorer, stored, spent = scorer_of(rules, serving), {}, []
+        for start in range(0, len(raw), batch):
+            t0 = time.process_time()
+            working: dict[str, Any] = {}
+            for key, value, kind in raw[start:start + batch]:
+                ev = parse_event(key, value, topic_kind=kind)
+                if ev.lead_id not in working:
+                    prior = stored.get(ev.lead_id)
+                    working[ev.lead_id] = copy_state(prior) if prior is not None else None
+                working[ev.lead_id] = step(working[ev.lead_id], ev, scorer, scored_at_ms=0, stage_snapshots=[],
+                                           copy=False).state
+            stored.update(working)
+            spent.append((time.process_time() - t0) / len(raw) * 1e6)
+        return spent
+
+    return cases, run
+
+
+def main(before: str, after: str, passes: int, gc_on: bool = True) -> None:
+    trees = {"before": load(before), "after": load(after)}
+    best: dict[tuple[str, str], list[float]] = {}
+    if not gc_on:
+        gc.disable()
+    for i in range(passes):
+        for tree in (trees if i % 2 == 0 else reversed(trees)):  # neither tree always goes first
+            cases, run = trees[tree]
+            for name, serving in cases.items():
+                spent = run(serving)
+                best[tree, name] = list(map(min, best.get((tree, name), spent), spent))
+    for name in trees["before"][0]:
+        b, a = sum(best["before", name]), sum(best.get(("after", name), []))
+        after_text = f"{a:6.1f} µs/event ({a / b - 1:+.0%})" if a else "-"
+        print(f"{name:22s} before {b:6.1f} µs/event   after {after_text}")
+    print(f"CPU time per event, each batch's best of {passes} alternated passes, GC {'on' if gc_on else 'off'}: "
+          f"before {before}, after {after}")
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if a != "--no-gc"]
+    main(args[0], args[1], int(args[2]) if len(args) > 2 else 6, gc_on="--no-gc" not in sys.argv)
