@@ -4,8 +4,8 @@
 
 e.g. ``git worktree add --detach /tmp/step-before main`` then ``... /tmp/step-before .``. Each tree's
 ``models`` and ``streams`` are imported apart (the first tree's modules stay alive in its closures),
-so both run in the same minutes and share the machine's load. The loop is ``streams.bench.bench_step``'s
-over 300 simulated leads (8,670 events in batches of 500), with the rules alone, with the model the
+so both run in the same minutes and share the machine's load. The loop is the after tree's
+``streams.bench.step_pass`` over 300 simulated leads (8,670 events in batches of 500), with the rules alone, with the model the
 simulated outcomes trained (its champion) and with each other champion forced (``logreg``,
 ``naive_bayes``), as the previous rounds measured it. Every pass starts from the same empty store, so
 a batch does the same work in every pass: each figure is the sum of each batch's best CPU time
@@ -20,17 +20,16 @@ import copy
 import gc
 import importlib
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-Runner = Callable[[Any], list[float]]
+Runner = Callable[[Any, Any], list[float]]
 
 
-def load(tree: str) -> tuple[dict[str, Any], Runner]:
+def load(tree: str) -> tuple[dict[str, Any], Runner, Any]:
     """Import ``tree``'s modules afresh; its step cases (name -> serving model) and a timed pass."""
     for name in [m for m in sys.modules if m in ("models", "streams") or m.startswith(("models.", "streams."))]:
         del sys.modules[name]
@@ -57,36 +56,24 @@ def load(tree: str) -> tuple[dict[str, Any], Runner]:
     parse_event, copy_state = mods["events"].parse_event, mods["features"].copy_state
     scorer_of, step = mods["scoring"].Scorer, mods["scoring"].step
 
-    def run(serving: Any, batch: int = 500) -> list[float]:
-        """µs of CPU per event of each batch: bench_step's loop (one state copy per lead per batch)."""
-        scorer, stored, spent = scorer_of(rules, serving), {}, []
-        for start in range(0, len(raw), batch):
-            t0 = time.process_time()
-            working: dict[str, Any] = {}
-            for key, value, kind in raw[start:start + batch]:
-                ev = parse_event(key, value, topic_kind=kind)
-                if ev.lead_id not in working:
-                    prior = stored.get(ev.lead_id)
-                    working[ev.lead_id] = copy_state(prior) if prior is not None else None
-                working[ev.lead_id] = step(working[ev.lead_id], ev, scorer, scored_at_ms=0, stage_snapshots=[],
-                                           copy=False).state
-            stored.update(working)
-            spent.append((time.process_time() - t0) / len(raw) * 1e6)
-        return spent
+    def run(step_pass: Any, serving: Any) -> list[float]:
+        """µs of CPU per event of each batch: ``streams.bench.step_pass`` on this tree's functions."""
+        return step_pass(raw, scorer_of(rules, serving), parse=parse_event, copy=copy_state, step_fn=step)
 
-    return cases, run
+    return cases, run, bench
 
 
 def main(before: str, after: str, passes: int, gc_on: bool = True) -> None:
     trees = {"before": load(before), "after": load(after)}
+    step_pass = trees["after"][2].step_pass  # one loop for both trees (the before tree may predate it)
     best: dict[tuple[str, str], list[float]] = {}
     if not gc_on:
         gc.disable()
     for i in range(passes):
         for tree in (trees if i % 2 == 0 else reversed(trees)):  # neither tree always goes first
-            cases, run = trees[tree]
+            cases, run, _ = trees[tree]
             for name, serving in cases.items():
-                spent = run(serving)
+                spent = run(step_pass, serving)
                 best[tree, name] = list(map(min, best.get((tree, name), spent), spent))
     for name in trees["before"][0]:
         b, a = sum(best["before", name]), sum(best.get(("after", name), []))

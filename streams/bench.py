@@ -91,24 +91,33 @@ def bench_step(events: list[dict[str, Any]], rules_text: str, batch: int = 500) 
     rules = load_rules(rules_text)
     model = _trained_model(rules_text, events)  # trained on the stream's own outcomes first
     raw = [(e["lead_id"].encode(), orjson.dumps(e), topic_kind_of(e["type"])) for e in events]
-    figures = {}
-    for name, serving in (("rules", None), ("model", model)):
-        scorer = Scorer(rules, serving)
-        stored: dict[str, Any] = {}
-        t0 = time.process_time()  # CPU time: the machine's other processes do not count
-        for start in range(0, len(raw), batch):
-            working: dict[str, Any] = {}
-            for key, value, kind in raw[start:start + batch]:
-                ev = parse_event(key, value, topic_kind=kind)
-                if ev.lead_id not in working:
-                    prior = stored.get(ev.lead_id)
-                    working[ev.lead_id] = copy_state(prior) if prior is not None else None
-                r = step(working[ev.lead_id], ev, scorer, scored_at_ms=0, stage_snapshots=[], copy=False)
-                working[ev.lead_id] = r.state
-            stored.update(working)
-        figures[name] = round((time.process_time() - t0) / len(raw) * 1e6, 1)
+    figures = {name: round(sum(step_pass(raw, Scorer(rules, serving), batch=batch)), 1)
+               for name, serving in (("rules", None), ("model", model))}
     return {"us_per_event_rules": figures["rules"], "us_per_event_model": figures["model"],
             "model_source": Scorer(rules, model).score({}).source}
+
+
+def step_pass(raw: list[tuple[bytes, bytes, str]], scorer: Any, batch: int = 500, *,
+              parse: Callable[..., Any] = parse_event, copy: Callable[..., Any] = copy_state,
+              step_fn: Callable[..., Any] = step) -> list[float]:
+    """CPU µs per event (of all ``raw``) spent on each batch: the worker's loop, one state copy per
+    lead per batch. ``parse``, ``copy`` and ``step_fn`` let benchmarks/bench_step_ab.py time another
+    source tree's functions with this same loop."""
+    stored: dict[str, Any] = {}
+    spent: list[float] = []
+    for start in range(0, len(raw), batch):
+        t0 = time.process_time()  # CPU time: the machine's other processes do not count
+        working: dict[str, Any] = {}
+        for key, value, kind in raw[start:start + batch]:
+            ev = parse(key, value, topic_kind=kind)
+            if ev.lead_id not in working:
+                prior = stored.get(ev.lead_id)
+                working[ev.lead_id] = copy(prior) if prior is not None else None
+            working[ev.lead_id] = step_fn(working[ev.lead_id], ev, scorer, scored_at_ms=0, stage_snapshots=[],
+                                          copy=False).state
+        stored.update(working)
+        spent.append((time.process_time() - t0) / len(raw) * 1e6)
+    return spent
 
 
 # ---- Kafka: publish, collect ---------------------------------------------------------------------
