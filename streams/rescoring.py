@@ -64,7 +64,6 @@ class Rescorer:
         self.assigned = owned  # the input partitions this worker's scoring loop holds now
         self._model_ranks: list[int] | None = None  # per shard: next rank of the pass's snapshot to rescore
         self._pass_token = uuid.uuid4().hex[:12]  # this worker's snapshot keys
-        self._snapshot_taken = False
         self._pass_version = -1  # the model version the last pass started with
         self._model_moved = False
         self._pass_started = float("-inf")
@@ -72,7 +71,7 @@ class Rescorer:
     def model_changed(self) -> None:
         self._model_moved = True
 
-    def _maybe_start_pass(self) -> None:
+    async def _maybe_start_pass(self) -> None:
         """A pass starts when the model moved on, none runs, and the last one started at least
         ``LEADSTREAM_RESCORE_MODEL_EVERY_SECONDS`` ago (checkpoints come every 100 deals: one pass
         per version would rescore every open lead over and over)."""
@@ -80,8 +79,8 @@ class Rescorer:
             return
         if time.monotonic() - self._pass_started < self.settings.rescore_model_every_s:
             return
+        await self._take_snapshot()
         self._model_ranks = [0] * SHARDS  # from the top of every shard
-        self._snapshot_taken = False
         self._pass_version = self.pipeline.scorer.version
         self._pass_started = time.monotonic()
         self._model_moved = False
@@ -101,7 +100,7 @@ class Rescorer:
         if due:
             await self._rescore(due, "decay", now_ms)
         left = budget - len(due)
-        self._maybe_start_pass()
+        await self._maybe_start_pass()
         if self._model_ranks is not None and left > 0 and self.pipeline.scorer.version > 0:
             await self._rescore(await self._next_for_model(left, owned), "model", now_ms)
 
@@ -123,15 +122,12 @@ class Rescorer:
             pipe.zrangestore(self._snapshot_key(shard), view_key(shard, "lb"), 0, -1)
             pipe.expire(self._snapshot_key(shard), PASS_TTL_S)
         await pipe.execute()
-        self._snapshot_taken = True
 
     async def _next_for_model(self, limit: int, owned: set[int]) -> list[str]:
         """The next leads of the pass, highest scores first in each shard (as they were when the pass
         started). ``limit`` counts this worker's leads: the others' are read and left to them."""
         ranks = self._model_ranks
         assert ranks is not None
-        if not self._snapshot_taken:
-            await self._take_snapshot()
         share = len(owned) / self.settings.partitions  # of the leads, the part on this worker's partitions
         per_shard = max(1, math.ceil(limit / share / SHARDS))
         pipe = self.client.pipeline(transaction=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from types import SimpleNamespace
 
 import orjson
 import pytest
@@ -343,8 +344,10 @@ async def test_a_model_pass_reaches_every_open_lead_although_rescores_reorder_th
     for i, lead in enumerate(leads):
         await redis_client.zadd(view_key(i % SHARDS, "lb"), {lead: rng.random()})
     owned = {0, 1, 2, 3}  # half of the 8 partitions
-    rescorer = Rescorer(settings, None, redis_client, None, owned=set)  # type: ignore[arg-type]
-    rescorer._model_ranks = [0] * SHARDS
+    serving = SimpleNamespace(scorer=SimpleNamespace(version=2))  # the pipeline as a pass's start reads it
+    rescorer = Rescorer(settings, serving, redis_client, None, owned=set)  # type: ignore[arg-type]
+    rescorer.model_changed()
+    await rescorer._maybe_start_pass()
     reached: list[str] = []
     for _ in range(100):
         batch = await rescorer._next_for_model(100, owned)
