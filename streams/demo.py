@@ -116,12 +116,25 @@ def _why(body: dict) -> str:
     return ", ".join(f"{r['feature']} {r['contribution']:+.2f}" for r in body["reasons"][:3])
 
 
+async def _at_the_end(consumer: AIOKafkaConsumer, timeout_s: float = 60.0) -> None:
+    """Fix the consumer's position at the topics' current end before any traffic: a score sent before
+    that was resolved would never be seen, and the demo would wait for it (a cold broker is slow to
+    answer, so a fixed pause was not always enough)."""
+    deadline = time.monotonic() + timeout_s
+    while not consumer.assignment():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the demo's consumer got no partition of the score topics in {timeout_s:.0f} s")
+        await asyncio.sleep(0.1)
+    for tp in consumer.assignment():
+        await consumer.position(tp)  # resolves auto_offset_reset="latest" now
+
+
 async def watch_and_publish(settings: Settings, events: list[dict], rate: float) -> Board:
     board = Board()
     consumer = AIOKafkaConsumer(settings.topic_scores, settings.topic_hot, **kafka_kwargs(settings),
                                 group_id=None, auto_offset_reset="latest", enable_auto_commit=False)
     await consumer.start()
-    await asyncio.sleep(1)  # let the consumer settle at the end of the topics before traffic starts
+    await _at_the_end(consumer)
     publisher = asyncio.create_task(publish_events(settings, events, rate=rate, progress=None))
     expected = {e["event_id"] for e in events}
     seen: set[str] = set()
