@@ -348,9 +348,10 @@ class _Replay:
                 "rejected": self.rejected, "closed_without_snapshot": self.closed_without_snapshot}
 
     def trainings(self, events: Iterable[Event | Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
-        # The per-event model score feeds no feature, snapshot or figure here (only the score message
-        # and the hot flag, which evaluate does not report): events are stepped with the rules alone and
-        # the model scores each deal once, at its close. Same features, same figures, far less work.
+        # No per-event score feeds a feature, snapshot or figure here (only the score message and the
+        # hot flag, which evaluate does not report): events are folded unscored (features and rules only
+        # at stage entries and closes) and the model scores each deal once, at its close. Same
+        # features, same figures, far less work.
         stepper = Scorer(self.rules)
         states: dict[str, dict[str, Any]] = {}
         stage_snaps: dict[str, list[dict[str, Any]]] = {}
@@ -375,7 +376,7 @@ class _Replay:
             closing = event.type in ("deal_won", "deal_lost")
             first_close = closing and (before is None or before.get("outcome") is None)
             r = step(before, event, stepper, scored_at_ms=event.ts_ms, stage_snapshots=stage_snaps.get(lead),
-                     deleted_ts=deleted.get(lead), copy=False, message=False)
+                     deleted_ts=deleted.get(lead), copy=False, score=False)
             if r.state is None:  # deleted: the stream drops the state and both kinds of snapshot, keeps deleted_ts
                 if r.deleted_ts is not None:
                     deleted[lead] = r.deleted_ts

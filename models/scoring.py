@@ -112,7 +112,7 @@ class StepResult:
 
 def step(state: State | None, event: Event, scorer: Scorer, *, scored_at_ms: int,
          stage_snapshots: list[dict[str, Any]] | None = None, deleted_ts: int | None = None,
-         copy: bool = True, message: bool = True) -> StepResult:
+         copy: bool = True, score: bool = True) -> StepResult:
     """Apply ``event`` to ``state`` and score the lead.
 
     ``stage_snapshots`` are only needed for ``deal_won``/``deal_lost``: the training example is
@@ -120,8 +120,10 @@ def step(state: State | None, event: Event, scorer: Scorer, *, scored_at_ms: int
     scored *before* the outcome. ``deleted_ts`` is when the lead was deleted, if it was: a late
     event from before that time must not bring the lead back, so it gets a tombstone too. A newer
     event starts a new lead. ``copy=False`` folds into ``state`` in place (the stream copies a
-    lead's state once per batch, not once per event). ``message=False`` (``evaluate``, which
-    discards the score and hot messages): they hold only ``score``; the state is the same.
+    lead's state once per batch, not once per event). ``score=False`` (``evaluate``'s replay, which
+    reads only the training examples): the event is folded, not scored; the result has no score and
+    no hot message, the state keeps no score. The snapshots and training examples are those of a
+    scored step (features never read a score).
     """
     if event.type == "lead_deleted" or (deleted_ts is not None and event.ts_ms <= deleted_ts):
         return StepResult(None, None, deleted_ts=max(event.ts_ms, deleted_ts or event.ts_ms))
@@ -135,14 +137,18 @@ def step(state: State | None, event: Event, scorer: Scorer, *, scored_at_ms: int
     stage_before = state.get("stage") if state else None
     after = fold(state if state is not None else new_state(event.lead_id), event, half_life_s=half_life_s, copy=copy)
     # Private fields (see models/fields.py) never become features: not in snapshots, not learned.
-    f = features(after, after["last_ts"], half_life_s=half_life_s, fields=scorer.rules.fields)
-    scored = scorer.score(f)
-    result = StepResult(after, _score_message(event.lead_id, event.event_id, event.type, event.ts_ms, after, scored,
-                                              scored_at_ms, "event", full=message))
-    result.hot = _apply_score(after, scored, scorer.rules, was_hot, result.score, scored_at_ms, "event")
-    after["score_as_of"] = after["last_ts"]  # the features' time: decay is due from there
+    # Unscored, the features and rules of most events are skipped: about half of a rules-only step.
+    f = features(after, after["last_ts"], half_life_s=half_life_s, fields=scorer.rules.fields) if score else None
+    scored = scorer.score(f) if f is not None else None
+    if scored is None:
+        result = StepResult(after, None)
+    else:
+        result = StepResult(after, _score_message(event.lead_id, event.event_id, event.type, event.ts_ms, after,
+                                                  scored, scored_at_ms, "event"))
+        result.hot = _apply_score(after, scored, scorer.rules, was_hot, result.score, scored_at_ms, "event")
+        after["score_as_of"] = after["last_ts"]  # the features' time: decay is due from there
     if closing:
-        if first_close and state_score is not None:  # for the success curve: the grade the lead had before
+        if first_close and state_score is not None and scored is not None:  # the success curve: the grade before
             after["close_score"], after["close_grade"] = state_score
         snaps = list(stage_snapshots or []) + ([last] if last else [])
         if first_close and snaps:  # only the first close of a deal is a label
@@ -150,8 +156,11 @@ def step(state: State | None, event: Event, scorer: Scorer, *, scored_at_ms: int
                                "won": event.type == "deal_won", "closed_ts": event.ts_ms, "snapshots": snaps}
         return result  # nothing after the outcome is ever a training snapshot
     if after.get("outcome") is None and event.type == "stage_changed" and after["stage"] != stage_before:
+        if f is None:
+            f = features(after, after["last_ts"], half_life_s=half_life_s, fields=scorer.rules.fields)
+        rules_score = scorer.rules.score(f, max_reasons=0).score if scored is None else scorer.rules_score(f, scored)
         result.snapshot = {"ts": event.ts_ms, "stage": f.get("stage"), "features": f,
-                           "rules_score": round(scorer.rules_score(f, scored), 6)}
+                           "rules_score": round(rules_score, 6)}
     return result
 
 
@@ -204,19 +213,14 @@ def _apply_score(state: State, scored: Scored, rules: Rules, was_hot: bool, mess
 
 
 def _score_message(lead_id: str, event_id: str | None, event_type: str | None, event_ts: int, state: State,
-                   scored: Scored, scored_at_ms: int, trigger: str, full: bool = True) -> dict[str, Any]:
-    """The score message; ``full=False``: only its rounded ``score``, which the state keeps (the two
-    timestamps' formatting alone is ~10% of a rules-only step, for a message nobody reads).
+                   scored: Scored, scored_at_ms: int, trigger: str) -> dict[str, Any]:
+    """The score message (the contract's ``leads.scores`` value).
 
     >>> from models.rules import DEFAULT_CONFIG, load_rules
     >>> scored = Scorer(load_rules(DEFAULT_CONFIG.read_text())).score({})
     >>> sorted(_score_message("l1", "e1", "visit", 0, {}, scored, 0, "event"))[:4]
     ['event_id', 'event_ts', 'event_type', 'grade']
-    >>> _score_message("l1", "e1", "visit", 0, {}, scored, 0, "event", full=False) == {"score": round(scored.score, 6)}
-    True
     """
-    if not full:
-        return {"score": round(scored.score, 6)}
     return {
         "lead_id": lead_id,
         "event_id": event_id,

@@ -9,11 +9,12 @@ RULES = load_rules(DEFAULT_CONFIG.read_text())
 DAY = 86_400_000
 
 
-def play(events, scorer=None):
+def play(events, scorer=None, score=True):
     scorer = scorer or Scorer(RULES)
     state, results, stage_snaps = None, [], []
     for i, (kind, ts, props) in enumerate(events):
-        r = step(state, Event(f"e{i}", "l1", kind, ts, props), scorer, scored_at_ms=ts, stage_snapshots=stage_snaps)
+        r = step(state, Event(f"e{i}", "l1", kind, ts, props), scorer, scored_at_ms=ts, stage_snapshots=stage_snaps,
+                 score=score)
         state = r.state
         if r.stage_snapshot:
             stage_snaps.append(r.snapshot)
@@ -63,6 +64,21 @@ def test_training_example_uses_only_snapshots_taken_before_the_outcome():
     assert all(s["ts"] < 5 * DAY for s in example["snapshots"])
     assert all("n_deal_won" not in s["features"] for s in example["snapshots"])
     assert results[6].snapshot is None and results[6].training is None  # after close: nothing to learn from
+
+
+def test_an_unscored_step_gives_the_snapshots_and_training_example_of_a_scored_one():
+    events = [("lead_created", 0, {"fields": {"age": 30}}), ("stage_changed", DAY, {"stage": "contacted"}),
+              ("download", 2 * DAY, {}), ("click", 2 * DAY + 5, {}), ("stage_changed", 3 * DAY, {"stage": "proposal"}),
+              ("download", 2 * DAY + 9, {}), ("stage_changed", 4 * DAY, {"stage": "proposal"}),
+              ("form_submit", 4 * DAY + 1, {}), ("deal_won", 5 * DAY, {}), ("click", 6 * DAY, {})]
+    scored, unscored = play(events), play(events, score=False)
+    assert [r.snapshot for r in unscored] == [r.snapshot for r in scored]
+    assert sum(r.snapshot is not None for r in unscored) == 2  # the repeated stage is no entry
+    assert unscored[8].training == scored[8].training and unscored[8].training is not None
+    assert all(r.score is None and r.hot is None and "score" not in r.state for r in unscored)
+    drop = ("score", "grade", "source", "reasons", "model_version", "scored_at", "history", "hot", "score_as_of",
+            "close_score", "close_grade")
+    assert {k: v for k, v in scored[-1].state.items() if k not in drop} == unscored[-1].state  # the same fold
 
 
 def test_second_outcome_is_not_a_second_label():
