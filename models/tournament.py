@@ -248,20 +248,28 @@ class NaiveBayes:
         self.moments: list[dict[str, list[float]]] = [{}, {}]  # number -> [count, mean, M2] (Welford)
 
     def predict_proba(self, x: X) -> float:
-        if not (self.n[0] and self.n[1]):
+        n0, n1 = self.n
+        if not (n0 and n1):
             return 0.5
-        logp = [math.log(self.n[c] / (self.n[0] + self.n[1])) for c in (0, 1)]
-        for c in (0, 1):
-            for k, v in x.items():
-                if "=" in k:
-                    logp[c] += math.log((self.hits[c].get(k, 0) + 1) / (self.n[c] + 2))
-                else:
-                    m = self.moments[c].get(k)
-                    if m is None or m[0] < 2:
-                        continue
-                    var = m[2] / (m[0] - 1) + 1e-2  # floor: a constant feature must not dominate
-                    logp[c] += -0.5 * (math.log(2 * math.pi * var) + (v - m[1]) ** 2 / var)
-        return _sigmoid(logp[1] - logp[0])
+        # One pass over x for both classes (the trainer asks on every deal); each class's log sums its
+        # terms in key order, as a pass per class would: the same bits.
+        log, two_pi = math.log, 2 * math.pi
+        logp0, logp1 = log(n0 / (n0 + n1)), log(n1 / (n0 + n1))
+        (hits0, hits1), (moments0, moments1) = self.hits, self.moments
+        for k, v in x.items():
+            if "=" in k:
+                logp0 += log((hits0.get(k, 0) + 1) / (n0 + 2))
+                logp1 += log((hits1.get(k, 0) + 1) / (n1 + 2))
+                continue
+            m = moments0.get(k)
+            if m is not None and m[0] >= 2:
+                var = m[2] / (m[0] - 1) + 1e-2  # floor: a constant feature must not dominate
+                logp0 += -0.5 * (log(two_pi * var) + (v - m[1]) ** 2 / var)
+            m = moments1.get(k)
+            if m is not None and m[0] >= 2:
+                var = m[2] / (m[0] - 1) + 1e-2
+                logp1 += -0.5 * (log(two_pi * var) + (v - m[1]) ** 2 / var)
+        return _sigmoid(logp1 - logp0)
 
     def learn(self, x: X, y: bool) -> None:
         c = int(y)
