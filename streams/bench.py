@@ -7,6 +7,8 @@ What it measures (a table on stdout, ``--json FILE`` for the figures):
   of it, measured in the same run (absolute figures move with the machine's load).
 - ``burst``: one ``leadstream worker`` (the real process, same code path) on N simulated events
   published as fast as possible: events per second from the first publish to the last score.
+  ``--only burst --pairs N`` alternates the passthrough and a fresh worker's burst N times: each
+  pair's ratio, and the lowest as the figures.
 - ``workers``: the same burst with 2 workers in one group on the topics' partitions.
 - ``latency``: event -> score latency at steady offered rates, each for a bounded time, with and
   without a reader loading the dashboard every second.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import pickle
 import statistics
 import time
@@ -320,12 +323,12 @@ async def bench_pipeline(settings: Settings, leads: int, rates: list[float], sec
     return figures
 
 
-async def bench_one_burst(settings: Settings, leads: int) -> Figures:
+async def bench_one_burst(settings: Settings, leads: int, prefix: str = "b1") -> Figures:
     """One scoring worker's burst throughput, on a fresh worker (the trainer a worker of its own)."""
     await ensure_topics(settings)
     workers = [_start_trainer(settings), _start_scorer(settings, 0)]
     try:
-        return await bench_burst(settings, _fresh_events(leads, 7, "b1"))
+        return await bench_burst(settings, _fresh_events(leads, 7, prefix))
     finally:
         for w in workers:
             stop_worker(w)
@@ -682,7 +685,7 @@ async def _delete_topics(settings: Settings) -> None:
 
 def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float, memory_leads: int,
               redis_db: int, json_path: Path | None, parts: set[str], read_leads: int = 1_000_000,
-              reader_rate: float = 1000.0) -> int:
+              reader_rate: float = 1000.0, pairs: int = 1) -> int:
     tag = uuid.uuid4().hex[:8]
     settings = bench_settings(base, redis_db, tag)
     rules_text = settings.scoring_config.read_text()
@@ -699,11 +702,11 @@ def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float,
                 figures["burst_1_worker"]["events_per_s"] / figures["passthrough"]["events_per_s"], 3)
             _print_pipeline(figures)
         if "burst" in parts:  # a quick check of throughput alone: passthrough and one worker, same run
-            figures["passthrough"] = asyncio.run(bench_passthrough(settings, events))
-            figures["burst_1_worker"] = asyncio.run(bench_one_burst(settings, leads))
-            figures["ratio_to_passthrough"] = round(
-                figures["burst_1_worker"]["events_per_s"] / figures["passthrough"]["events_per_s"], 3)
+            figures["burst_pairs"] = [_burst_pair(settings, leads, i) for i in range(pairs)]
+            figures.update(min(figures["burst_pairs"], key=lambda p: p["ratio_to_passthrough"]))
             _print_pipeline(figures)
+            if pairs > 1:
+                _print_pairs(figures["burst_pairs"])
         if "memory" in parts:
             figures["memory"] = asyncio.run(bench_memory_and_reads(settings, memory_leads, rules_text))
             _print_memory(figures["memory"])
@@ -723,6 +726,25 @@ def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float,
         json_path.write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
         print(f"figures written to {json_path}")
     return 0
+
+
+def _burst_pair(settings: Settings, leads: int, i: int) -> Figures:
+    """The passthrough, then one fresh worker's burst, of ``leads`` new simulated leads each: one ratio.
+    A pair's two halves share the machine's load of their minute; pairs taken apart show its swings."""
+    passthrough = asyncio.run(bench_passthrough(settings, _fresh_events(leads, 99, f"pt{i}")))
+    burst = asyncio.run(bench_one_burst(settings, leads, f"b{i}"))
+    return {"passthrough": passthrough, "burst_1_worker": burst,
+            "ratio_to_passthrough": round(burst["events_per_s"] / passthrough["events_per_s"], 3),
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def _print_pairs(pairs: list[Figures]) -> None:
+    ratios = sorted(p["ratio_to_passthrough"] for p in pairs)
+    _table([(f"pair {i + 1} (load {p['load_avg_1m']})", f"{p['passthrough']['events_per_s']:,} / "
+             f"{p['burst_1_worker']['events_per_s']:,} events/s ({p['ratio_to_passthrough']:.0%})")
+            for i, p in enumerate(pairs)]
+           + [("ratio: lowest / median / highest (the figures above: the lowest pair)",
+               f"{ratios[0]:.0%} / {statistics.median(ratios):.0%} / {ratios[-1]:.0%}")])
 
 
 def _machine() -> dict[str, Any]:
@@ -802,5 +824,5 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     rates = [float(r) for r in args.rates.split(",") if r]
     return run_bench(settings, leads=args.leads, rates=rates, seconds=args.seconds, memory_leads=args.memory_leads,
                      redis_db=args.redis_db, json_path=args.json, parts=set(args.only.split(",")),
-                     read_leads=args.read_leads, reader_rate=args.reader_rate)
+                     read_leads=args.read_leads, reader_rate=args.reader_rate, pairs=args.pairs)
 

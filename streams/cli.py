@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parts to run: step, pipeline, burst (passthrough and one worker only), memory, reads "
                         "(reads: populates --read-leads leads), rescoring (populates --read-leads leads and times "
                         "a model rescoring pass; Redis only)")
+    b.add_argument("--pairs", type=int, default=1,
+                   help="part 'burst': passthrough and burst alternated this many times; each pair's ratio, and "
+                        "the lowest pair as the figures ('>= 20%% of the passthrough in every run')")
     b.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     add("rebuild-views", _rebuild_views, "Recompute every read model (leaderboards, funnel, owners) from the lead "
                                          "hashes: repair after a bug or a restore.")
