@@ -323,12 +323,12 @@ async def bench_pipeline(settings: Settings, leads: int, rates: list[float], sec
     return figures
 
 
-async def bench_one_burst(settings: Settings, leads: int, prefix: str = "b1") -> Figures:
+async def bench_one_burst(settings: Settings, leads: int) -> Figures:
     """One scoring worker's burst throughput, on a fresh worker (the trainer a worker of its own)."""
     await ensure_topics(settings)
     workers = [_start_trainer(settings), _start_scorer(settings, 0)]
     try:
-        return await bench_burst(settings, _fresh_events(leads, 7, prefix))
+        return await bench_burst(settings, _fresh_events(leads, 7, "b1"))
     finally:
         for w in workers:
             stop_worker(w)
@@ -702,7 +702,8 @@ def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float,
                 figures["burst_1_worker"]["events_per_s"] / figures["passthrough"]["events_per_s"], 3)
             _print_pipeline(figures)
         if "burst" in parts:  # a quick check of throughput alone: passthrough and one worker, same run
-            figures["burst_pairs"] = [_burst_pair(settings, leads, i) for i in range(pairs)]
+            figures["burst_pairs"] = [_burst_pair(bench_settings(base, redis_db, f"{tag}p{i}"), leads)
+                                      for i in range(pairs)]
             figures.update(min(figures["burst_pairs"], key=lambda p: p["ratio_to_passthrough"]))
             _print_pipeline(figures)
             if pairs > 1:
@@ -728,11 +729,16 @@ def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float,
     return 0
 
 
-def _burst_pair(settings: Settings, leads: int, i: int) -> Figures:
+def _burst_pair(settings: Settings, leads: int) -> Figures:
     """The passthrough, then one fresh worker's burst, of ``leads`` new simulated leads each: one ratio.
-    A pair's two halves share the machine's load of their minute; pairs taken apart show its swings."""
-    passthrough = asyncio.run(bench_passthrough(settings, _fresh_events(leads, 99, f"pt{i}")))
-    burst = asyncio.run(bench_one_burst(settings, leads, f"b{i}"))
+    A pair's two halves share the machine's load of their minute; pairs taken apart show its swings.
+    Each pair has topics and Redis data of its own (``settings``), removed after it: a pair never
+    reads an earlier pair's records, nor rescores its leads."""
+    try:
+        passthrough = asyncio.run(bench_passthrough(settings, _fresh_events(leads, 99, "pt")))
+        burst = asyncio.run(bench_one_burst(settings, leads))
+    finally:
+        asyncio.run(_cleanup(settings))
     return {"passthrough": passthrough, "burst_1_worker": burst,
             "ratio_to_passthrough": round(burst["events_per_s"] / passthrough["events_per_s"], 3),
             "load_avg_1m": round(os.getloadavg()[0], 2)}
