@@ -45,8 +45,9 @@ from models.tournament import (LEARNER_NAMES, Learner, Stack, StageModels, Tourn
 MODEL_KINDS = ("tournament", "logreg", "hoeffding", "forest", "naive_bayes")
 # Bumped whenever features or the model pipeline change incompatibly: a checkpoint of another
 # format is not loaded (the trainer starts afresh) instead of serving a model fed the wrong inputs.
-MODEL_FORMAT = 5  # 3: field policy, bounded (hashed / vocabulary) feature space; 4: the tournament;
-# 5: fields_known, the _linear copies of counts, logreg with AdaGrad, the stack starting as the mean of its members
+MODEL_FORMAT = 6  # 3: field policy, bounded (hashed / vocabulary) feature space; 4: the tournament;
+# 5: fields_known, the _linear copies of counts, logreg with AdaGrad, the stack starting as the mean of its members;
+# 6: the batch learner's smaller trees (HGB_PARAMS; a checkpoint keeps the parameters it was made with)
 # Numeric features spanning orders of magnitude: log-scaled so SGD sees comparable ranges.
 _LOG_PREFIXES = ("n_", "d_", "age_days", "recency_s", "time_in_stage_s", "visit_duration_s", "distinct_pages",
                  "sessions", "events_total")

@@ -118,6 +118,19 @@ def test_batch_learner_refits_every_n_outcomes_and_is_frozen_between() -> None:
     assert frozen is not None
 
 
+def test_batch_learner_grows_small_trees_unless_told_otherwise() -> None:
+    """4 leaves a tree on half the columns (HGB_PARAMS): better on both histories than 15 leaves, and cheaper
+    (docs/model-comparison.md, fourth round); a parameter given to the learner wins."""
+    rng = random.Random(3)
+    rows = [({f"n{j}": rng.random() for j in range(8)}, rng.random() < 0.5) for _ in range(400)]
+    for params, most in (({}, 4), ({"max_leaf_nodes": 15, "max_features": 1.0}, 15)):
+        b = BatchHGB(every=400, window=400, min_rows=20, **params)
+        for x, won in rows:
+            b.learn(x, won)
+        leaves = np.add.reduceat(b.model.leaf.astype(int), b.model.roots)  # per tree
+        assert b.fits == 1 and leaves.max() == most, (params, leaves.max())
+
+
 def test_deferred_refits_wait_for_the_caller() -> None:
     trainer = Trainer(min_outcomes=1, batch_every=30, defer_refits=True)
     for x, won in population(120):  # the batch learner needs 100 rows before its first fit
