@@ -47,7 +47,7 @@ MODEL_KINDS = ("tournament", "logreg", "hoeffding", "forest", "naive_bayes")
 # format is not loaded (the trainer starts afresh) instead of serving a model fed the wrong inputs.
 MODEL_FORMAT = 6  # 3: field policy, bounded (hashed / vocabulary) feature space; 4: the tournament;
 # 5: fields_known, the _linear copies of counts, logreg with AdaGrad, the stack starting as the mean of its members;
-# 6: the batch learner's smaller trees (HGB_PARAMS; a checkpoint keeps the parameters it was made with)
+# 6: the batch learner's smaller trees (HGB_PARAMS), gam instead of naive_bayes in the default tournament
 # Numeric features spanning orders of magnitude: log-scaled so SGD sees comparable ranges.
 _LOG_PREFIXES = ("n_", "d_", "age_days", "recency_s", "time_in_stage_s", "visit_duration_s", "distinct_pages",
                  "sessions", "events_total")
