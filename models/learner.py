@@ -433,9 +433,12 @@ class Trainer:
             raise ValueError(f"model kind {self.kind!r}: expected one of {', '.join(MODEL_KINDS)}")
         if self.tournament is None:
             names = LEARNER_NAMES if self.kind == "tournament" else (self.kind,)
+            # The stack serves until the window can choose (it starts as the mean of its members): whole-history
+            # served ROC AUC X Education 0.8753 -> 0.8769, simulated 40,000 leads 0.7991 -> 0.7994 against
+            # logreg first (docs/model-comparison.md, fourth round).
             self.tournament = Tournament(make_learners(names, batch_every=self.batch_every,
                                                        defer_refits=self.defer_refits),
-                                         margin=self.margin, default=names[0])
+                                         margin=self.margin, default="stack" if "stack" in names else names[0])
 
     @property
     def rejected_promotions(self) -> int:

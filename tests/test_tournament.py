@@ -105,6 +105,17 @@ def test_the_best_learner_on_the_window_becomes_champion() -> None:
     assert t.report()["learners"]["better"]["window_roc_auc"] > t.report()["learners"]["logreg"]["window_roc_auc"]
 
 
+def test_the_stack_serves_until_the_window_can_choose() -> None:
+    """The trainer's first champion is the stack (the mean of its members at first), not one member:
+    better whole-history figures on both histories (docs/model-comparison.md, fourth round)."""
+    assert Trainer().tournament.champion == "stack"
+    assert Trainer(kind="logreg").tournament.champion == "logreg"  # a single learner serves itself
+    trainer = Trainer(min_outcomes=5, batch_every=200)
+    for x, won in population(150):  # fewer than the window's 200 snapshots: nothing chosen yet
+        trainer.learn([{"features": {"n_download": x.get("n_download", 0.0)}, "rules_score": 0.5}], won)
+    assert trainer.tournament.champion == "stack" and trainer.serving().champion == "stack"
+
+
 def test_the_margin_keeps_the_champion_from_flapping() -> None:
     t = Tournament({"logreg": Fixed("logreg", 0.80, 1), "twin": Fixed("twin", 0.80, 2)},
                    window=1000, select_every=50, margin=0.1)
