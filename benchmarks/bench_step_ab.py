@@ -47,8 +47,8 @@ def load(tree: str) -> tuple[dict[str, Any], Runner, Any]:
     model = bench._trained_model(rules_text, events)
     raw = [(e["lead_id"].encode(), orjson.dumps(e), mods["events"].topic_kind_of(e["type"])) for e in events]
     cases: dict[str, Any] = {"rules": None, f"model ({model.champion})": model}
-    for champion in ("logreg", "naive_bayes"):
-        if champion != model.champion:
+    for champion in ("logreg", "naive_bayes", "gam"):  # naive_bayes before the fourth round, gam after
+        if champion != model.champion and champion in model.learners:
             forced = copy.copy(model)
             forced.__dict__.pop("_fast", None)  # frozen forms are built for the champion asked
             forced.champion = champion

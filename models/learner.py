@@ -45,8 +45,9 @@ from models.tournament import (LEARNER_NAMES, Learner, Stack, StageModels, Tourn
 MODEL_KINDS = ("tournament", "logreg", "hoeffding", "forest", "naive_bayes")
 # Bumped whenever features or the model pipeline change incompatibly: a checkpoint of another
 # format is not loaded (the trainer starts afresh) instead of serving a model fed the wrong inputs.
-MODEL_FORMAT = 5  # 3: field policy, bounded (hashed / vocabulary) feature space; 4: the tournament;
-# 5: fields_known, the _linear copies of counts, logreg with AdaGrad, the stack starting as the mean of its members
+MODEL_FORMAT = 6  # 3: field policy, bounded (hashed / vocabulary) feature space; 4: the tournament;
+# 5: fields_known, the _linear copies of counts, logreg with AdaGrad, the stack starting as the mean of its members;
+# 6: the batch learner's smaller trees (HGB_PARAMS), gam instead of naive_bayes in the default tournament
 # Numeric features spanning orders of magnitude: log-scaled so SGD sees comparable ranges.
 _LOG_PREFIXES = ("n_", "d_", "age_days", "recency_s", "time_in_stage_s", "visit_duration_s", "distinct_pages",
                  "sessions", "events_total")
@@ -432,9 +433,12 @@ class Trainer:
             raise ValueError(f"model kind {self.kind!r}: expected one of {', '.join(MODEL_KINDS)}")
         if self.tournament is None:
             names = LEARNER_NAMES if self.kind == "tournament" else (self.kind,)
+            # The stack serves until the window can choose (it starts as the mean of its members): whole-history
+            # served ROC AUC X Education 0.8753 -> 0.8769, simulated 40,000 leads 0.7991 -> 0.7994 against
+            # logreg first (docs/model-comparison.md, fourth round).
             self.tournament = Tournament(make_learners(names, batch_every=self.batch_every,
                                                        defer_refits=self.defer_refits),
-                                         margin=self.margin, default=names[0])
+                                         margin=self.margin, default="stack" if "stack" in names else names[0])
 
     @property
     def rejected_promotions(self) -> int:

@@ -178,7 +178,7 @@ def test_run_evaluate_json_shape(capsys: pytest.CaptureFixture[str]) -> None:
     assert doc["last_20pct"] == {"first_deal_index": 16, "n": 4}
     assert set(doc["metrics"]) == {"whole", "last_20pct"}
     for part in doc["metrics"].values():  # the stream's three scorers, then one entry per tournament learner
-        assert set(part) == {"rules", "model", "served", "logreg", "naive_bayes", "batch_hgb", "stack"}
+        assert set(part) == {"rules", "model", "served", "logreg", "gam", "batch_hgb", "stack"}
         for m in part.values():
             assert set(m) == {"n", "won", "win_rate", "roc_auc", "log_loss", "brier", "top_decile_lift"}
     assert doc["metrics"]["whole"]["rules"]["roc_auc"] == round(79 / 96, 4)

@@ -51,6 +51,25 @@ def test_every_learner_passes_the_shared_checks(name: str) -> None:
     assert t.predict_all(x0) == t.predict_all(x0)  # predicting changes nothing
 
 
+def test_gam_learns_an_effect_of_any_shape_where_the_linear_learner_cannot() -> None:
+    """A number that wins only in a middle band (e.g. time on site: neither a glance nor an idle tab):
+    the binned learner ranks it, a straight line in the number cannot."""
+    rng = random.Random(5)
+    learners = make_learners(("logreg", "gam"))
+    preds: dict[str, list[float]] = {"logreg": [], "gam": []}
+    labels = []
+    for _ in range(3000):
+        v = rng.uniform(0.0, 6.0)
+        won = rng.random() < (0.8 if 2.0 <= v < 4.0 else 0.2)
+        x = {"visit_duration_s": v, "visit_duration_s_linear": v, "stage=new": 1.0}
+        for name, learner in learners.items():
+            preds[name].append(learner.predict_proba(x))
+            learner.learn(x, won)
+        labels.append(int(won))
+    late = {name: roc_auc(p[1000:], labels[1000:]) for name, p in preds.items()}
+    assert late["gam"] > 0.75 > 0.6 > late["logreg"], late  # the best possible: 0.80
+
+
 # ---------------------------------------------------------------- champion choice
 
 
@@ -86,6 +105,17 @@ def test_the_best_learner_on_the_window_becomes_champion() -> None:
     assert t.report()["learners"]["better"]["window_roc_auc"] > t.report()["learners"]["logreg"]["window_roc_auc"]
 
 
+def test_the_stack_serves_until_the_window_can_choose() -> None:
+    """The trainer's first champion is the stack (the mean of its members at first), not one member:
+    better whole-history figures on both histories (docs/model-comparison.md, fourth round)."""
+    assert Trainer().tournament.champion == "stack"
+    assert Trainer(kind="logreg").tournament.champion == "logreg"  # a single learner serves itself
+    trainer = Trainer(min_outcomes=5, batch_every=200)
+    for x, won in population(150):  # fewer than the window's 200 snapshots: nothing chosen yet
+        trainer.learn([{"features": {"n_download": x.get("n_download", 0.0)}, "rules_score": 0.5}], won)
+    assert trainer.tournament.champion == "stack" and trainer.serving().champion == "stack"
+
+
 def test_the_margin_keeps_the_champion_from_flapping() -> None:
     t = Tournament({"logreg": Fixed("logreg", 0.80, 1), "twin": Fixed("twin", 0.80, 2)},
                    window=1000, select_every=50, margin=0.1)
@@ -116,6 +146,19 @@ def test_batch_learner_refits_every_n_outcomes_and_is_frozen_between() -> None:
         b.learn(xi, won)
         assert b.predict_proba(x) == refit  # frozen until the next refit
     assert frozen is not None
+
+
+def test_batch_learner_grows_small_trees_unless_told_otherwise() -> None:
+    """4 leaves a tree on half the columns (HGB_PARAMS): better on both histories than 15 leaves, and cheaper
+    (docs/model-comparison.md, fourth round); a parameter given to the learner wins."""
+    rng = random.Random(3)
+    rows = [({f"n{j}": rng.random() for j in range(8)}, rng.random() < 0.5) for _ in range(400)]
+    for params, most in (({}, 4), ({"max_leaf_nodes": 15, "max_features": 1.0}, 15)):
+        b = BatchHGB(every=400, window=400, min_rows=20, **params)
+        for x, won in rows:
+            b.learn(x, won)
+        leaves = np.add.reduceat(b.model.leaf.astype(int), b.model.roots)  # per tree
+        assert b.fits == 1 and leaves.max() == most, (params, leaves.max())
 
 
 def test_deferred_refits_wait_for_the_caller() -> None:
@@ -175,7 +218,7 @@ def test_trainer_serves_the_champion_and_reports_every_learner() -> None:
     assert report["champion"]["roc_auc"] > 0.65
 
 
-@pytest.mark.parametrize("champion", ["logreg", "naive_bayes", "batch_hgb", "stack"])
+@pytest.mark.parametrize("champion", ["logreg", "gam", "batch_hgb", "stack"])
 def test_serving_predicts_every_champion_as_its_learner_does(champion: str) -> None:
     """ServingModel.predict uses frozen forms (linear dicts, naive Bayes lookups, compiled trees): the
     same probability as the learner's own, the linear model's reasons, before and after a reload."""
