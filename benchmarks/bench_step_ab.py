@@ -47,7 +47,7 @@ def load(tree: str) -> tuple[dict[str, Any], Runner, Any]:
     model = bench._trained_model(rules_text, events)
     raw = [(e["lead_id"].encode(), orjson.dumps(e), mods["events"].topic_kind_of(e["type"])) for e in events]
     cases: dict[str, Any] = {"rules": None, f"model ({model.champion})": model}
-    for champion in ("logreg", "naive_bayes", "gam"):  # naive_bayes before the fourth round, gam after
+    for champion in ("logreg", "naive_bayes", "gam", "stack"):  # naive_bayes before the fourth round, gam after
         if champion != model.champion and champion in model.learners:
             forced = copy.copy(model)
             forced.__dict__.pop("_fast", None)  # frozen forms are built for the champion asked
@@ -75,10 +75,12 @@ def main(before: str, after: str, passes: int, gc_on: bool = True) -> None:
             for name, serving in cases.items():
                 spent = run(step_pass, serving)
                 best[tree, name] = list(map(min, best.get((tree, name), spent), spent))
-    for name in trees["before"][0]:
-        b, a = sum(best["before", name]), sum(best.get(("after", name), []))
-        after_text = f"{a:6.1f} µs/event ({a / b - 1:+.0%})" if a else "-"
-        print(f"{name:22s} before {b:6.1f} µs/event   after {after_text}")
+    names = list(trees["before"][0]) + [n for n in trees["after"][0] if n not in trees["before"][0]]
+    for name in names:  # a case one tree lacks (another champion, a learner it has not) shows "-"
+        b, a = sum(best.get(("before", name), [])), sum(best.get(("after", name), []))
+        before_text = f"{b:6.1f} µs/event" if b else "-".rjust(13)
+        after_text = f"{a:6.1f} µs/event" + (f" ({a / b - 1:+.0%})" if b else "") if a else "-"
+        print(f"{name:22s} before {before_text}   after {after_text}")
     print(f"CPU time per event, each batch's best of {passes} alternated passes, GC {'on' if gc_on else 'off'}: "
           f"before {before}, after {after}")
 
