@@ -336,6 +336,9 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
                   keep_examples=keep_examples, batch_every=batch_every, refit_lag=refit_lag)
 
 
+_RULES_EXACT = "_rules_score"  # a key the replay adds to a training example and _learn takes out
+
+
 class _Replay:
     """The model-free half of :func:`evaluate_events`: events decoded, deduplicated and stepped as the
     stream steps them (rules only); yields each deal's training example and counts the rest."""
@@ -398,6 +401,10 @@ class _Replay:
             if first_close and r.training is None and r.state is not None:  # an outcome with nothing before it
                 self.closed_without_snapshot += 1
             if r.training is not None:
+                # The rules' exact score of the deal's last snapshot (the report's "rules" column), here
+                # rather than on the trainer, whose process finishes last; _learn pops it.
+                r.training[_RULES_EXACT] = self.rules.score(r.training["snapshots"][-1]["features"],
+                                                            max_reasons=0).score
                 yield r.training
 
 
@@ -419,12 +426,14 @@ def _learn(trainings: Iterable[dict[str, Any]], replay: _Replay | Callable[[], d
     result = EvaluationResult([], model_kind=model_kind, min_outcomes=min_outcomes, batch_every=batch_every)
     for training in trainings:
         features = training["snapshots"][-1]["features"]  # the last snapshot before the outcome
+        rules_score = training.pop(_RULES_EXACT, None)
         assert scorer.model is not None
         learners, x = scorer.model.score_all(features, reasons=False)  # every learner, before learning the deal
         served = scorer.score(features)  # the champion's figure is not computed again
         p_model = learners[scorer.model.champion]
         result.predictions.append(Prediction(
-            len(result.predictions), training["lead_id"], bool(training["won"]), scorer.rules_score(features, served),
+            len(result.predictions), training["lead_id"], bool(training["won"]),
+            scorer.rules_score(features, served) if rules_score is None else rules_score,
             p_model, served.score, served.source, served.model_version, learners))
         trainer.learn(training["snapshots"], training["won"], last=(x, learners))
         if keep_examples:
