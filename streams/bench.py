@@ -754,7 +754,6 @@ def _print_pairs(pairs: list[Figures]) -> None:
 
 
 def _machine() -> dict[str, Any]:
-    import os
     import platform
 
     return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),

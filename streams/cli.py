@@ -146,6 +146,17 @@ def _settings(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leadstream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parts to run: step, pipeline, burst (passthrough and one worker only), memory, reads "
                         "(reads: populates --read-leads leads), rescoring (populates --read-leads leads and times "
                         "a model rescoring pass; Redis only)")
-    b.add_argument("--pairs", type=int, default=1,
+    b.add_argument("--pairs", type=_at_least_one, default=1,
                    help="part 'burst': passthrough and burst alternated this many times; each pair's ratio, and "
                         "the lowest pair as the figures ('>= 20%% of the passthrough in every run')")
     b.add_argument("--json", type=Path, default=None, help="also write the figures to this file")

@@ -35,6 +35,14 @@ def test_cli_reports_a_bad_setting_without_a_traceback(monkeypatch, capsys):
     assert capsys.readouterr().err.startswith("leadstream: bad setting: LEADSTREAM_KAFKA='nope'")
 
 
+@pytest.mark.parametrize("pairs", ["0", "two"])
+def test_bench_rejects_a_bad_number_of_pairs_naming_the_option(pairs, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--only", "burst", "--pairs", pairs])
+    assert exc.value.code == 2
+    assert f"argument --pairs: {pairs!r}: expected a whole number >= 1" in capsys.readouterr().err
+
+
 def test_every_setting_is_documented():
     text = describe()
     assert all(s.env in text and s.doc for s in SETTINGS.values())
