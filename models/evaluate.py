@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from models.events import Event, RejectedEvent, parse_event, topic_kind_of
 from models.history import MappingError, load_mapping, stream_history
+from models.metrics import mean_log_loss
 from models.fields import Encoder
 from models.rules import ConfigError, Rules, load_rules
 from models.scoring import MAX_STAGE_SNAPSHOTS, Scorer, step
@@ -118,17 +119,12 @@ def score_metrics(scores: Sequence[float], labels: Sequence[int]) -> dict[str, f
     n = len(scores)
     auc = fast_auc(scores, labels) if n else None  # exactly roc_auc's figure (sums of half-integers), in numpy
     lift = top_fraction_lift(scores, labels)
-    # models.metrics.log_loss inlined (the end of every evaluate sums 16 columns of every deal): the
-    # same clipping and the same terms, summed in the same order.
-    log, low, high = math.log, 1e-15, 1 - 1e-15
-    losses = [-log(q if y else 1 - q) for p, y in zip(scores, labels)
-              for q in (low if p < low else high if p > high else p,)]
     return {
         "n": n,
         "won": int(sum(labels)),
         "win_rate": round(sum(labels) / n, 4) if n else None,
         "roc_auc": None if auc is None else round(auc, 4),
-        "log_loss": round(sum(losses) / n, 4) if n else None,
+        "log_loss": round(mean_log_loss(scores, labels), 4) if n else None,
         "brier": round(sum([(p - y) ** 2 for p, y in zip(scores, labels)]) / n, 4) if n else None,
         "top_decile_lift": lift,
     }

@@ -13,7 +13,7 @@ Every prediction is recorded *before* the model learns from its label.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,9 +39,17 @@ def roc_auc(scores: Iterable[float], labels: Iterable[int]) -> float | None:
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
-def log_loss(p: float, y: int) -> float:
-    p = min(max(p, 1e-15), 1 - 1e-15)
-    return -math.log(p if y else 1 - p)
+def mean_log_loss(scores: Sequence[float], labels: Sequence[int]) -> float:
+    """Mean log loss of probabilities ``scores`` clipped to [1e-15, 1 - 1e-15] (``evaluate`` sums every
+    learner's column of every deal: no call per deal); ``labels`` must not be empty.
+
+    >>> round(mean_log_loss([0.9, 0.2, 0.0], [1, 0, 0]), 4)
+    0.1095
+    """
+    log, low, high = math.log, 1e-15, 1 - 1e-15
+    losses = [-log(q if y else 1 - q) for p, y in zip(scores, labels)
+              for q in (low if p < low else high if p > high else p,)]
+    return sum(losses) / len(losses)
 
 
 @dataclass
@@ -62,12 +70,12 @@ class Prequential:
     pairs: float | None = field(default=0.0, compare=False)  # derived from pos and neg
 
     def update(self, p: float, y: int) -> None:
-        # Run for every learner and every snapshot: log_loss and min() inlined, the same arithmetic.
+        # Run for every learner and every snapshot: the log loss and min() inlined, the same arithmetic.
         pos, neg, bins = self.pos, self.neg, self.bins
         if not pos:
             pos, neg = self.pos, self.neg = [0] * bins, [0] * bins
         self.n += 1
-        q = 1e-15 if p < 1e-15 else p  # log_loss(p, y)
+        q = 1e-15 if p < 1e-15 else p  # as mean_log_loss clips
         q = 1 - 1e-15 if q > 1 - 1e-15 else q
         self.log_loss_sum += -math.log(q if y else 1 - q)
         self.brier_sum += (p - y) ** 2
