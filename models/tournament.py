@@ -326,7 +326,7 @@ class BinnedLogistic:
             if "=" in k:
                 out.append(k)
             elif not k.endswith("_linear"):
-                out.append(f"{k}#{int(self.per_unit * v) if v < 50 else 1000 + int(self.per_unit * math.log1p(v))}")
+                out.append(f"{k}#{_bin(v, self.per_unit)}")
         return out
 
     def _z(self, keys: list[str]) -> float:
@@ -347,6 +347,12 @@ class BinnedLogistic:
         self.intercept_squares += g * g
         self.intercept -= step / math.sqrt(self.intercept_squares + 1e-8)
         self.seen += 1
+
+
+def _bin(v: float, per_unit: float) -> int:
+    """The bin of a number for :class:`BinnedLogistic` (learning) and :class:`FastBinned` (serving):
+    ``per_unit`` bins per unit up to 50, then by the log beyond."""
+    return int(per_unit * v) if v < 50 else 1000 + int(per_unit * math.log1p(v))
 
 
 @dataclass
@@ -594,13 +600,13 @@ class FastBinned:
                 self.bins.setdefault(name, {})[int(b)] = w
 
     def predict_proba(self, x: X) -> float:
-        one_hot, bins, per_unit, log1p = self.one_hot.get, self.bins.get, self.per_unit, math.log1p
+        one_hot, bins, per_unit = self.one_hot.get, self.bins.get, self.per_unit
         total = 0
         for k, v in x.items():
             if "=" in k:
                 total += one_hot(k, 0.0)
             elif (table := bins(k)) is not None:
-                total += table.get(int(per_unit * v) if v < 50 else 1000 + int(per_unit * log1p(v)), 0.0)
+                total += table.get(_bin(v, per_unit), 0.0)
         return _sigmoid(self.intercept + total)
 
 
