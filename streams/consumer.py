@@ -64,6 +64,7 @@ class ScoringLoop:
         self._read: dict[TopicPartition, int] = {}  # next offset to read, per assigned partition
         self._to_commit: dict[TopicPartition, int] = {}  # acknowledged, not yet committed
         self._committer: asyncio.Task[None] | None = None  # at most one commit at a time
+        self._last_commit = float("-inf")  # monotonic time the last commit started
 
     async def start(self) -> None:
         self.consumer = AIOKafkaConsumer(
@@ -154,45 +155,51 @@ class ScoringLoop:
                 self.pipeline.acknowledged(batch.resent_material)
                 done.update(batch.offsets)
                 metrics.observe_batch(batch.messages, batch.outs, self.pipeline.counts, batch.seconds)
-            if done:
-                self._to_commit.update(done)  # batches in order: later offsets win
-                self._start_commits()
+            self._to_commit.update(done)  # batches in order: later offsets win
+            self._start_commits()  # also when idle: the last batches' offsets get their commit
 
-    def _start_commits(self) -> None:
-        if self._to_commit and (self._committer is None or self._committer.done()):
+    def _start_commits(self, now: bool = False) -> None:
+        """Start a commit of what was acknowledged, at most every ``LEADSTREAM_COMMIT_EVERY_SECONDS``
+        unless ``now``: at a few events per batch, a commit per batch (a Redis and a Kafka round trip)
+        cost more than the events (worker CPU per event at 500 events/s, see benchmarks/README.md)."""
+        if not self._to_commit or (self._committer is not None and not self._committer.done()):
+            return
+        if now or time.monotonic() - self._last_commit >= self.settings.commit_every_s:
+            self._last_commit = time.monotonic()
             self._committer = asyncio.create_task(self._commit_acknowledged(), name="scoring-commits")
 
     async def _commit_acknowledged(self) -> None:
-        """Commit what was acknowledged, one commit at a time, off the loop's path: the loop goes on
-        with the next batch meanwhile, and the offsets acknowledged during a commit go in the next."""
-        while self._to_commit:
-            offsets, self._to_commit = self._to_commit, {}
-            try:
-                # Re-send material goes before the offsets are committed: a crash in between must
-                # leave neither stale material nor an uncommitted offset without its material.
-                await with_retry(self.pipeline.flush_acked, "dropping acknowledged re-send material")
-                await self._commit(offsets)
-            except BaseException as exc:  # kept for the next try (a replay would be harmless anyway)
-                self._to_commit = offsets | self._to_commit
-                if not isinstance(exc, Exception):
-                    raise
-                log.warning("scoring loop: offsets not committed yet: %r", exc)
-                return
+        """Commit what was acknowledged, off the loop's path: the loop goes on with the next batch
+        meanwhile, and the offsets acknowledged during a commit go in the next."""
+        offsets, self._to_commit = self._to_commit, {}
+        try:
+            # Re-send material goes before the offsets are committed: a crash in between must
+            # leave neither stale material nor an uncommitted offset without its material.
+            await with_retry(self.pipeline.flush_acked, "dropping acknowledged re-send material")
+            await self._commit(offsets)
+        except BaseException as exc:  # kept for the next try (a replay would be harmless anyway)
+            self._to_commit = offsets | self._to_commit
+            if not isinstance(exc, Exception):
+                raise
+            log.warning("scoring loop: offsets not committed yet: %r", exc)
 
     async def drain_commits(self, timeout_s: float = COMMIT_WAIT_S) -> None:
         """Commit everything acknowledged before partitions move or the worker stops, waiting at most
         ``timeout_s``: a commit hanging on a re-forming group must not hold the rebalance (what is
         not committed is read again by the next owner, and the offset guard makes that harmless)."""
-        self._start_commits()
-        committer = self._committer
-        if committer is None or committer.done():  # nothing to commit, or a failed try already logged
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(committer), timeout_s)
-        except asyncio.TimeoutError:
-            log.warning("scoring loop: the last commit took over %.0f s; left to the next owner", timeout_s)
-            committer.cancel()
-            await asyncio.wait([committer], timeout=1.0)  # its offsets back in _to_commit
+        deadline = time.monotonic() + timeout_s
+        for _ in range(2):  # a commit under way, then what was acknowledged while it ran
+            self._start_commits(now=True)
+            committer = self._committer
+            if committer is None or committer.done():  # nothing to commit, or a failed try already logged
+                return
+            try:
+                await asyncio.wait_for(asyncio.shield(committer), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                log.warning("scoring loop: the last commit took over %.0f s; left to the next owner", timeout_s)
+                committer.cancel()
+                await asyncio.wait([committer], timeout=1.0)  # its offsets back in _to_commit
+                return
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         assert self.consumer is not None

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 # Leads rescored per write: small, so the scoring loop gets the event loop between two chunks (a chunk
 # is 30-50 ms of CPU); larger ones cut no measurable per-chunk cost (bench: same CPU per lead at 500).
 RESCORE_CHUNK = 100
+# While events arrive, a chunk holds the event loop for its whole CPU time (~0.4 ms per lead): 20
+# leads keep that under ~10 ms for the events behind it (p99 at 500 events/s: benchmarks/README.md).
+RESCORE_CHUNK_BUSY = 20
 PASS_TTL_S = 86_400  # a model pass's snapshot of the leaderboard outlives a crashed worker by a day at most
 
 
@@ -93,16 +96,18 @@ class Rescorer:
         if not owned:
             return
         budget = max(1, int(self.settings.rescore_rate * self.settings.rescore_poll_s))
+        chunk = RESCORE_CHUNK
         if self.pipeline.busy(self.settings.rescore_poll_s):
             budget = max(1, budget // 10)  # events first, but quiet leads still move
+            chunk = RESCORE_CHUNK_BUSY
         now_ms = int(time.time() * 1000)
         due = await self._due(now_ms, budget, owned)
         if due:
-            await self._rescore(due, "decay", now_ms)
+            await self._rescore(due, "decay", now_ms, chunk)
         left = budget - len(due)
         await self._maybe_start_pass()
         if self._model_ranks is not None and left > 0 and self.pipeline.scorer.version > 0:
-            await self._rescore(await self._next_for_model(left, owned), "model", now_ms)
+            await self._rescore(await self._next_for_model(left, owned), "model", now_ms, chunk)
 
     async def _due(self, now_ms: int, limit: int, owned: set[int]) -> list[str]:
         pipe = self.client.pipeline(transaction=False)
@@ -146,14 +151,14 @@ class Rescorer:
             await pipe.execute()
         return [lead for lead in leads if partition_of(lead, self.settings.partitions) in owned]
 
-    async def _rescore(self, leads: list[str], trigger: str, now_ms: int) -> None:
+    async def _rescore(self, leads: list[str], trigger: str, now_ms: int, chunk: int = RESCORE_CHUNK) -> None:
         acks: list[Awaitable[object]] = []
-        for i in range(0, len(leads), RESCORE_CHUNK):
+        for i in range(0, len(leads), chunk):
             # Writes and hands the records to the producer in the order of the writes: a lead's stale
             # rescore must never reach the topic after the tombstone of its deletion (a compacted
             # consumer would keep it). The producer keeps that order, as for event batches.
             async with self.pipeline.send_order:
-                outs = await self.pipeline.rescore_leads(leads[i:i + RESCORE_CHUNK], trigger, now_ms)
+                outs = await self.pipeline.rescore_leads(leads[i:i + chunk], trigger, now_ms)
                 acks += await self.sender.enqueue(outs)
         # Kafka's acknowledgements awaited once, out of the lock: event batches and the next chunk
         # do not wait a broker round trip per chunk.

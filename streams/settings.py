@@ -243,6 +243,10 @@ SETTINGS: dict[str, Setting] = {
     "batch_wait_s": Setting("LEADSTREAM_BATCH_WAIT_SECONDS", "0.005", _positive_float,
                             "How long the scoring loop waits for input when none has arrived; a batch never "
                             "waits to fill: it takes what was fetched meanwhile, so it grows with the load."),
+    "commit_every_s": Setting("LEADSTREAM_COMMIT_EVERY_SECONDS", "1.0", _positive_float,
+                              "How often the scoring loop commits the input offsets Kafka has acknowledged the "
+                              "outputs of. A commit costs a Redis and a Kafka round trip; after a crash, what "
+                              "was not committed is read again and changes nothing (the offset guard)."),
     "rescore_every_s": Setting("LEADSTREAM_RESCORE_EVERY_SECONDS", "86400", _int(1),
                                "An open lead with no event is rescored (time decay) this long after its last score."),
     "rescore_rate": Setting("LEADSTREAM_RESCORE_RATE", "1000", _int(1),
@@ -342,6 +346,7 @@ class Settings:
     tombstone_ttl_s: int
     batch_max_events: int
     batch_wait_s: float
+    commit_every_s: float
     rescore_every_s: int
     rescore_rate: int
     rescore_model_every_s: int

@@ -77,6 +77,32 @@ async def test_offsets_are_committed_only_after_the_acks_and_the_clean_up() -> N
     assert consumer.commits == [{TP: 10}, {TP: 20}]
 
 
+async def test_commits_come_at_most_every_commit_interval_and_drain_commits_the_rest() -> None:
+    """At a few events per batch a commit per batch cost more than the events: acknowledged offsets
+    wait for LEADSTREAM_COMMIT_EVERY_SECONDS; a rebalance or a stop commits them at once."""
+    pipeline = FakePipeline()
+    loop, consumer = loop_with(pipeline)
+    loop.settings = Settings.from_env({"LEADSTREAM_COMMIT_EVERY_SECONDS": "0.2"})
+    for offset in (10, 20, 30):
+        ack = asyncio.get_running_loop().create_future()
+        ack.set_result(None)
+        loop._in_flight.append(batch(ack, offset, f"l{offset}"))
+        await loop._settle(keep=0)
+        await asyncio.sleep(0.01)
+    assert consumer.commits == [{TP: 10}]  # the first at once; the next two within the interval wait
+    await asyncio.sleep(0.25)
+    await loop._settle(keep=0)  # the loop's idle turn: the interval has passed
+    await asyncio.sleep(0.01)
+    assert consumer.commits == [{TP: 10}, {TP: 30}] and pipeline.flushed == 2
+    ack = asyncio.get_running_loop().create_future()
+    ack.set_result(None)
+    loop._in_flight.append(batch(ack, 40, "l40"))
+    await loop._settle(keep=0)
+    assert consumer.commits[-1] == {TP: 30}
+    await loop.drain_commits()  # before partitions move: no waiting for the interval
+    assert consumer.commits[-1] == {TP: 40} and loop._to_commit == {}
+
+
 async def test_the_loop_goes_on_while_a_commit_is_under_way() -> None:
     """A slow commit does not hold the next batches; what they acknowledge meanwhile goes in one commit."""
     pipeline = FakePipeline()
