@@ -486,13 +486,38 @@ def _can_fork() -> bool:
     return sys.platform.startswith("linux")
 
 
-def _window_key(rows: list[tuple[dict[str, float], bool]], params: dict[str, Any], max_columns: int) -> bytes:
-    """A digest of everything a batch fit depends on: the rows (keys in order, exact float bits), the
-    parameters and the column cap. ``marshal`` version 2 writes values only (no shared references)."""
-    import hashlib
-    import marshal
+class _WindowKeys:
+    """Digests of the batch learner's windows: of everything a fit depends on, the rows (keys in order,
+    exact float bits), the parameters and the column cap. Each row is hashed once, when it first comes
+    in a window (a row is in ``window / every`` windows: 5 by default); a window's digest is that of
+    its rows' digests. ``marshal`` version 2 writes values only (no shared references).
 
-    return hashlib.blake2b(marshal.dumps((rows, sorted(params.items()), max_columns), 2)).digest()
+    >>> keys = _WindowKeys()
+    >>> rows = [({"a": 1.0}, True), ({"a": 2.0, "b": 0.5}, False)]
+    >>> first = keys.key(rows, {"p": 1}, 10)
+    >>> first == _WindowKeys().key([({"a": 1.0}, True), ({"a": 2.0, "b": 0.5}, False)], {"p": 1}, 10)
+    True
+    >>> first != keys.key(rows[1:], {"p": 1}, 10) and first != keys.key(rows, {"p": 2}, 10)
+    True
+    """
+
+    def __init__(self) -> None:
+        self.known: dict[int, tuple[bytes, dict[str, float], bool]] = {}  # id(x) -> its digest, x, y
+
+    def key(self, rows: list[tuple[dict[str, float], bool]], params: dict[str, Any], max_columns: int) -> bytes:
+        import hashlib
+        import marshal
+
+        known, seen, digests = self.known, {}, []
+        for x, y in rows:
+            hit = known.get(id(x))
+            if hit is None or hit[1] is not x or hit[2] != y:  # the reference kept: an id is never reused meanwhile
+                hit = (hashlib.blake2b(marshal.dumps((x, y), 2), digest_size=16).digest(), x, y)
+            seen[id(x)] = hit
+            digests.append(hit[0])
+        self.known = seen  # only the rows of this window: the next shares most of them
+        rest = marshal.dumps((sorted(params.items()), max_columns), 2)
+        return hashlib.blake2b(b"".join(digests) + rest).digest()
 
 
 class _Prefits:
@@ -504,6 +529,7 @@ class _Prefits:
 
     def __init__(self, queue: Any, process: Any) -> None:
         self.queue, self.process = queue, process
+        self.window_keys = _WindowKeys()
         self.used = 0
         self.refused = 0
 
@@ -530,7 +556,7 @@ class _Prefits:
 
         if self.queue is not None:
             item = self._next()
-            if item is not None and item[0] == _window_key(rows, params, max_columns):
+            if item is not None and item[0] == self.window_keys.key(rows, params, max_columns):
                 self.used += 1
                 fitted, code = item[1], item[2]
                 if code is not None:  # the trees as compiled there: the same source, so the same function
@@ -559,13 +585,14 @@ def _prefit_main(inboxes: list[Any], outbox: Any, trainer_args: dict[str, Any]) 
     _batch_gc()  # a child process of its own
     trainer = Trainer(**trainer_args)
     learners = [l for l in trainer.tournament.learners.values() if isinstance(l, BatchHGB)]
+    window_keys = _WindowKeys()
 
     def fit_and_send(rows: list[tuple[dict[str, float], bool]], params: dict[str, Any],
                      max_columns: int) -> tuple[Any, ...]:
         fitted = BatchHGB.fit_rows(rows, params, max_columns)
         fn = fitted[0].compiled()
         code = marshal.dumps(fn.__code__) if fn.__code__.co_name == "raw" and not fn.__code__.co_freevars else None
-        outbox.put((_window_key(rows, params, max_columns), fitted, code))
+        outbox.put((window_keys.key(rows, params, max_columns), fitted, code))
         return fitted
 
     for learner in learners:
