@@ -75,14 +75,36 @@ class RiverLearner:
         self.model = make_model(kind)
         self.seen = 0
 
+    def _linear(self) -> Any:
+        """The logistic pipeline's parts, to step it without River's pipeline machinery (None for
+        another model): the same calls in the same order, the same bits (see LinearParts)."""
+        parts = self.__dict__.get("_parts", False)
+        if parts is False:
+            from models.learner import LinearParts
+
+            parts = self.__dict__["_parts"] = LinearParts.of(self.model)
+        return parts
+
     def predict_proba(self, x: X) -> float:
         if not self.seen:  # untrained River trees say 0, not "don't know"
             return 0.5
+        parts = self._linear()
+        if parts is not None:
+            return parts.predict_proba(x)
         return float(self.model.predict_proba_one(x).get(True, 0.0))
 
     def learn(self, x: X, y: bool) -> None:
-        self.model.learn_one(x, bool(y))
+        parts = self._linear()
+        if parts is not None:
+            parts.learn(x, bool(y))
+        else:
+            self.model.learn_one(x, bool(y))
         self.seen += 1
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_parts", None)  # views of the model: found again after loading
+        return state
 
 
 class BatchHGB:
@@ -321,13 +343,27 @@ class BinnedLogistic:
         self.seen = 0
 
     def keys(self, x: X) -> list[str]:
+        """The keys of ``x``: its one-hot keys and each number's bin. The trainer asks twice for each
+        snapshot (scored, then learned): the keys of the last few ``x`` are kept, by identity."""
+        cache = self.__dict__.setdefault("_keys", {})
+        hit = cache.get(id(x))
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        if len(cache) >= 32:
+            cache.clear()
         out = []
         for k, v in x.items():
             if "=" in k:
                 out.append(k)
             elif not k.endswith("_linear"):
                 out.append(f"{k}#{_bin(v, self.per_unit)}")
+        cache[id(x)] = (x, out)  # x kept: its id is not reused while it is here
         return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_keys", None)
+        return state
 
     def _z(self, keys: list[str]) -> float:
         get = self.weights.get
