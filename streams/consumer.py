@@ -161,7 +161,7 @@ class ScoringLoop:
     def _start_commits(self, now: bool = False) -> None:
         """Start a commit of what was acknowledged, at most every ``LEADSTREAM_COMMIT_EVERY_SECONDS``
         unless ``now``: at a few events per batch, a commit per batch (a Redis and a Kafka round trip)
-        cost more than the events (worker CPU per event at 500 events/s, see benchmarks/README.md)."""
+        cost more than the events (worker CPU per event at 500 events/s: docs/performance.md)."""
         if not self._to_commit or (self._committer is not None and not self._committer.done()):
             return
         if now or time.monotonic() - self._last_commit >= self.settings.commit_every_s:

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # is 30-50 ms of CPU); larger ones cut no measurable per-chunk cost (bench: same CPU per lead at 500).
 RESCORE_CHUNK = 100
 # While events arrive, a chunk holds the event loop for its whole CPU time (~0.4 ms per lead): 20
-# leads keep that under ~10 ms for the events behind it (p99 at 500 events/s: benchmarks/README.md).
+# leads keep that under ~10 ms for the events behind it (p99 at 500 events/s: docs/performance.md).
 RESCORE_CHUNK_BUSY = 20
 PASS_TTL_S = 86_400  # a model pass's snapshot of the leaderboard outlives a crashed worker by a day at most
 
