@@ -115,8 +115,7 @@ class ScoringLoop:
         while True:
             try:
                 async with self._cycle:
-                    fetched = await self.consumer.getmany(timeout_ms=wait_ms,
-                                                          max_records=self.settings.batch_max_events)
+                    fetched = await self._fetch(wait_ms)
                     if fetched:
                         await self._process(fetched)
                 await self._settle(keep=IN_FLIGHT - 1 if fetched else 0)
@@ -127,6 +126,20 @@ class ScoringLoop:
                 log.exception("scoring loop stopped by %r", exc)  # whose restart redelivers the batch
                 await self.on_crash(exc)
                 return
+
+    async def _fetch(self, wait_ms: int) -> dict[TopicPartition, list]:
+        """What the consumer has fetched, up to ``LEADSTREAM_BATCH_MAX_EVENTS``; a smaller batch first
+        waits ``LEADSTREAM_BATCH_LINGER_SECONDS`` for more (records of a partition stay in order)."""
+        assert self.consumer is not None
+        limit = self.settings.batch_max_events
+        fetched = await self.consumer.getmany(timeout_ms=wait_ms, max_records=limit)
+        taken = sum(map(len, fetched.values()))
+        if not fetched or self.settings.batch_linger_s <= 0 or taken >= limit:
+            return fetched
+        await asyncio.sleep(self.settings.batch_linger_s)
+        for tp, records in (await self.consumer.getmany(timeout_ms=0, max_records=limit - taken)).items():
+            fetched[tp] = fetched.get(tp, []) + records
+        return fetched
 
     async def _process(self, fetched: dict[TopicPartition, list]) -> None:
         started = time.perf_counter()

@@ -139,6 +139,16 @@ def _positive_float(name: str, raw: str) -> float:
     return value
 
 
+def _non_negative_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise SettingsError(f"{name}={raw!r}: expected a number >= 0")
+    return value
+
+
 def _topic(name: str, raw: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9._\-]{1,249}", raw):
         raise SettingsError(f"{name}={raw!r}: expected a Kafka topic name (letters, digits, '.', '_', '-')")
@@ -243,6 +253,10 @@ SETTINGS: dict[str, Setting] = {
     "batch_wait_s": Setting("LEADSTREAM_BATCH_WAIT_SECONDS", "0.005", _positive_float,
                             "How long the scoring loop waits for input when none has arrived; a batch never "
                             "waits to fill: it takes what was fetched meanwhile, so it grows with the load."),
+    "batch_linger_s": Setting("LEADSTREAM_BATCH_LINGER_SECONDS", "0", _non_negative_float,
+                              "How long a batch smaller than LEADSTREAM_BATCH_MAX_EVENTS waits for more input "
+                              "before it is processed (0: never). Each batch has a fixed cost (Redis and Kafka "
+                              "round trips): at moderate rates a short wait means fewer, larger batches."),
     "commit_every_s": Setting("LEADSTREAM_COMMIT_EVERY_SECONDS", "1.0", _positive_float,
                               "How often the scoring loop commits the input offsets Kafka has acknowledged the "
                               "outputs of. A commit costs a Redis and a Kafka round trip; after a crash, what "
@@ -346,6 +360,7 @@ class Settings:
     tombstone_ttl_s: int
     batch_max_events: int
     batch_wait_s: float
+    batch_linger_s: float
     commit_every_s: float
     rescore_every_s: int
     rescore_rate: int

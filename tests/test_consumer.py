@@ -103,6 +103,33 @@ async def test_commits_come_at_most_every_commit_interval_and_drain_commits_the_
     assert consumer.commits[-1] == {TP: 40} and loop._to_commit == {}
 
 
+class Fetches:
+    """getmany answering from a script: each call the next dict (then nothing), with its arguments kept."""
+
+    def __init__(self, *answers: dict[TopicPartition, list[int]]) -> None:
+        self.answers, self.calls = list(answers), []
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[int]]:
+        self.calls.append((timeout_ms, max_records))
+        return self.answers.pop(0) if self.answers else {}
+
+
+@pytest.mark.parametrize("linger", ["0", "0.01"])
+async def test_a_small_batch_lingers_for_more_input_in_partition_order(linger: str) -> None:
+    loop, _ = loop_with(FakePipeline())
+    loop.settings = Settings.from_env({"LEADSTREAM_BATCH_LINGER_SECONDS": linger, "LEADSTREAM_BATCH_MAX_EVENTS": "5"})
+    other = TopicPartition("crm", 3)
+    loop.consumer = Fetches({TP: [1, 2]}, {TP: [3], other: [7, 8]})  # type: ignore[assignment]
+    fetched = await loop._fetch(wait_ms=5)
+    if linger == "0":  # no wait: the batch is what was there
+        assert fetched == {TP: [1, 2]} and loop.consumer.calls == [(5, 5)]
+    else:  # one more look, for at most the room left, without blocking
+        assert fetched == {TP: [1, 2, 3], other: [7, 8]} and loop.consumer.calls == [(5, 5), (0, 3)]
+    full = Fetches({TP: [1, 2, 3, 4, 5]})
+    loop.consumer = full  # type: ignore[assignment]
+    assert await loop._fetch(wait_ms=5) == {TP: [1, 2, 3, 4, 5]} and len(full.calls) == 1  # full: no wait
+
+
 async def test_the_loop_goes_on_while_a_commit_is_under_way() -> None:
     """A slow commit does not hold the next batches; what they acknowledge meanwhile goes in one commit."""
     pipeline = FakePipeline()
