@@ -129,24 +129,22 @@ def _int(minimum: int) -> Callable[[str, str], int]:
     return parse
 
 
-def _positive_float(name: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise SettingsError(f"{name}={raw!r}: expected a number > 0")
-    return value
+def _float(zero_allowed: bool) -> Callable[[str, str], float]:
+    """A parser of a number > 0, or >= 0 when ``zero_allowed`` (NaN is neither)."""
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not (value >= 0 if zero_allowed else value > 0):
+            raise SettingsError(f"{name}={raw!r}: expected a number {'>=' if zero_allowed else '>'} 0")
+        return value
+
+    return parse
 
 
-def _non_negative_float(name: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise SettingsError(f"{name}={raw!r}: expected a number >= 0")
-    return value
+_positive_float = _float(zero_allowed=False)
+_non_negative_float = _float(zero_allowed=True)
 
 
 def _topic(name: str, raw: str) -> str:
