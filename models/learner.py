@@ -35,6 +35,7 @@ from typing import Any
 
 from river import base, compose, drift, forest, linear_model, naive_bayes, optim, preprocessing, tree
 
+from models import glm
 from models.events import STAGES
 from models.features import Features
 from models.fields import Encoder
@@ -329,7 +330,7 @@ class LinearParts:
     def learn(self, x: dict[str, float], y: bool) -> None:
         numeric = _numeric(x)
         self.scaler.learn_one(numeric)
-        self.regression.learn_one(self._input(x, numeric), y)
+        glm.learn_one(self.regression, self._input(x, numeric), y)
 
 
 def _is_linear(model: Any) -> bool:

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 from river import linear_model, optim
 
+from models import glm
 from models.events import STAGES
 from models.metrics import Prequential
 
@@ -606,7 +607,7 @@ class Stack:
         return float(self.model.predict_proba_one(self._x(base_p)).get(True, 0.5))
 
     def learn_from(self, base_p: dict[str, float], y: bool) -> None:
-        self.model.learn_one(self._x(base_p), bool(y))
+        glm.learn_one(self.model, self._x(base_p), bool(y))
         self.seen = getattr(self, "seen", 0) + 1  # older checkpoints have no counter
 
 
