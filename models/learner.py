@@ -319,18 +319,23 @@ class LinearParts:
         union, regression = list(model.steps.values())
         return cls(_scaler_of(union), regression)
 
-    def _input(self, x: dict[str, float], numeric: dict[str, float]) -> dict[str, float]:
+    def _input(self, x: dict[str, float]) -> dict[str, float]:
+        """The union's output: the one-hot keys, then the numbers as ``StandardScaler.transform_one``
+        scales them (its expression, and its lookups: ``vars`` and ``means`` are defaultdicts)."""
         out = {k: v for k, v in x.items() if "=" in k}
-        out.update(self.scaler.transform_one(numeric))
+        means, variances = self.scaler.means, self.scaler.vars
+        for k, v in x.items():
+            if "=" not in k:
+                var = variances[k]
+                out[k] = (v - means[k]) / var**0.5 if var else 0.0
         return out
 
     def predict_proba(self, x: dict[str, float]) -> float:
-        return float(self.regression.predict_proba_one(self._input(x, _numeric(x))).get(True, 0.0))
+        return float(self.regression.predict_proba_one(self._input(x)).get(True, 0.0))
 
     def learn(self, x: dict[str, float], y: bool) -> None:
-        numeric = _numeric(x)
-        self.scaler.learn_one(numeric)
-        glm.learn_one(self.regression, self._input(x, numeric), y)
+        self.scaler.learn_one(_numeric(x))
+        glm.learn_one(self.regression, self._input(x), y)
 
 
 def _is_linear(model: Any) -> bool:
