@@ -399,8 +399,10 @@ class _Replay:
             if r.training is not None:
                 # The rules' exact score of the deal's last snapshot (the report's "rules" column), here
                 # rather than on the trainer, whose process finishes last; _learn pops it.
-                r.training[_RULES_EXACT] = self.rules.score(r.training["snapshots"][-1]["features"],
-                                                            max_reasons=0).score
+                exact = r.last_rules_score
+                if exact is None:
+                    exact = self.rules.score(r.training["snapshots"][-1]["features"], max_reasons=0).score
+                r.training[_RULES_EXACT] = exact
                 yield r.training
 
 

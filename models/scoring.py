@@ -104,6 +104,9 @@ class StepResult:
     hot: dict[str, Any] | None = None
     snapshot: dict[str, Any] | None = None  # set on a stage entry: append it to the lead's stage snapshots
     training: dict[str, Any] | None = None
+    # The rules' exact score of the training example's last snapshot (rounded in it), when this step
+    # took that snapshot (None: the last one is a stored stage snapshot): evaluate's "rules" figure.
+    last_rules_score: float | None = None
 
     @property
     def stage_snapshot(self) -> bool:
@@ -131,7 +134,8 @@ def step(state: State | None, event: Event, scorer: Scorer, *, scored_at_ms: int
     closing = event.type in CLOSING_TYPES
     first_close = closing and state is not None and state.get("outcome") is None
     # The last snapshot before the outcome: the features as of the lead's last event before it.
-    last = _snapshot(state, state["last_ts"], scorer.rules) if first_close and state["last_ts"] is not None else None
+    last, last_rules_score = _snapshot(state, state["last_ts"], scorer.rules) \
+        if first_close and state["last_ts"] is not None else (None, None)
     state_score = (state["score"], state["grade"]) if first_close and "score" in state else None
     was_hot = bool(state and state.get("hot"))
     stage_before = state.get("stage") if state else None
@@ -154,6 +158,7 @@ def step(state: State | None, event: Event, scorer: Scorer, *, scored_at_ms: int
         if first_close and snaps:  # only the first close of a deal is a label
             result.training = {"lead_id": event.lead_id, "event_id": event.event_id,
                                "won": event.type == "deal_won", "closed_ts": event.ts_ms, "snapshots": snaps}
+            result.last_rules_score = last_rules_score if last else None
         return result  # nothing after the outcome is ever a training snapshot
     if after.get("outcome") is None and event.type == "stage_changed" and after["stage"] != stage_before:
         if f is None:
@@ -189,10 +194,11 @@ def rescore(state: State, scorer: Scorer, *, now_ms: int, trigger: str) -> StepR
     return result
 
 
-def _snapshot(state: State, at_ms: int, rules: Rules) -> dict[str, Any]:
+def _snapshot(state: State, at_ms: int, rules: Rules) -> tuple[dict[str, Any], float]:
+    """The snapshot of the lead's features at ``at_ms`` (its rules score rounded), and that score exact."""
     f = features(state, at_ms, half_life_s=rules.half_life_s, fields=rules.fields)
-    return {"ts": at_ms, "stage": f.get("stage"), "features": f,
-            "rules_score": round(rules.score(f, max_reasons=0).score, 6)}
+    exact = rules.score(f, max_reasons=0).score
+    return {"ts": at_ms, "stage": f.get("stage"), "features": f, "rules_score": round(exact, 6)}, exact
 
 
 def _apply_score(state: State, scored: Scored, rules: Rules, was_hot: bool, message: dict[str, Any],
