@@ -46,9 +46,10 @@ from models.tournament import (LEARNER_NAMES, Learner, Stack, StageModels, Tourn
 MODEL_KINDS = ("tournament", "logreg", "hoeffding", "forest", "naive_bayes")
 # Bumped whenever features or the model pipeline change incompatibly: a checkpoint of another
 # format is not loaded (the trainer starts afresh) instead of serving a model fed the wrong inputs.
-MODEL_FORMAT = 6  # 3: field policy, bounded (hashed / vocabulary) feature space; 4: the tournament;
+MODEL_FORMAT = 7  # 3: field policy, bounded (hashed / vocabulary) feature space; 4: the tournament;
 # 5: fields_known, the _linear copies of counts, logreg with AdaGrad, the stack starting as the mean of its members;
-# 6: the batch learner's smaller trees (HGB_PARAMS), gam instead of naive_bayes in the default tournament
+# 6: the batch learner's smaller trees (HGB_PARAMS), gam instead of naive_bayes in the default tournament;
+# 7: the stack's weights and gam's keys per form segment (models.tournament.form_segment)
 # Numeric features spanning orders of magnitude: log-scaled so SGD sees comparable ranges.
 _LOG_PREFIXES = ("n_", "d_", "age_days", "recency_s", "time_in_stage_s", "visit_duration_s", "distinct_pages",
                  "sessions", "events_total")
@@ -418,7 +419,7 @@ class ServingModel:
         champion = self.learners[self.champion]
         if isinstance(champion, Stack):
             base = {n: (p_linear if n == "logreg" and p_linear is not None else f(x)) for n, f in predictors.items()}
-            return champion.predict_from(base), reasons
+            return champion.predict_from(base, x), reasons
         if self.champion == "logreg" and p_linear is not None:
             return p_linear, reasons
         return predictors[self.champion](x), reasons

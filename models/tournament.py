@@ -10,7 +10,8 @@ champion does not flap). :class:`StageModels` gives per-stage success probabilit
 Learners (:data:`LEARNER_NAMES`): ``logreg`` (River logistic regression, the original model),
 ``gam`` (an online logistic regression over one-hot keys and binned numbers), ``batch_hgb`` (scikit-learn
 HistGradientBoosting refitted every ``every`` outcomes on a window of recent snapshots: the vendors'
-cadence) and ``stack`` (an online logistic regression over the other learners' log-odds).
+cadence) and ``stack`` (an online logistic regression over the other learners' log-odds). ``gam`` and
+``stack`` learn per :func:`form_segment` (how much of the form the lead filled in).
 ``hoeffding`` (River's Hoeffding adaptive tree), ``forest`` (adaptive random forest) and ``naive_bayes``
 (Bernoulli/Gaussian naive Bayes on the sparse dicts) can still be asked for by name; they left the
 default tournament because they were the dearest or the weakest (hoeffding: 0.72 ROC AUC on X Education's
@@ -324,6 +325,11 @@ class BinnedLogistic:
     learner on both histories (whole-history ROC AUC, X Education 0.8765 vs naive Bayes 0.8194, simulated
     40,000 leads 0.7985 vs 0.7387), and cheaper per deal (docs/model-comparison.md, fourth round).
 
+    Each :func:`form_segment` has its own weights (one intercept): one GAM per segment, so blank forms
+    and full ones get their own effects (fifth round: the member alone ranks lower on X Education,
+    0.8765 -> 0.8702, but the stack higher, 0.8852 -> 0.8865; where the segment never changes, as on the
+    simulated history, it is the single GAM it was).
+
     >>> g = BinnedLogistic()
     >>> g.predict_proba({"n_download": 1.0})
     0.5
@@ -337,15 +343,20 @@ class BinnedLogistic:
 
     def __init__(self, lr: float = 0.1, per_unit: float = 2.0) -> None:
         self.lr, self.per_unit = lr, per_unit
-        self.weights: dict[str, float] = {}
-        self.squares: dict[str, float] = {}  # AdaGrad's sum of squared gradients, per key
+        self.weights: dict[str, dict[str, float]] = {}  # form segment -> key -> weight
+        self.squares: dict[str, dict[str, float]] = {}  # AdaGrad's sum of squared gradients, the same way
         self.intercept = 0.0
         self.intercept_squares = 0.0
         self.seen = 0
 
-    def keys(self, x: X) -> list[str]:
-        """The keys of ``x``: its one-hot keys and each number's bin. The trainer asks twice for each
-        snapshot (scored, then learned): the keys of the last few ``x`` are kept, by identity."""
+    def keys(self, x: X) -> tuple[str, list[str]]:
+        """The form segment of ``x`` and its keys there: its one-hot keys and each number's bin. The
+        trainer asks twice for each snapshot (scored, then learned): the keys of the last few ``x`` are
+        kept, by identity.
+
+        >>> BinnedLogistic().keys({"src=ad": 1.0, "n": 1.6, "n_linear": 5.0, "fields_known": 8.0})
+        ('c', ['src=ad', 'n#3', 'fields_known#16'])
+        """
         cache = self.__dict__.setdefault("_keys", {})
         hit = cache.get(id(x))
         if hit is not None and hit[0] is x:
@@ -358,32 +369,50 @@ class BinnedLogistic:
                 out.append(k)
             elif not k.endswith("_linear"):
                 out.append(f"{k}#{_bin(v, self.per_unit)}")
-        cache[id(x)] = (x, out)  # x kept: its id is not reused while it is here
-        return out
+        keys = form_segment(x), out
+        cache[id(x)] = (x, keys)  # x kept: its id is not reused while it is here
+        return keys
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_keys", None)
         return state
 
-    def _z(self, keys: list[str]) -> float:
-        get = self.weights.get
+    def _z(self, segment: str, keys: list[str]) -> float:
+        get = self.weights.get(segment, {}).get
         return self.intercept + sum(get(k, 0.0) for k in keys)
 
     def predict_proba(self, x: X) -> float:
-        return _sigmoid(self._z(self.keys(x)))
+        return _sigmoid(self._z(*self.keys(x)))
 
     def learn(self, x: X, y: bool) -> None:
-        keys = self.keys(x)
-        g = _sigmoid(self._z(keys)) - float(y)  # the log loss's gradient for every key present (value 1)
+        segment, keys = self.keys(x)
+        g = _sigmoid(self._z(segment, keys)) - float(y)  # the log loss's gradient for every key present (value 1)
         step = self.lr * g
-        weights, squares = self.weights, self.squares
+        weights, squares = self.weights.setdefault(segment, {}), self.squares.setdefault(segment, {})
         for k in keys:
             s = squares[k] = squares.get(k, 0.0) + g * g
             weights[k] = weights.get(k, 0.0) - step / math.sqrt(s + 1e-8)
         self.intercept_squares += g * g
         self.intercept -= step / math.sqrt(self.intercept_squares + 1e-8)
         self.seen += 1
+
+
+SEGMENTS = ("a", "b", "c")  # form segments: see form_segment
+
+
+def form_segment(x: X) -> str:
+    """The lead's form segment by how many explicit fields it filled in (``fields_known``): ``a`` up to 3,
+    ``b`` 4 to 6, ``c`` 7 or more (a lead without the count: ``a``). Blank forms convert far less (X
+    Education: 8-18% at 2-3 fields, 27-54% at 4-6, 43-68% at 7-9) and the members rank them unequally, so
+    ``gam`` learns its effects and the stack its members' weights per segment. A history whose leads all
+    fill in as many fields has one segment: the learners are then what they were without segments.
+
+    >>> [form_segment({"fields_known": n}) for n in (2.0, 6.0, 9.0)], form_segment({})
+    (['a', 'b', 'c'], 'a')
+    """
+    known = x.get("fields_known", 0.0)
+    return "a" if known <= 3 else ("b" if known <= 6 else "c")
 
 
 def _bin(v: float, per_unit: float) -> int:
@@ -580,13 +609,20 @@ def _compile_trees(flat: FlatTrees) -> Any:
 # The stack starts as the mean of its members' log-odds and learns with AdaGrad(0.1). From zero weights
 # with SGD(0.01) it drifted away from a good blend on a long history (simulated 40,000 leads: whole-history
 # ROC AUC 0.785, below logreg alone at 0.787, against 0.793 now; X Education 0.8777 -> 0.8778).
+# One set of weights per form segment (fifth round, docs/model-comparison.md): on X Education the members
+# are not equally good on blank forms and on full ones (served whole 0.8769 -> 0.8794, leadstream evaluate); on a
+# history where every lead fills in as many fields (the simulated one) it is the single stack it was.
 class Stack:
-    """Online logistic regression over the base learners' log-odds (their predictions before learning).
+    """Online logistic regression over the base learners' log-odds (their predictions before learning),
+    with one weight per member and :func:`form_segment` (inputs ``<member>|<segment>``) and one intercept.
 
     >>> s = Stack(["a", "b"])
     >>> for _ in range(200):
     ...     s.learn_from({"a": 0.9, "b": 0.5}, True); s.learn_from({"a": 0.1, "b": 0.5}, False)
     >>> s.predict_from({"a": 0.9, "b": 0.5}) > 0.8
+    True
+    >>> full = {"fields_known": 8.0}  # another segment: its weights are still the mean of the members
+    >>> round(s.predict_from({"a": 0.9, "b": 0.5}, full), 3) == round(_sigmoid(s.model.intercept + _logit(0.9) / 2), 3)
     True
     """
 
@@ -597,47 +633,57 @@ class Stack:
         self.model = linear_model.LogisticRegression(optimizer=optim.AdaGrad(lr), l2=0.0, intercept_lr=0.01)
         if init is None:  # the mean of the members' log-odds
             init = {k: 1 / len(self.bases) for k in self.bases} if self.bases else {}
+        self.keys = {s: {k: f"{k}|{s}" for k in self.bases} for s in SEGMENTS}  # member -> its input, per segment
         for k, w in init.items():
-            self.model._weights[k] = w  # River has no per-weight initialiser: set before any learning
+            for s in SEGMENTS:  # River has no per-weight initialiser: set before any learning
+                self.model._weights[f"{k}|{s}"] = w
 
-    def _x(self, base_p: dict[str, float]) -> X:
-        return {k: _logit(base_p[k]) for k in self.bases if k in base_p}
+    def _x(self, base_p: dict[str, float], x: X | None) -> X:
+        keys = self.keys[form_segment(x or {})]
+        return {keys[k]: _logit(base_p[k]) for k in self.bases if k in base_p}
 
-    def predict_from(self, base_p: dict[str, float]) -> float:
-        return float(self.model.predict_proba_one(self._x(base_p)).get(True, 0.5))
+    def predict_from(self, base_p: dict[str, float], x: X | None = None) -> float:
+        """P(won) from the members' predictions ``base_p`` for the lead whose model inputs are ``x``."""
+        return float(self.model.predict_proba_one(self._x(base_p, x)).get(True, 0.5))
 
-    def learn_from(self, base_p: dict[str, float], y: bool) -> None:
-        glm.learn_one(self.model, self._x(base_p), bool(y))
+    def learn_from(self, base_p: dict[str, float], y: bool, x: X | None = None) -> None:
+        glm.learn_one(self.model, self._x(base_p, x), bool(y))
         self.seen = getattr(self, "seen", 0) + 1  # older checkpoints have no counter
 
 
 class FastBinned:
-    """A :class:`BinnedLogistic` frozen into weights by feature and bin: no key string built per number.
+    """A :class:`BinnedLogistic` frozen into weights by form segment, feature and bin: no key string built
+    per number.
 
     The same sum in the same order as :meth:`BinnedLogistic.predict_proba` (absent keys add 0.0;
     ``_linear`` copies were never learned, so they find no table): the same bits.
 
     >>> g = BinnedLogistic()
-    >>> for i in range(40):
-    ...     g.learn({"src=ad": 1.0, "n": i % 5 * 0.7, "n_linear": 9.0, "big": 60.0 + i}, i % 3 == 0)
-    >>> xs = [{"src=ad": 1.0, "n": v / 3, "n_linear": 1.0, "big": 55.0 + v, "new": 1.0} for v in range(12)]
+    >>> for i in range(60):
+    ...     x = {"src=ad": 1.0, "n": i % 5 * 0.7, "n_linear": 9.0, "big": 60.0 + i, "fields_known": i % 9}
+    ...     g.learn(x, i % 3 == 0)
+    >>> xs = [{"src=ad": 1.0, "n": v / 3, "n_linear": 1.0, "big": 55.0 + v, "new": 1.0, "fields_known": v % 10}
+    ...       for v in range(12)]
     >>> [FastBinned(g).predict_proba(x) for x in xs] == [g.predict_proba(x) for x in xs]
     True
     """
 
     def __init__(self, learner: BinnedLogistic) -> None:
         self.intercept, self.per_unit = learner.intercept, learner.per_unit
-        self.one_hot: dict[str, float] = {}
-        self.bins: dict[str, dict[int, float]] = {}  # number's name -> its bin -> weight
-        for key, w in learner.weights.items():
-            if "=" in key:
-                self.one_hot[key] = w
-            else:
-                name, _, b = key.rpartition("#")
-                self.bins.setdefault(name, {})[int(b)] = w
+        self.one_hot: dict[str, dict[str, float]] = {}  # segment -> one-hot key -> weight
+        self.bins: dict[str, dict[str, dict[int, float]]] = {}  # segment -> number's name -> its bin -> weight
+        for segment, weights in learner.weights.items():
+            one_hot, bins = self.one_hot.setdefault(segment, {}), self.bins.setdefault(segment, {})
+            for key, w in weights.items():
+                if "=" in key:
+                    one_hot[key] = w
+                else:
+                    name, _, b = key.rpartition("#")
+                    bins.setdefault(name, {})[int(b)] = w
 
     def predict_proba(self, x: X) -> float:
-        one_hot, bins, per_unit = self.one_hot.get, self.bins.get, self.per_unit
+        segment = form_segment(x)
+        one_hot, bins, per_unit = self.one_hot.get(segment, {}).get, self.bins.get(segment, {}).get, self.per_unit
         total = 0
         for k, v in x.items():
             if "=" in k:
@@ -770,7 +816,7 @@ def predict_all(learners: dict[str, Any], x: X) -> dict[str, float]:
     out = {n: l.predict_proba(x) for n, l in learners.items() if not isinstance(l, Stack)}
     for n, l in learners.items():
         if isinstance(l, Stack):
-            out[n] = l.predict_from(out)
+            out[n] = l.predict_from(out, x)
     return out
 
 
@@ -854,7 +900,7 @@ class Tournament:
         for x, preds in zip(xs, all_preds):
             for learner in self.learners.values():
                 if isinstance(learner, Stack):
-                    learner.learn_from(preds, bool(y))
+                    learner.learn_from(preds, bool(y), x)
                 else:
                     learner.learn(x, bool(y))
         for _ in xs:
