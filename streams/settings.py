@@ -306,6 +306,9 @@ SETTINGS: dict[str, Setting] = {
                            "dashboard may be: read and rendered at most once per this many seconds (docs/api.md)."),
     "log_format": Setting("LEADSTREAM_LOG_FORMAT", "text", _choice("text", "json"),
                           "Log lines of the worker and api: text, or json (one object per line)."),
+    "event_loop": Setting("LEADSTREAM_EVENT_LOOP", "uvloop", _choice("uvloop", "asyncio"),
+                          "The worker's event loop: uvloop (libuv, less CPU per Kafka and Redis round trip) "
+                          "or asyncio (the standard library's)."),
     "home": Setting("LEADSTREAM_HOME", str(Path("~/.cache/leadstream").expanduser()), _path,
                     "Where `leadstream up` keeps the Kafka jars, data, logs and pid files."),
     "kafka_security_protocol": Setting("LEADSTREAM_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT",
@@ -379,6 +382,7 @@ class Settings:
     api_max_batch: int
     api_cache_s: float
     log_format: str
+    event_loop: str
     home: Path
     kafka_security_protocol: str
     kafka_sasl_mechanism: str

@@ -23,6 +23,10 @@ def build_app(settings: Settings) -> faust.App:
 
 def run_worker(settings: Settings, loglevel: str = "info") -> int:
     (settings.home / "worker-data").mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
+    if settings.event_loop == "uvloop":  # every loop of this process, Faust's included
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.run(check_connections(settings))  # a wrong password or CA: one clear line, not a retry loop
     asyncio.run(ensure_topics(settings))
     app = build_app(settings)

@@ -22,6 +22,7 @@ def test_defaults_work_without_any_variable():
     ("LEADSTREAM_SCORING_CONFIG", "/nonexistent.toml", "expected the path of an existing scoring config"),
     ("LEADSTREAM_MODEL_POLL_SECONDS", "-1", "expected a number > 0"),
     ("LEADSTREAM_MAX_EVENT_BYTES", "10", "expected a whole number >= 256"),
+    ("LEADSTREAM_EVENT_LOOP", "tokio", "expected one of uvloop, asyncio"),
 ])
 def test_a_bad_value_names_the_variable_and_the_expected_form(env, value, expected):
     with pytest.raises(SettingsError) as exc:
