@@ -158,7 +158,7 @@ def step(state: State | None, event: Event, scorer: Scorer, *, scored_at_ms: int
         if first_close and snaps:  # only the first close of a deal is a label
             result.training = {"lead_id": event.lead_id, "event_id": event.event_id,
                                "won": event.type == "deal_won", "closed_ts": event.ts_ms, "snapshots": snaps}
-            result.last_rules_score = last_rules_score if last else None
+            result.last_rules_score = last_rules_score  # None when the last snapshot is a stored one
         return result  # nothing after the outcome is ever a training snapshot
     if after.get("outcome") is None and event.type == "stage_changed" and after["stage"] != stage_before:
         if f is None:

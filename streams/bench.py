@@ -690,7 +690,8 @@ def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float,
     settings = bench_settings(base, redis_db, tag)
     rules_text = settings.scoring_config.read_text()
     events = _fresh_events(leads, 99, "pt")
-    figures: Figures = {"machine": _machine(), "leads": leads, "events": len(events)}
+    figures: Figures = {"machine": _machine(), "worker_event_loop": settings.event_loop, "leads": leads,
+                        "events": len(events)}
     try:
         if "step" in parts:
             figures["step"] = bench_step(simulate(min(leads, 300), seed=99), rules_text)
