@@ -633,10 +633,11 @@ class Stack:
         self.model = linear_model.LogisticRegression(optimizer=optim.AdaGrad(lr), l2=0.0, intercept_lr=0.01)
         if init is None:  # the mean of the members' log-odds
             init = {k: 1 / len(self.bases) for k in self.bases} if self.bases else {}
-        self.keys = {s: {k: f"{k}|{s}" for k in self.bases} for s in SEGMENTS}  # member -> its input, per segment
+        # member -> its input, per segment
+        self.keys = {s: {k: _stack_input(k, s) for k in self.bases} for s in SEGMENTS}
         for k, w in init.items():
             for s in SEGMENTS:  # River has no per-weight initialiser: set before any learning
-                self.model._weights[f"{k}|{s}"] = w
+                self.model._weights[_stack_input(k, s)] = w
 
     def _x(self, base_p: dict[str, float], x: X | None) -> X:
         keys = self.keys[form_segment(x or {})]
@@ -649,6 +650,11 @@ class Stack:
     def learn_from(self, base_p: dict[str, float], y: bool, x: X | None = None) -> None:
         glm.learn_one(self.model, self._x(base_p, x), bool(y))
         self.seen = getattr(self, "seen", 0) + 1  # older checkpoints have no counter
+
+
+def _stack_input(member: str, segment: str) -> str:
+    """The stack's input for ``member``'s log-odds in ``segment`` (its weight's name)."""
+    return f"{member}|{segment}"
 
 
 class FastBinned:
