@@ -24,12 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models.evaluate import evaluate_events  # noqa: E402
 from models.fields import Encoder  # noqa: E402
-from models.history import load_mapping, read_rows, rows_to_events, stream_history  # noqa: E402
 from models.learner import Trainer, vectorize, vectorize_labelled  # noqa: E402
+from models.offline.evaluate import evaluate_events  # noqa: E402
+from models.offline.history import load_mapping, rows_to_events  # noqa: E402
 from models.rules import DEFAULT_CONFIG, load_rules  # noqa: E402
 from models.tournament import Stack, make_learners, predict_with  # noqa: E402
+from streams.offline import read_rows, stream_history  # noqa: E402
 
 XEDU = ROOT.parent / "shared" / "data" / "xeducation-leads.csv"
 MAPPING = ROOT / "deploy" / "mappings" / "xeducation.toml"

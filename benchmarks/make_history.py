@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/make_history.py 40000 /tmp/sim-40k.csv
     .venv/bin/leadstream evaluate /tmp/sim-40k.csv --mapping benchmarks/simulated.toml
 
-Each lead of :func:`models.simulate.simulate_population` (seed 1) becomes one row in the shape of the
+Each lead of :func:`models.offline.simulate.simulate_population` (seed 1) becomes one row in the shape of the
 X Education export (one row per lead, about 5 events each): its explicit fields, its visits, time on
 site and page views per visit, its downloads and its outcome (empty: still open), in arrival order.
 Deterministic: same N, same file.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.simulate import simulate_population  # noqa: E402
+from models.offline.simulate import simulate_population  # noqa: E402
 
 FIELDS = ("country", "city", "industry", "job_title", "company_size", "source", "newsletter_opt_in")
 

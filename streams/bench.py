@@ -45,15 +45,15 @@ from aiokafka.admin import AIOKafkaAdminClient
 from models.events import parse_event, topic_kind_of
 from models.features import copy_state
 from models.learner import Trainer
+from models.offline.simulate import simulate
 from models.readmodel import contributions
 from models.rules import load_rules
 from models.scoring import Scorer, step
-from models.simulate import simulate
+from streams.clients import kafka_kwargs, redis_client
 from streams.demo import start_api, start_worker, stop_worker
 from streams.pipeline import EventPipeline, Message
 from streams.publish import topic_for
 from streams.rescoring import RESCORE_CHUNK
-from streams.clients import kafka_kwargs, redis_client
 from streams.settings import SETTINGS, Settings
 from streams.state import SHARDS, LeadStore, lead_key, shard_of, view_key
 from streams.topics import ensure_topics

@@ -81,7 +81,7 @@ def _forget(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    from models.evaluate import run_evaluate
+    from streams.offline import run_evaluate
 
     if args.model_kind != "tournament":  # the default needs no check: importing the learners (River, SciPy,
         from models.learner import MODEL_KINDS  # ~2.5 s) here would hold back the replay, which starts first

@@ -23,11 +23,11 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 
 from models.grading import GRADE_NAMES
-from models.simulate import simulate
+from models.offline.simulate import simulate
 from streams import stack
 from streams.clients import kafka_kwargs
-from streams.reports import model_report
 from streams.publish import publish_events
+from streams.reports import model_report
 from streams.settings import Settings
 from streams.topics import ensure_topics
 

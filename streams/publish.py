@@ -23,10 +23,11 @@ from tqdm import tqdm
 
 from models.events import parse_ts, topic_kind_of
 from models.fields import FieldPolicy
-from models.history import MappingError, RowResult, load_mapping, stream_history
+from models.offline.history import MappingError, RowResult, load_mapping
+from models.offline.simulate import simulate
 from models.rules import load_rules
-from models.simulate import simulate
 from streams.clients import kafka_kwargs
+from streams.offline import stream_history
 from streams.settings import Settings
 from streams.topics import ensure_topics
 

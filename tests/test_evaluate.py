@@ -1,4 +1,4 @@
-"""Offline evaluation (models/evaluate.py): figures whose right answer is known, the command's output."""
+"""Offline evaluation (models/offline/evaluate.py, streams/offline.py): figures whose right answer is known, the command's output."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from pathlib import Path
 import orjson
 import pytest
 
-from models.evaluate import (EvaluationResult, evaluate_events, holdout_start, run_evaluate, score_metrics,
-                             top_fraction_lift)
+from models.offline.evaluate import (EvaluationResult, evaluate_events, holdout_start, score_metrics,
+                                     top_fraction_lift)
 from models.events import Event
-from models.history import load_mapping, read_rows, rows_to_events
+from models.offline.history import load_mapping, rows_to_events
 from models.rules import DEFAULT_CONFIG, load_rules
 from models.scoring import Scorer
+from streams.offline import read_rows, run_evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -243,7 +244,7 @@ def test_scorer_used_is_the_streams() -> None:
 def test_lagged_refits_run_off_the_replay_and_serve_a_fixed_count_of_deals_later() -> None:
     """refit_lag: the fit runs in a thread, and serves from a deal count, so two runs give the same figures;
     until the first refit is due the batch learner's figures are those of inline refits."""
-    from models.simulate import simulate
+    from models.offline.simulate import simulate
 
     rules = load_rules(DEFAULT_CONFIG.read_text())
     events = simulate(120, seed=3)
@@ -262,7 +263,7 @@ def test_processes_give_the_figures_of_one_process(capfd: pytest.CaptureFixture[
     """processes=2, 3: the replay in one child or split by lead over two, the batch fits made ahead in another; the
     merged examples, every prediction and the report are those of the single process, and every fit
     made ahead was used (none refused for another window)."""
-    from models.simulate import simulate
+    from models.offline.simulate import simulate
 
     rules = load_rules(DEFAULT_CONFIG.read_text())
     events = simulate(150, seed=5)
@@ -281,7 +282,7 @@ def test_processes_give_the_figures_of_one_process(capfd: pytest.CaptureFixture[
 
 
 def test_processes_report_a_failing_replay() -> None:
-    from models.simulate import simulate
+    from models.offline.simulate import simulate
 
     events = simulate(30, seed=1)
 

@@ -1,4 +1,4 @@
-"""The history mapping format and rows -> contract events (models/history.py)."""
+"""The history mapping format and rows -> contract events (models/offline/history.py; the files: streams/offline.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import orjson
 import pytest
 
 from models.events import parse_event, topic_kind_of
-from models.history import MappingError, load_mapping, read_rows, rows_to_events
+from models.offline.history import MappingError, load_mapping, rows_to_events
+from streams.offline import read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -6,10 +6,10 @@ from collections import Counter
 
 from models.events import STAGES, Event
 from models.learner import Trainer
+from models.offline.simulate import simulate
 from models.readmodel import contributions, diff, score_contributions
 from models.rules import DEFAULT_CONFIG, load_rules
 from models.scoring import Scorer, rescore, step
-from models.simulate import simulate
 
 RULES = load_rules(DEFAULT_CONFIG.read_text())
 DAY = 86_400_000

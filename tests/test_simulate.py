@@ -1,4 +1,4 @@
-"""The simulated traffic (models/simulate.py): deterministic, contract-valid, with a hidden pattern."""
+"""The simulated traffic (models/offline/simulate.py): deterministic, contract-valid, with a hidden pattern."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from models.events import EVENT_TYPES, STAGES, parse_event, topic_kind_of
-from models.simulate import ARRIVAL_DAYS, START_MS, merge_events, simulate, simulate_population, timed
+from models.offline.simulate import ARRIVAL_DAYS, START_MS, merge_events, simulate, simulate_population, timed
 
 DAY_MS = 86_400_000
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.history import load_mapping, read_rows, rows_to_events, spill_run
 from models.learner import Trainer, vectorize
 from models.metrics import roc_auc
+from models.offline.history import load_mapping, rows_to_events
 from models.tournament import KNOWN_LEARNERS, LEARNER_NAMES, BatchHGB, FlatTrees, StageModels, Tournament, make_learners
+from streams.offline import read_rows, spill_run
 
 
 def population(n, seed=1):

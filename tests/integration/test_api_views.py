@@ -12,9 +12,9 @@ import pytest
 
 from models.events import STAGES, topic_kind_of
 from models.funnel import funnel_report
+from models.offline.simulate import simulate
 from models.rules import DEFAULT_CONFIG, load_rules
 from models.scoring import Scorer
-from models.simulate import simulate
 from streams.bench import populate_leads
 from streams.pipeline import EventPipeline, Message
 from streams.state import SHARDS, LeadStore, view_key

@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from models.simulate import OWNERS, simulate
+from models.offline.simulate import OWNERS, simulate
 from streams.publish import topic_for
 from tests.integration.api_process import start_api, stop
 from tests.integration.conftest import settings_env

@@ -10,8 +10,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from models.history import load_mapping, read_rows, rows_to_events
-from models.simulate import simulate
+from models.offline.history import load_mapping, rows_to_events
+from models.offline.simulate import simulate
+from streams.offline import read_rows
 from streams.publish import publish_events
 from streams.settings import Settings
 

@@ -12,9 +12,9 @@ from aiokafka import AIOKafkaConsumer
 
 from models.events import Event
 from models.metrics import roc_auc
+from models.offline.simulate import merge_events, simulate_population
 from models.rules import load_rules
 from models.scoring import Scorer, step
-from models.simulate import merge_events, simulate_population
 from streams.publish import publish_events
 from tests.integration.test_pipeline import read_all
 

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
+from models.offline.simulate import simulate
 from models.rules import DEFAULT_CONFIG, load_rules
 from models.scoring import Scorer
-from models.simulate import simulate
 from streams.pipeline import EventPipeline, Message
 from streams.rescoring import Rescorer, partition_of
 from streams.settings import Settings

@@ -10,7 +10,7 @@ import uuid
 import orjson
 import pytest
 
-from models.simulate import merge_events, simulate_population
+from models.offline.simulate import merge_events, simulate_population
 from streams.publish import publish_events
 from streams.state import lead_key
 from tests.integration.test_learning import wait_for_outcomes

@@ -1,7 +1,7 @@
 """Historical exports (one row per lead) to contract events, driven by a TOML mapping.
 
-Pure: rows come in as ``(line, row)`` pairs; only :func:`read_rows` opens a file (CSV or JSON Lines)
-and :func:`spill_run` writes the sorted runs of a long export to temporary files.
+Pure: rows come in as ``(line, row)`` pairs. The file side (reading CSV or JSON Lines, spilling the
+sorted runs of a long export to temporary files) is :mod:`streams.offline`.
 The mapping format is documented in ``deploy/mappings/README.md``. Each good row becomes, in order:
 ``lead_created`` (explicit fields), the behavioural events (counts expanded into that many events,
 totals and rates carried as props of those events), then ``deal_won``/``deal_lost`` unless the
@@ -34,26 +34,20 @@ outcome is empty (still open). Rows are sorted by the order column (stable); eve
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import heapq
-import itertools
 import math
-import pickle
 import re
-import tempfile
 import tomllib
 from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import orjson
 
 from models.events import WEB_TYPES, parse_ts, validators
 
-BAD_LINE = "__bad_line__"  # key of a row read_rows could not parse; its value is the reason
+BAD_LINE = "__bad_line__"  # key of a row the file reader could not parse; its value is the reason
 ROW_ID = "@row"  # [lead] id = "@row": the export has no id column, the lead id is "row-{line}"
 RUN_ROWS = 50_000  # rows sorted in memory at once; longer exports are sorted in runs spilled to disk
 BEHAVIOUR_EVENTS = (*WEB_TYPES, "email_replied")
@@ -246,7 +240,7 @@ def load_mapping(source: str | dict[str, Any]) -> Mapping:
     >>> load_mapping('[lead]\\nid = "Prospect ID"\\n[outcome]\\ncolumn = "Converted"')
     Traceback (most recent call last):
     ...
-    models.history.MappingError: mapping [outcome].positive: missing; expected the value of column 'Converted' that means won
+    models.offline.history.MappingError: mapping [outcome].positive: missing; expected the value of column 'Converted' that means won
     """
     if isinstance(source, str):
         try:
@@ -327,81 +321,26 @@ def _check_consistency(explicit: tuple[Explicit, ...], behaviour: tuple[Behaviou
 # ---------------------------------------------------------------- rows
 
 
-def read_rows(path: str | Path, delimiter: str = ",") -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line, row)`` pairs of a ``.csv`` (header line first) or ``.jsonl`` / ``.ndjson`` file.
+def check_columns(columns: set[str], mapping: Mapping, source: str) -> list[str]:
+    """Warnings for ``columns`` (a history's, as read from ``source``) the mapping ignores.
 
-    Read lazily, one row at a time (memory does not grow with the file). ``delimiter`` separates
-    CSV values (``";"`` for European CRM exports; ``"\\t"`` or ``"tab"`` for a tab). A line that
-    cannot be read as a row comes out as ``{BAD_LINE: reason}``, so that :func:`rows_to_events`
-    reports it instead of it being skipped. Blank lines are not rows.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".jsonl", ".ndjson", ".tsv"):
-        raise ValueError(f"{path}: unknown file type {suffix!r}; expected .csv, .tsv, .jsonl or .ndjson")
-    delimiter = "\t" if suffix == ".tsv" or delimiter in ("tab", "\\t") else delimiter
-    if len(delimiter) != 1:
-        raise ValueError(f"delimiter {delimiter!r}: expected one character, such as ',' or ';' (or 'tab')")
-    with path.open(newline="" if suffix in (".csv", ".tsv") else None, encoding="utf-8-sig") as f:
-        if suffix in (".csv", ".tsv"):
-            yield from _csv_rows(csv.reader(f, delimiter=delimiter), path)
-            return
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                doc = orjson.loads(text)
-            except orjson.JSONDecodeError as exc:
-                yield line, {BAD_LINE: f"invalid JSON: {exc}"}
-                continue
-            if not isinstance(doc, dict):
-                doc = {BAD_LINE: f"expected a JSON object, got {type(doc).__name__}"}
-            yield line, doc
-
-
-PEEK_ROWS = 1000  # rows looked at before streaming, to check the mapping's columns
-
-
-def stream_history(path: str | Path, mapping: Mapping, delimiter: str = ",",
-                   run_rows: int = RUN_ROWS) -> tuple[Iterator[RowResult], list[str]]:
-    """A history file as lazily converted rows, and warnings: the file side of import and evaluate.
-
-    The mapping's columns are checked on the first :data:`PEEK_ROWS` rows (for a CSV file: its
-    header) before anything is converted. Memory stays bounded whatever the file's length (long
-    exports are sorted in runs spilled to temporary files, see :func:`rows_to_events`).
+    >>> m = load_mapping({"lead": {"id": "id"}, "outcome": {"column": "won", "positive": "1"}})
+    >>> check_columns({"id", "won", "notes"}, m, "leads.csv")
+    ["column 'notes' is neither mapped nor in [drop]: ignored"]
+    >>> check_columns({"id"}, m, "leads.csv")
+    Traceback (most recent call last):
+    ...
+    models.offline.history.MappingError: columns not in leads.csv: 'won'
 
     Raises
     ------
     MappingError
-        The mapping names columns the file does not have.
-    OSError, ValueError
-        The file cannot be read (unknown type, bad delimiter, duplicate header names).
+        The mapping names columns that are not there.
     """
-    rows = read_rows(path, delimiter)
-    head = list(itertools.islice(rows, PEEK_ROWS))
-    columns = {c for _, row in head if BAD_LINE not in row for c in row}
     absent = sorted(mapping.columns - columns)
-    if head and absent:
-        raise MappingError(f"columns not in {path}: {', '.join(map(repr, absent))}")
-    unmapped = sorted(columns - mapping.columns - set(mapping.drop))
-    warnings = [f"column {c!r} is neither mapped nor in [drop]: ignored" for c in unmapped]
-    return rows_to_events(itertools.chain(head, rows), mapping, spill=spill_run, run_rows=run_rows), warnings
-
-
-def _csv_rows(reader: Any, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    header = next(reader, None)
-    if header is None:
-        return
-    dupes = sorted({h for h in header if header.count(h) > 1})
-    if dupes:
-        raise ValueError(f"{path}: duplicate column names in the header: {dupes}")
-    for cells in reader:
-        if not cells:
-            continue
-        if len(cells) != len(header):
-            yield reader.line_num, {BAD_LINE: f"{len(cells)} values but the header has {len(header)} columns"}
-        else:
-            yield reader.line_num, dict(zip(header, cells))
+    if absent:
+        raise MappingError(f"columns not in {source}: {', '.join(map(repr, absent))}")
+    return [f"column {c!r} is neither mapped nor in [drop]: ignored" for c in sorted(columns - mapping.columns - set(mapping.drop))]
 
 
 def _cell(row: Row, column: str, mapping: Mapping) -> Any:
@@ -570,7 +509,7 @@ def rows_to_events(rows: Iterable[tuple[int, Row]], mapping: Mapping, *, spill: 
     starts at its own time. A row's events are 1 s apart.
 
     Rows are consumed lazily. Sorting needs every good row, so they are held as parsed rows; with
-    ``spill`` (:func:`spill_run`), every ``run_rows`` of them are sorted and handed to it (it
+    ``spill`` (:func:`streams.offline.spill_run`), every ``run_rows`` of them are sorted and handed to it (it
     writes them out and gives them back later), and the sorted runs are merged: memory stays
     bounded for any length of export. Without an order column nothing is sorted or held.
     """
@@ -627,23 +566,3 @@ def _sort_key(p: _Parsed) -> tuple[float, int]:
 
 def _id_hash(lead_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(lead_id.encode(), digest_size=8).digest(), "little")
-
-
-def spill_run(run: list[_Parsed]) -> Iterator[_Parsed]:
-    """Write a sorted run of parsed rows to an anonymous temporary file; read it back lazily.
-
-    The file side of :func:`rows_to_events`' external sort (like :func:`read_rows`, it does I/O).
-    """
-    f = tempfile.TemporaryFile()
-    for p in run:
-        pickle.dump(p, f, protocol=pickle.HIGHEST_PROTOCOL)
-    count = len(run)
-    run.clear()
-
-    def back() -> Iterator[_Parsed]:
-        with f:
-            f.seek(0)
-            for _ in range(count):
-                yield pickle.load(f)
-
-    return back()

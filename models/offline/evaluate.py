@@ -21,34 +21,30 @@ are made ahead in another from the same examples, each used only if fitted on th
 byte for byte: the same figures as one process, from more than one core. The replay is forked before
 this module imports the learners (it needs none), and it builds no score messages (nothing reads them).
 
-:func:`run_evaluate` is the ``leadstream evaluate FILE --mapping MAPPING [--json]`` command: the
-only function here that reads files or prints.
+:func:`streams.offline.run_evaluate` is the ``leadstream evaluate FILE --mapping MAPPING [--json]``
+command, which reads the files and prints the report; nothing here does.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
+import logging
 import math
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from tqdm import tqdm
 
 from models.events import Event, RejectedEvent, parse_event, topic_kind_of
-from models.history import MappingError, load_mapping, stream_history
-from models.metrics import mean_log_loss
 from models.fields import Encoder
-from models.rules import ConfigError, Rules, load_rules
+from models.metrics import mean_log_loss
+from models.rules import Rules
 from models.scoring import MAX_STAGE_SNAPSHOTS, Scorer, step
 
+log = logging.getLogger(__name__)
 # The learners (River, SciPy, ~2.5 s of imports) are imported where they are used: with processes > 1
 # the replay, which needs none of them, is forked first and runs while this process imports them.
 if TYPE_CHECKING:
@@ -57,7 +53,7 @@ if TYPE_CHECKING:
 SCORERS = ("rules", "model", "served")
 HOLDOUT = 0.2  # the last fifth of the closed deals, by arrival order
 LIFT_FRACTION = 0.1
-# leadstream evaluate's batch refits: 0 = inline, when due. A lag (run_evaluate(refit_lag=n)) fits beside the
+# leadstream evaluate's batch refits: 0 = inline, when due. A lag (streams.offline.run_evaluate(refit_lag=n)) fits beside the
 # replay, as the worker does, but costs accuracy where the last deals matter: X Education with n = 200,
 # batch_hgb 0.9126 -> 0.9057 and served 0.9161 -> 0.9131 on the last 20%, for no wall time on a busy machine.
 REFIT_LAG = 0
@@ -265,7 +261,7 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
     ----------
     events
         :class:`~models.events.Event` objects, or contract dicts (as made by
-        :mod:`models.history` or :mod:`models.simulate`), which are decoded and validated by
+        :mod:`models.offline.history` or :mod:`models.offline.simulate`), which are decoded and validated by
         :func:`models.events.parse_event` like the stream's input; rejected ones are counted by
         reason in ``rejected``. An event id seen before for the same lead is skipped (counted in
         ``duplicates``), as the stream's dedupe does.
@@ -308,7 +304,7 @@ def evaluate_events(events: Iterable[Event | Mapping[str, Any]], rules: Rules, *
     Two leads that download and win, two that only visit and lose: the rules rank them perfectly,
     the untrained model cannot (its first prediction is 0.5).
 
-    >>> from models.rules import DEFAULT_CONFIG
+    >>> from models.rules import DEFAULT_CONFIG, load_rules
     >>> rules = load_rules(DEFAULT_CONFIG.read_text())
     >>> events = []
     >>> for i, won in enumerate([True, False, True, False]):
@@ -465,12 +461,12 @@ _READER_SHARE = 0.75  # the replay process that reads the events takes this many
 _GC_THRESHOLDS = (10_000, 10, 100)
 
 
-def _batch_gc() -> tuple[int, int, int]:
+def batch_gc() -> tuple[int, int, int]:
     """Tune this process's garbage collection for the replay (see :data:`_GC_THRESHOLDS`); returns the
     thresholds it had (the objects frozen stay frozen: they live as long as the process anyway).
 
     >>> import gc
-    >>> before = _batch_gc()
+    >>> before = batch_gc()
     >>> gc.get_threshold() == _GC_THRESHOLDS
     True
     >>> gc.set_threshold(*before); gc.unfreeze()
@@ -570,8 +566,7 @@ class _Prefits:
                 return fitted
             self.refused += 1
             self.queue = None  # out of step: every later fit is made here
-            print("leadstream evaluate: no batch fit made ahead for this window; fitting here from now on",
-                  file=sys.stderr)
+            log.warning("no batch fit made ahead for this window; fitting here from now on")
         return BatchHGB.fit_rows(rows, params, max_columns)
 
 
@@ -584,7 +579,7 @@ def _prefit_main(inboxes: list[Any], outbox: Any, trainer_args: dict[str, Any]) 
     from models.learner import Trainer, vectorize
     from models.tournament import BatchHGB
 
-    _batch_gc()  # a child process of its own
+    batch_gc()  # a child process of its own
     trainer = Trainer(**trainer_args)
     learners = [l for l in trainer.tournament.learners.values() if isinstance(l, BatchHGB)]
     window_keys = _WindowKeys()
@@ -641,7 +636,7 @@ def _replay_main(inbox: Any, rules: Rules, outboxes: list[Any], end_box: Any | N
 
     import bisect
 
-    _batch_gc()  # a child process of its own: its settings end with it
+    batch_gc()  # a child process of its own: its settings end with it
     replay = _Replay(rules)
     current = -1
     n = len(shard_boxes) + 1
@@ -829,89 +824,3 @@ def format_table(report: dict[str, Any]) -> str:
     if "elapsed_s" in report:
         lines.append(f"elapsed: {report['elapsed_s']:.1f} s")
     return "\n".join(lines)
-
-
-def _shown(path: str | Path) -> str:
-    """``path`` relative to the working directory when it is below it (the settings give it absolute)."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-def _cpus() -> int:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def run_evaluate(file: str | Path, mapping: str | Path, scoring_config_path: str | Path, as_json: bool = False,
-                 min_outcomes: int = 50, model_kind: str = "tournament", batch_every: int = 1000,
-                 delimiter: str = ",", refit_lag: int = REFIT_LAG, processes: int | None = None) -> int:
-    """``leadstream evaluate FILE --mapping MAPPING [--json]``.
-
-    Reads the history with :mod:`models.history`, lists every bad row with its line on stderr,
-    replays the good ones with :func:`evaluate_events` and prints a table, or with ``as_json``
-    exactly one JSON object, on stdout. Exit code 0; 2 when the mapping, the scoring config or the
-    file cannot be used at all. ``processes``: see :func:`evaluate_events` (default: 2 when this
-    process may use 2 CPUs or more, else 1; the figures are the same).
-    """
-    started = time.perf_counter()
-    try:
-        rules = load_rules(Path(scoring_config_path).read_text(encoding="utf-8"))
-        try:
-            parsed = load_mapping(Path(mapping).read_text(encoding="utf-8"))
-        except MappingError as exc:
-            raise MappingError(f"{mapping}: {exc}") from None
-        try:
-            results, warnings = stream_history(file, parsed, delimiter)
-        except MappingError as exc:
-            raise MappingError(f"mapping {mapping}: {exc}") from None
-    except (ConfigError, MappingError, OSError, ValueError) as exc:
-        print(f"leadstream evaluate: {exc}", file=sys.stderr)
-        return 2
-    rules = dataclasses.replace(rules, fields=rules.fields.with_private(parsed.private_fields))
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    rows = {"read": 0, "bad": 0}
-    bad: list[str] = []  # printed once the replay is done (it may run in a child process)
-
-    def events() -> Iterator[dict[str, Any]]:
-        for r in tqdm(results, desc="evaluate", unit=" rows", disable=None, file=sys.stderr):
-            rows["read"] += 1
-            if r.error:
-                rows["bad"] += 1
-                bad.append(f"{file}:{r.line}: bad row{f' (lead {r.lead_id})' if r.lead_id else ''}: {r.error}")
-            yield from r.events
-
-    if processes is None:
-        processes = 2 if _cpus() >= 2 else 1
-    returned = {"rows": rows, "bad": bad}
-    thresholds = _batch_gc()  # here the trainer's process (and the child processes forked from it)
-    try:
-        evaluation = evaluate_events(events(), rules, min_outcomes=min_outcomes, model_kind=model_kind,
-                                     batch_every=batch_every, refit_lag=refit_lag, processes=processes,
-                                     returned=returned)
-    finally:
-        import gc
-
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
-    rows, bad = returned["rows"], returned["bad"]
-    for line in bad:
-        print(line, file=sys.stderr)
-    if rows["bad"]:
-        print(f"{rows['bad']} of {rows['read']} rows are bad and left out of the evaluation", file=sys.stderr)
-    for reason, count in sorted(evaluation.rejected.items()):
-        print(f"{count} events rejected: {reason}", file=sys.stderr)
-    report = {"file": str(file), "mapping": str(mapping), "scoring_config": _shown(scoring_config_path),
-              "rows": rows, **evaluation.report(),
-              "elapsed_s": round(time.perf_counter() - started, 2)}
-    if as_json:
-        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
-    else:
-        print(format_table(report))
-    return 0
