@@ -65,6 +65,27 @@ ACTIVITY_KINDS = ("call", "email", "meeting", "task")
 OWNERS = ("Ana Ruiz", "Ben Okafor", "Chloe Martin", "Dev Patel")
 
 
+@dataclass(frozen=True)
+class Market:
+    """What makes a lead win: the explicit fit's weights (log-odds) and the weight of a download.
+
+    A market shift (``simulate_population(shift_at=...)``) swaps one market for another part-way
+    through the arrivals: concept drift, as real histories have (new segments, a gated asset that
+    everyone now downloads), for testing how fast each learner follows it.
+    """
+
+    industries: dict[str, float]
+    sources: dict[str, float]
+    download: float
+
+
+MARKET = Market(INDUSTRIES, SOURCES, download=1.4)
+# After the shift: the industries that bought least buy most (and the other way round), the sources
+# change places, and a download says little (the asset is ungated: everyone gets it).
+SHIFTED_MARKET = Market(dict(zip(INDUSTRIES, sorted(INDUSTRIES.values()))),
+                        dict(zip(SOURCES, sorted(SOURCES.values()))), download=0.2)
+
+
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
@@ -113,7 +134,7 @@ def _poisson(rng: random.Random, lam: float) -> int:
     return k
 
 
-def _explicit(rng: random.Random) -> tuple[dict[str, Any], float]:
+def _explicit(rng: random.Random, market: Market) -> tuple[dict[str, Any], float]:
     countries, weights = zip(*COUNTRIES)
     country = rng.choices(countries, weights)[0]
     industry = rng.choice(list(INDUSTRIES))
@@ -121,7 +142,7 @@ def _explicit(rng: random.Random) -> tuple[dict[str, Any], float]:
     size = int(math.exp(rng.uniform(0.0, math.log(5000))))  # log-uniform 1..5000 employees
     source = rng.choice(list(SOURCES))
     size_fit = 0.5 if 50 <= size <= 1000 else 0.2 if size > 1000 else -0.6 if size < 10 else 0.0
-    fit = INDUSTRIES[industry] + JOB_TITLES[title] + SOURCES[source] + size_fit
+    fit = market.industries[industry] + JOB_TITLES[title] + market.sources[source] + size_fit
     fields: dict[str, Any] = {"country": country, "city": rng.choice(CITIES[country]), "industry": industry,
                               "job_title": title, "company_size": size, "age": rng.randint(21, 64),
                               "source": source, "newsletter_opt_in": rng.random() < 0.4}
@@ -167,10 +188,10 @@ def _activities(b: _LeadBuilder, rng: random.Random, t: int, horizon: int, seria
                 b.add(due + _DAY, "activity_completed", {"activity_id": aid, "kind": kind})
 
 
-def _lead(rng: random.Random, seed: int, index: int, arrival: int) -> SimLead:
+def _lead(rng: random.Random, seed: int, index: int, arrival: int, market: Market) -> SimLead:
     lead_id = f"lead-{seed}-{index:05d}"
     b = _LeadBuilder(seed, index, lead_id)
-    fields, fit = _explicit(rng)
+    fields, fit = _explicit(rng, market)
     intent = rng.gauss(0.6 * fit, 1.0)
     created_fields = dict(fields)
     late_field = rng.random() < 0.25
@@ -217,7 +238,7 @@ def _lead(rng: random.Random, seed: int, index: int, arrival: int) -> SimLead:
     if replied:
         b.add(rng.randint(stage_times[0], active_end), "email_replied", {"thread_id": f"{lead_id}-t1"})
     reached_proposal = reached >= STAGES.index("proposal")
-    p_win = _sigmoid(-2.6 + 0.5 * fit + 1.4 * downloaded + 2.0 * reached_proposal + 0.5 * replied
+    p_win = _sigmoid(-2.6 + 0.5 * fit + market.download * downloaded + 2.0 * reached_proposal + 0.5 * replied
                      + 0.1 * min(n_sessions, 6))
     outcome = None
     close = arrival + life
@@ -242,7 +263,8 @@ def _lead(rng: random.Random, seed: int, index: int, arrival: int) -> SimLead:
     return SimLead(lead_id, arrival, fields, fit, intent, downloaded, reached_proposal, p_win, outcome, b.build())
 
 
-def simulate_population(leads: int, seed: int, start_ms: int = START_MS) -> list[SimLead]:
+def simulate_population(leads: int, seed: int, start_ms: int = START_MS,
+                        shift_at: float | None = None) -> list[SimLead]:
     """Simulate ``leads`` leads with their hidden truth, in arrival order.
 
     Parameters
@@ -253,6 +275,10 @@ def simulate_population(leads: int, seed: int, start_ms: int = START_MS) -> list
         The seed of the one ``random.Random`` used: same seed, same leads and events.
     start_ms : int
         Simulated epoch milliseconds of the start; arrivals spread over ``ARRIVAL_DAYS`` days.
+    shift_at : float, optional
+        The fraction of the leads (in arrival order) after which the market shifts from
+        :data:`MARKET` to :data:`SHIFTED_MARKET`. None: no shift (the same leads as before this
+        option existed: the shift draws nothing from the seed).
 
     Returns
     -------
@@ -264,12 +290,26 @@ def simulate_population(leads: int, seed: int, start_ms: int = START_MS) -> list
     >>> lead = simulate_population(1, seed=3)[0]
     >>> 0 < lead.p_win < 1, lead.events[0]["type"], lead.outcome in ("won", "lost", None)
     (True, 'lead_created', True)
+
+    After a shift the old best industry wins least (the fit's part of the odds only):
+
+    >>> shifted = simulate_population(2000, seed=3, shift_at=0.5)
+    >>> def rate(leads, industry):
+    ...     closed = [l for l in leads if l.outcome and l.fields["industry"] == industry]
+    ...     return sum(l.outcome == "won" for l in closed) / len(closed)
+    >>> rate(shifted[:1000], "software") > rate(shifted[:1000], "education")
+    True
+    >>> rate(shifted[1000:], "software") < rate(shifted[1000:], "education")
+    True
     """
     if leads < 0:
         raise ValueError(f"leads={leads}: expected a whole number >= 0")
+    if shift_at is not None and not 0.0 <= shift_at <= 1.0:
+        raise ValueError(f"shift_at={shift_at}: expected a fraction of the leads, from 0 to 1")
     rng = random.Random(seed)
     arrivals = sorted(start_ms + rng.randrange(ARRIVAL_DAYS * _DAY) for _ in range(leads))
-    return [_lead(rng, seed, i, t) for i, t in enumerate(arrivals)]
+    shift = leads if shift_at is None else round(shift_at * leads)
+    return [_lead(rng, seed, i, t, MARKET if i < shift else SHIFTED_MARKET) for i, t in enumerate(arrivals)]
 
 
 def merge_events(population: Iterable[SimLead]) -> list[dict[str, Any]]:
