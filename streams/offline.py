@@ -34,8 +34,9 @@ def read_rows(path: str | Path, delimiter: str = ",") -> Iterator[tuple[int, dic
 
     Read lazily, one row at a time (memory does not grow with the file). ``delimiter`` separates
     CSV values (``";"`` for European CRM exports; ``"\\t"`` or ``"tab"`` for a tab). A line that
-    cannot be read as a row comes out as ``{BAD_LINE: reason}``, so that :func:`~models.offline.history.rows_to_events`
-    reports it instead of it being skipped. Blank lines are not rows.
+    cannot be read as a row comes out as ``{BAD_LINE: reason}``, so that
+    :func:`~models.offline.history.rows_to_events` reports it instead of it being skipped. Blank lines
+    are not rows.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -100,8 +101,6 @@ def _csv_rows(reader: Any, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield reader.line_num, {BAD_LINE: f"{len(cells)} values but the header has {len(header)} columns"}
         else:
             yield reader.line_num, dict(zip(header, cells))
-
-
 
 
 def spill_run(run: list[T]) -> Iterator[T]:

@@ -340,7 +340,8 @@ def check_columns(columns: set[str], mapping: Mapping, source: str) -> list[str]
     absent = sorted(mapping.columns - columns)
     if absent:
         raise MappingError(f"columns not in {source}: {', '.join(map(repr, absent))}")
-    return [f"column {c!r} is neither mapped nor in [drop]: ignored" for c in sorted(columns - mapping.columns - set(mapping.drop))]
+    unmapped = sorted(columns - mapping.columns - set(mapping.drop))
+    return [f"column {c!r} is neither mapped nor in [drop]: ignored" for c in unmapped]
 
 
 def _cell(row: Row, column: str, mapping: Mapping) -> Any:
