@@ -70,8 +70,8 @@ class Market:
     """What makes a lead win: the explicit fit's weights (log-odds) and the weight of a download.
 
     A market shift (``simulate_population(shift_at=...)``) swaps one market for another part-way
-    through the arrivals: concept drift, as real histories have (new segments, a gated asset that
-    everyone now downloads), for testing how fast each learner follows it.
+    through the arrivals: concept drift, as real histories have (new segments buy, an asset stops
+    telling buyers apart), for testing how fast each learner follows it.
     """
 
     industries: dict[str, float]
@@ -81,7 +81,7 @@ class Market:
 
 MARKET = Market(INDUSTRIES, SOURCES, download=1.4)
 # After the shift: the industries that bought least buy most (and the other way round), the sources
-# change places, and a download says little (the asset is ungated: everyone gets it).
+# change places, and a download says little about buying (leads download as often as before).
 SHIFTED_MARKET = Market(dict(zip(INDUSTRIES, sorted(INDUSTRIES.values()))),
                         dict(zip(SOURCES, sorted(SOURCES.values()))), download=0.2)
 
