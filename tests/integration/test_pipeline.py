@@ -150,10 +150,14 @@ async def test_worker_killed_mid_batch_loses_nothing_and_counts_nothing_twice(
               for i in range(per_lead) for lead in range(n_leads)]
     size = len(events) // chunks
     killed_mid_batch = 0
+    # Small batches, and re-send material dropped with the offsets' commit at most every 5 s: a chunk is
+    # ~20 batches whose material stays seconds in Redis, so the kill lands while it is there (with the
+    # defaults one batch took the whole chunk and its material lived a few ms: a poll could miss it).
+    killable = {"LEADSTREAM_BATCH_MAX_EVENTS": "20", "LEADSTREAM_COMMIT_EVERY_SECONDS": "5"}
     for chunk in range(chunks - 1):
         await publish(producer, {"web": s.topic_web}, events[chunk * size:(chunk + 1) * size])
-        worker = start_worker()
-        await _until_pending_outputs(redis_client, timeout_s=10)  # a batch is written, its outputs not yet acked
+        worker = start_worker(**killable)
+        await _until_pending_outputs(redis_client, timeout_s=30)  # a batch is written, its outputs not yet acked
         os.killpg(worker.pid, signal.SIGKILL)  # no clean shutdown: uncommitted offsets get redelivered
         worker.wait()
         killed_mid_batch += await _pending_outputs(redis_client) > 0
