@@ -54,8 +54,9 @@ SCORERS = ("rules", "model", "served")
 HOLDOUT = 0.2  # the last fifth of the closed deals, by arrival order
 LIFT_FRACTION = 0.1
 # leadstream evaluate's batch refits: 0 = inline, when due. A lag (streams.offline.run_evaluate(refit_lag=n))
-# fits beside the replay, as the worker does, but costs accuracy where the last deals matter: X Education with n = 200,
-# batch_hgb 0.9126 -> 0.9057 and served 0.9161 -> 0.9131 on the last 20%, for no wall time on a busy machine.
+# fits beside the replay, as the worker does, but costs accuracy where the last deals matter: X Education
+# with n = 200, batch_hgb 0.9126 -> 0.9057 and served 0.9161 -> 0.9131 on the last 20%, for no wall time on
+# a busy machine.
 REFIT_LAG = 0
 
 
