@@ -309,6 +309,9 @@ SETTINGS: dict[str, Setting] = {
     "event_loop": Setting("LEADSTREAM_EVENT_LOOP", "uvloop", _choice("uvloop", "asyncio"),
                           "The worker's event loop: uvloop (libuv, less CPU per Kafka and Redis round trip) "
                           "or asyncio (the standard library's)."),
+    "java_home": Setting("LEADSTREAM_JAVA_HOME", "", _optional_path,
+                         "The Java 17+ installation the broker `leadstream up` starts runs on (empty: JAVA_HOME "
+                         "if set, else `java` on the PATH)."),
     "home": Setting("LEADSTREAM_HOME", str(Path("~/.cache/leadstream").expanduser()), _path,
                     "Where `leadstream up` keeps the Kafka jars, data, logs and pid files."),
     "kafka_security_protocol": Setting("LEADSTREAM_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT",
@@ -383,6 +386,7 @@ class Settings:
     api_cache_s: float
     log_format: str
     event_loop: str
+    java_home: Path | None
     home: Path
     kafka_security_protocol: str
     kafka_sasl_mechanism: str
@@ -415,6 +419,8 @@ class Settings:
             raw = env.get(s.env) if raw is None else raw
             values[attr] = s.parse(s.env, s.default if raw is None or raw == "" else raw)
         values["api_token"] = _resolve_token(values["api_token"], values["api_token_file"])
+        # Java's own variable, the one every Java tool reads: LEADSTREAM_JAVA_HOME only overrides it.
+        values["java_home"] = values["java_home"] or _optional_path("JAVA_HOME", env.get("JAVA_HOME", ""))
         return cls(**values)
 
     def runs(self, role: str) -> bool:

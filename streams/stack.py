@@ -199,12 +199,12 @@ logger.raft.level = INFO
 """
 
 
-def _java() -> str:
-    home = os.environ.get("JAVA_HOME")
-    java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
+def _java(home: Path | None) -> str:
+    java = str(home / "bin" / "java") if home else shutil.which("java")
     if not java or not os.access(java, os.X_OK):
         raise StackError("kafka: Java 17+ is needed to run the broker and `java` was not found "
-                         "(install e.g. openjdk-17-jre-headless, or set JAVA_HOME)")
+                         f"{f'in {home}/bin ' if home else 'on the PATH '}"
+                         "(install e.g. openjdk-17-jre-headless, or set LEADSTREAM_JAVA_HOME / JAVA_HOME)")
     return java
 
 
@@ -218,7 +218,7 @@ def _cluster_id() -> str:
 
 def _kafka_command(settings: Settings, paths: Paths, log_offset: int) -> list[str]:
     """Write the broker's config, format its storage on the first start, and return the command that runs it."""
-    java = _java()
+    java = _java(settings.java_home)
     lib = ensure_kafka_jars(settings)
     (paths.kafka / "data").mkdir(parents=True, exist_ok=True)
     props, log4j = paths.kafka / "server.properties", paths.kafka / "log4j2.properties"

@@ -106,3 +106,10 @@ def test_settings_command_masks_secrets(monkeypatch, capsys):
 def test_to_env_round_trips_every_setting_secrets_included(tmp_path):
     s = Settings.from_env(SASL | {"LEADSTREAM_KAFKA_SASL_PASSWORD": "pw", "LEADSTREAM_PARTITIONS": "3"})
     assert Settings.from_env(s.to_env()) == s
+
+
+def test_java_home_is_leadstreams_setting_or_javas_own_variable(tmp_path) -> None:
+    assert Settings.from_env({}).java_home is None  # then `java` on the PATH
+    assert Settings.from_env({"JAVA_HOME": str(tmp_path)}).java_home == tmp_path
+    ours = tmp_path / "jdk"
+    assert Settings.from_env({"JAVA_HOME": str(tmp_path), "LEADSTREAM_JAVA_HOME": str(ours)}).java_home == ours
