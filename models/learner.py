@@ -40,6 +40,7 @@ from models.events import STAGES
 from models.features import Features
 from models.fields import Encoder
 from models.metrics import Prequential
+from models.fused import FusedMembers
 from models.tournament import (LEARNER_NAMES, Learner, Stack, StageModels, Tournament, fast_predictors,
                                learned_stamp, make_learners, predict_all, serving_learners)
 
@@ -260,7 +261,11 @@ class LinearScorer:
     def explain(self, x: dict[str, float], top: int = 5,
                 labels: dict[str, str] | None = None) -> tuple[float, list[dict[str, Any]]]:
         """P(won) and the ``top`` contributions, as :func:`predict_explain` gives them."""
-        contrib = self.contributions(x)
+        return self.explain_contributions(self.contributions(x), labels, top)
+
+    def explain_contributions(self, contrib: list[tuple[str, float]], labels: dict[str, str] | None = None,
+                              top: int = 5) -> tuple[float, list[dict[str, Any]]]:
+        """:meth:`explain` from the :meth:`contributions` of ``x`` (when a caller walked ``x`` already)."""
         p = self.link(self.intercept + sum(map(_value, contrib)))
         labels = labels or {}
         return p, [{"feature": labels.get(k, k), "contribution": round(c, 4)} for k, c in _largest(contrib, top)]
@@ -410,13 +415,18 @@ class ServingModel:
         if fast is None or (stamp is not None and fast[0] != stamp):
             linear = LinearScorer(self.model) if _is_linear(self.model) else None
             fast = self.__dict__["_fast"] = (stamp, linear, fast_predictors(
-                self.learners, linear.predict_proba if linear is not None else None))
-        _, linear, predictors = fast
+                self.learners, linear.predict_proba if linear is not None else None), FusedMembers.of(linear, self.learners))
+        _, linear, predictors, fused = fast
+        champion = self.learners[self.champion]
+        if isinstance(champion, Stack) and fused is not None:  # one pass for the fused members
+            base, reasons = fused.predict(x, labels)
+            for name in fused.rest:
+                base[name] = predictors[name](x)
+            return champion.predict_from(base, x), reasons
         if linear is not None:
             p_linear, reasons = linear.explain(x, labels=labels)
         else:
             p_linear, reasons = None, []
-        champion = self.learners[self.champion]
         if isinstance(champion, Stack):
             base = {n: (p_linear if n == "logreg" and p_linear is not None else f(x)) for n, f in predictors.items()}
             return champion.predict_from(base, x), reasons

@@ -221,7 +221,7 @@ class BatchHGB:
         columns = {k: j for j, k in enumerate(sorted(keep) + sorted(codes))}  # a stable layout
         template = np.full(len(columns), np.nan)
         template[[j for k, j in columns.items() if k.startswith(_BINARY)]] = 0.0  # an absent bucket is 0
-        fill = FastHGB.row_filler(columns, codes, template)
+        fill = FastHGB.row_filler(FastHGB.row_lookup(columns, codes), [float(v) for v in template])
         X_ = np.array([fill(x) for x, _ in rows], dtype=float).reshape(len(rows), len(columns))
         y_ = np.array([y for _, y in rows], dtype=int)
         with threadpool_limits(1):  # OpenMP threads only fight over the worker's cores at this size
@@ -446,13 +446,14 @@ class FastHGB:
     def __init__(self, model: FlatTrees, columns: dict[str, int], codes: dict[str, dict[str, float]],
                  template: Any) -> None:
         self.model = model
-        self.row = FastHGB.row_filler(columns, codes, template)
+        self.base = [float(v) for v in template]  # the row of an x without any known key
+        self.lookup = FastHGB.row_lookup(columns, codes)
+        self.row = FastHGB.row_filler(self.lookup, self.base)
         self.trees = model.compiled()
 
     @staticmethod
-    def row_filler(columns: dict[str, int], codes: dict[str, dict[str, float]], template: Any) -> Any:
-        """``row(x)``: the list :meth:`BatchHGB._row` would give as an array, by one lookup per key."""
-        base = [float(v) for v in template]
+    def row_lookup(columns: dict[str, int], codes: dict[str, dict[str, float]]) -> dict[str, tuple[int, float | None]]:
+        """Key of ``x`` -> (its column, the code it stands for; None: the key's value)."""
         lookup: dict[str, tuple[int, float | None]] = {}
         for key, j in columns.items():
             if key in codes:  # a categorical field: each known value has its code
@@ -460,6 +461,11 @@ class FastHGB:
                     lookup[f"{key}={value}"] = (j, code)
             else:
                 lookup[key] = (j, None)
+        return lookup
+
+    @staticmethod
+    def row_filler(lookup: dict[str, tuple[int, float | None]], base: list[float]) -> Any:
+        """``row(x)``: the list :meth:`BatchHGB._row` would give as an array, by one lookup per key."""
         get = lookup.get
 
         def row(x: X) -> list[float]:

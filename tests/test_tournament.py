@@ -311,3 +311,39 @@ def test_compiled_trees_and_fast_rows_give_the_numpy_walks_figures() -> None:
         assert abs(b.predict_proba(x) - 1 / (1 + np.exp(-walked))) < 1e-12
     clone = pickle.loads(pickle.dumps(b.frozen()))
     assert [clone.predict_proba(x) for x in xs] == [b.predict_proba(x) for x in xs]
+
+
+def test_the_stacks_fused_members_give_each_members_own_figures_to_the_bit() -> None:
+    """Serving reads logreg, gam and the batch learner in one pass: every probability and reason as each
+    member's own frozen form gives it, in every form segment, for known and unknown keys."""
+    from models.fused import FusedMembers
+    from models.learner import LinearScorer
+    from models.tournament import FastBinned
+
+    rng = random.Random(3)
+    trainer = Trainer(min_outcomes=5, batch_every=200)
+    xs = []
+    for x, won in population(900, seed=4):
+        x = {**x, "fields_known": float(rng.randint(0, 9)), "age_days": rng.random() * 90, "big": 40 + rng.random() * 30}
+        xs.append(x)
+        for learner in trainer.tournament.learners.values():
+            if learner.name != "stack":
+                learner.learn(x, won)
+    serving = pickle.loads(pickle.dumps(trainer.serving()))
+    hgb = serving.learners["batch_hgb"]
+    assert hgb.model is not None  # the trees are part of it
+    linear = LinearScorer(serving.model)
+    fused = FusedMembers.of(linear, serving.learners)
+    gam = FastBinned(serving.learners["gam"])
+    xs += [{"never_seen": 2.0, "src=zzz": 1.0}, {}, {"fields_known": 5.0, "n_download": 60.0}]
+    for x in xs:
+        preds, reasons = fused.predict(x, {"n_download": "downloads"})
+        assert (preds["logreg"], reasons) == linear.explain(x, labels={"n_download": "downloads"})
+        assert preds["gam"] == gam.predict_proba(x) == serving.learners["gam"].predict_proba(x)
+        assert preds["batch_hgb"] == hgb.predict_proba(x)
+    # the served stack through the fused pass and through each member alone
+    serving.champion = "stack"
+    fused_served = [serving._fast_predict(x, {}) for x in xs]
+    stamp, linear_, predictors, _ = serving.__dict__["_fast"]
+    serving.__dict__["_fast"] = (stamp, linear_, predictors, None)
+    assert [serving._fast_predict(x, {}) for x in xs] == fused_served

@@ -1,0 +1,110 @@
+"""The stack's members read in one pass over the model inputs, for serving. Pure, no I/O.
+
+Serving the stack asks each member for its prediction: the linear learner (its contributions are the
+lead's reasons too), ``gam`` and the batch learner's trees. Each of them walks the ~45 keys of ``x``
+with its own dict lookup per key. :class:`FusedMembers` merges their tables into one per form segment,
+so one walk with one lookup per key gives all three: the same sums in the same order, so the same
+bits as each member alone (a test checks it on every learner the tournament trains).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from models.tournament import (SEGMENTS, BatchHGB, BinnedLogistic, FastBinned, FrozenHGB, Stack, X, _fast_hgb,
+                               _sigmoid, form_segment)
+
+# One entry per key: the linear learner's (a, b) (its contribution is a * value + b), gam's weight for
+# a one-hot key or its table of bins for a number, the batch learner's column and category code.
+Entry = tuple[float | None, float | None, float | None, dict[int, float] | None, int | None, float | None]
+
+
+class FusedMembers:
+    """``logreg``, ``gam`` and ``batch_hgb`` predictions, and the linear learner's reasons, in one pass.
+
+    ``linear`` is the :class:`~models.learner.LinearScorer` of ``logreg`` (required); ``gam`` and
+    ``hgb`` are the learners (either may be None: that member is then not fused). An unfitted batch
+    learner predicts 0.5, as :meth:`~models.tournament.BatchHGB.predict_proba`.
+
+    >>> from models.learner import LinearScorer, make_model
+    >>> from models.tournament import BinnedLogistic
+    >>> m, g = make_model(), BinnedLogistic()
+    >>> for i in range(40):
+    ...     x = {"src=ad" if i % 3 else "src=web": 1.0, "n_click": float(i % 4), "fields_known": float(i % 9)}
+    ...     _ = m.learn_one(x, i % 3 > 0); g.learn(x, i % 3 > 0)
+    >>> linear = LinearScorer(m)
+    >>> x = {"src=ad": 1.0, "n_click": 2.0, "fields_known": 5.0, "new": 3.0}
+    >>> preds, reasons = FusedMembers(linear, g, None).predict(x)
+    >>> (preds["logreg"], reasons) == linear.explain(x), preds["gam"] == g.predict_proba(x)
+    (True, True)
+    """
+
+    def __init__(self, linear: Any, gam: Any | None, hgb: Any | None) -> None:
+        self.linear = linear
+        self.gam = FastBinned(gam) if gam is not None else None
+        self.per_unit = gam.per_unit if gam is not None else 1.0
+        fitted = hgb is not None and hgb.model is not None
+        self.trees = _fast_hgb(hgb) if fitted else None
+        self.names = ("logreg",) + (("gam",) if gam is not None else ()) + (("batch_hgb",) if hgb is not None else ())
+        self.tables = {segment: self._table(segment) for segment in SEGMENTS}
+        self.rest: tuple[str, ...] = ()  # the stack's other members (asked one by one)
+
+    @classmethod
+    def of(cls, linear: Any | None, learners: dict[str, Any]) -> FusedMembers | None:
+        """The fused members of a tournament with a stack (None: no stack, or no linear learner)."""
+        if linear is None or not any(isinstance(l, Stack) for l in learners.values()):
+            return None
+        gam, hgb = learners.get("gam"), learners.get("batch_hgb")
+        fused = cls(linear, gam if isinstance(gam, BinnedLogistic) else None,
+                    hgb if isinstance(hgb, (BatchHGB, FrozenHGB)) else None)
+        fused.rest = tuple(n for n, l in learners.items() if n not in fused.names and not isinstance(l, Stack))
+        return fused
+
+    def _table(self, segment: str) -> dict[str, Entry]:
+        entries: dict[str, list[Any]] = {}
+
+        def entry(key: str) -> list[Any]:
+            return entries.setdefault(key, [None] * 6)
+
+        for key, (a, b) in self.linear.coef.items():
+            entry(key)[0:2] = a, b
+        if self.gam is not None:
+            for key, w in self.gam.one_hot.get(segment, {}).items():
+                entry(key)[2] = w
+            for key, table in self.gam.bins.get(segment, {}).items():
+                entry(key)[3] = table
+        if self.trees is not None:
+            for key, (column, code) in self.trees.lookup.items():
+                entry(key)[4:6] = column, code
+        return {key: tuple(e) for key, e in entries.items()}  # type: ignore[misc]
+
+    def predict(self, x: X, labels: dict[str, str] | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Each fused member's P(won), and the linear learner's reasons for ``x``."""
+        get = self.tables[form_segment(x)].get
+        per_unit, log1p = self.per_unit, math.log1p
+        contrib: list[tuple[str, float]] = []
+        gam_total = 0
+        row = self.trees.base.copy() if self.trees is not None else None
+        for k, v in x.items():
+            e = get(k)
+            if e is None:
+                continue
+            a, b, weight, bins, column, code = e
+            if a is not None and (c := a * v + b):  # as LinearScorer.contributions
+                contrib.append((k, c))
+            if weight is not None:  # as FastBinned.predict_proba (a missing weight or bin adds 0.0)
+                gam_total += weight
+            elif bins is not None:  # _bin inlined: a call per number costs more than the lookup
+                w = bins.get(int(per_unit * v) if v < 50 else 1000 + int(per_unit * log1p(v)))
+                if w is not None:
+                    gam_total += w
+            if column is not None:  # as FastHGB.row
+                row[column] = v if code is None else code  # type: ignore[index]
+        p_linear, reasons = self.linear.explain_contributions(contrib, labels)
+        preds = {"logreg": p_linear}
+        if self.gam is not None:
+            preds["gam"] = _sigmoid(self.gam.intercept + gam_total)
+        if "batch_hgb" in self.names:
+            preds["batch_hgb"] = _sigmoid(self.trees.trees(row)) if self.trees is not None else 0.5
+        return preds, reasons
