@@ -467,8 +467,10 @@ async def bench_rescoring(settings: Settings, rules_text: str) -> Figures:
 
 def _trained_model(rules_text: str, events: list[dict[str, Any]] | None = None) -> Any:
     """A serving model trained, through the pure step, on the outcomes of ``events`` (default: 300
-    simulated leads)."""
-    rules, trainer, states = load_rules(rules_text), Trainer(min_outcomes=5), {}
+    simulated leads, 261 deals). The batch learner refits every 100 deals, so its trees are part of the
+    stack as in a worker past its first 1,000 deals (before the tenth round they were not: the
+    step's "model" figures of earlier rounds lack the trees)."""
+    rules, trainer, states = load_rules(rules_text), Trainer(min_outcomes=5, batch_every=100), {}
     for e in simulate(300, seed=99) if events is None else events:
         ev = parse_event(e["lead_id"].encode(), orjson.dumps(e), topic_kind=topic_kind_of(e["type"]))
         r = step(states.get(ev.lead_id), ev, Scorer(rules), scored_at_ms=0, stage_snapshots=[])
