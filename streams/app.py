@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import faust
 
-from streams.clients import faust_credentials
+from streams.clients import KeyPartitioner, faust_credentials
 from streams.settings import Settings
 
 
@@ -24,6 +24,7 @@ def create_app(settings: Settings) -> faust.App:
         web_bind=settings.web_bind,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        producer_partitioner=KeyPartitioner(),  # Kafka's default partitions, the key hash memoised
         producer_linger=0.0,  # latency first: 2 ms of linger gave +20% throughput but +2 ms p50 (benchmarks/)
         stream_wait_empty=True,
         broker_commit_every=100,

@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable
 import faust
 import redis.asyncio as aioredis
 from aiokafka import TopicPartition
-from aiokafka.partitioner import murmur2
 
+from streams.clients import key_hash
 from streams.pipeline import EventPipeline, Out
 from streams.settings import Settings
 from streams.state import SHARDS, tag, view_key
@@ -49,7 +49,7 @@ class Sender:
 
 def partition_of(lead_id: str, partitions: int) -> int:
     """The input partition a lead's events are on (the Kafka clients' default partitioner on the key)."""
-    return (murmur2(lead_id.encode()) & 0x7FFFFFFF) % partitions
+    return key_hash(lead_id.encode()) % partitions
 
 
 class Rescorer:

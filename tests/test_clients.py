@@ -73,3 +73,18 @@ def test_commands_are_packed_as_redis_py_packs_them():
         except DataError:
             continue
         raise AssertionError(f"{bad!r} was packed")
+
+
+def test_the_memoised_partitioner_puts_every_key_where_kafkas_default_does() -> None:
+    import random
+
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from streams.clients import KeyPartitioner
+
+    rng, ours, default = random.Random(2), KeyPartitioner(), DefaultPartitioner()
+    for _ in range(2000):
+        key = rng.randbytes(rng.randint(0, 40))
+        partitions = list(range(rng.randint(1, 64)))
+        assert ours(key, partitions, partitions) == ours(key, partitions, []) == default(key, partitions, partitions)
+    assert ours(None, [0, 1, 2], [1]) == 1  # no key: a random available partition, as the default
