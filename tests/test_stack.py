@@ -164,15 +164,15 @@ def test_redis_port_taken_names_redis_and_its_log(settings: Settings) -> None:
     assert not Paths(settings.home).pid("redis").exists()
 
 
-def test_no_java_names_kafka(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("JAVA_HOME", str(settings.home / "no-such-jdk"))
-    with pytest.raises(StackError, match=r"^kafka: Java 17\+ is needed"):
+def test_no_java_names_kafka(settings: Settings) -> None:
+    settings = dataclasses.replace(settings, java_home=settings.home / "no-such-jdk")  # LEADSTREAM_JAVA_HOME / JAVA_HOME
+    with pytest.raises(StackError, match=r"^kafka: Java 17\+ is needed .* not found in .*no-such-jdk/bin"):
         stack_mod.up(settings, environ={}, services=["kafka"])
 
 
 def test_kafka_failing_to_format_names_kafka_and_its_log(settings: Settings, monkeypatch: pytest.MonkeyPatch,
                                                          tmp_path: Path) -> None:
-    monkeypatch.delenv("JAVA_HOME", raising=False)
+    settings = dataclasses.replace(settings, java_home=None)  # `java` on the PATH
     monkeypatch.setattr(stack_mod, "ensure_kafka_jars", lambda s: tmp_path)  # no jars: java finds no class
     with pytest.raises(StackError) as err:
         stack_mod.up(settings, environ={}, services=["kafka"])
@@ -182,7 +182,7 @@ def test_kafka_failing_to_format_names_kafka_and_its_log(settings: Settings, mon
 
 def test_kafka_exiting_at_start_names_kafka_and_its_log(settings: Settings, monkeypatch: pytest.MonkeyPatch,
                                                         tmp_path: Path) -> None:
-    monkeypatch.delenv("JAVA_HOME", raising=False)
+    settings = dataclasses.replace(settings, java_home=None)  # `java` on the PATH
     monkeypatch.setattr(stack_mod, "ensure_kafka_jars", lambda s: tmp_path)
     data = settings.home / "kafka" / "data"
     data.mkdir(parents=True)
