@@ -39,8 +39,8 @@ from models import glm
 from models.events import STAGES
 from models.features import Features
 from models.fields import Encoder
-from models.metrics import Prequential
 from models.fused import FusedMembers
+from models.metrics import Prequential
 from models.tournament import (LEARNER_NAMES, Learner, Stack, StageModels, Tournament, fast_predictors,
                                learned_stamp, make_learners, predict_all, serving_learners)
 
@@ -408,14 +408,15 @@ class ServingModel:
 
     def _fast_predict(self, x: dict[str, float], labels: dict[str, str]) -> tuple[float, list[dict[str, Any]]]:
         """The champion through the learners' frozen forms (built once per model, rebuilt if a shared
-        learner learned since): the linear learner as dicts, naive Bayes as lookups, compiled trees."""
+        learner learned since): the linear learner as dicts, naive Bayes as lookups, compiled trees; a
+        stack's members through one pass (:class:`~models.fused.FusedMembers`)."""
         fast = self.__dict__.get("_fast")
         # A loaded checkpoint's learners are its own and never learn: its frozen forms never go stale.
         stamp = None if fast is not None and self.__dict__.get("_loaded") else learned_stamp(self.learners)
         if fast is None or (stamp is not None and fast[0] != stamp):
             linear = LinearScorer(self.model) if _is_linear(self.model) else None
-            fast = self.__dict__["_fast"] = (stamp, linear, fast_predictors(
-                self.learners, linear.predict_proba if linear is not None else None), FusedMembers.of(linear, self.learners))
+            predictors = fast_predictors(self.learners, linear.predict_proba if linear is not None else None)
+            fast = self.__dict__["_fast"] = (stamp, linear, predictors, FusedMembers.of(linear, self.learners))
         _, linear, predictors, fused = fast
         champion = self.learners[self.champion]
         if isinstance(champion, Stack) and fused is not None:  # one pass for the fused members

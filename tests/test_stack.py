@@ -165,7 +165,8 @@ def test_redis_port_taken_names_redis_and_its_log(settings: Settings) -> None:
 
 
 def test_no_java_names_kafka(settings: Settings) -> None:
-    settings = dataclasses.replace(settings, java_home=settings.home / "no-such-jdk")  # LEADSTREAM_JAVA_HOME / JAVA_HOME
+    # LEADSTREAM_JAVA_HOME, or JAVA_HOME, names a directory without Java
+    settings = dataclasses.replace(settings, java_home=settings.home / "no-such-jdk")
     with pytest.raises(StackError, match=r"^kafka: Java 17\+ is needed .* not found in .*no-such-jdk/bin"):
         stack_mod.up(settings, environ={}, services=["kafka"])
 

@@ -324,7 +324,8 @@ def test_the_stacks_fused_members_give_each_members_own_figures_to_the_bit() -> 
     trainer = Trainer(min_outcomes=5, batch_every=200)
     xs = []
     for x, won in population(900, seed=4):
-        x = {**x, "fields_known": float(rng.randint(0, 9)), "age_days": rng.random() * 90, "big": 40 + rng.random() * 30}
+        x = {**x, "fields_known": float(rng.randint(0, 9)), "age_days": rng.random() * 90,
+             "big": 40 + rng.random() * 30}  # numbers on both sides of gam's log bins (50)
         xs.append(x)
         for learner in trainer.tournament.learners.values():
             if learner.name != "stack":

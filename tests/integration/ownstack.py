@@ -122,7 +122,8 @@ class Broker:
     def _base(self) -> tuple[list[str], Path]:
         props = self.directory / "server.properties"
         log4j = self.directory / "log4j2.properties"
-        return [stack_mod._java(Settings.from_env().java_home), "-Xms128m", "-Xmx384m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+        java = stack_mod._java(Settings.from_env().java_home)
+        return [java, "-Xms128m", "-Xmx384m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
                 "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={log4j}", "-cp", f"{self.lib}/*"], props
 
     def start(self, timeout: float = 90.0) -> Broker:
