@@ -9,10 +9,9 @@ bits as each member alone (a test checks it on every learner the tournament trai
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from models.tournament import (SEGMENTS, BatchHGB, BinnedLogistic, FastBinned, FrozenHGB, Stack, X, _fast_hgb,
+from models.tournament import (SEGMENTS, BatchHGB, BinnedLogistic, FastBinned, FrozenHGB, Stack, X, _bin, _fast_hgb,
                                _sigmoid, form_segment)
 
 # One entry per key: the linear learner's (a, b) (its contribution is a * value + b), gam's weight for
@@ -82,7 +81,7 @@ class FusedMembers:
     def predict(self, x: X, labels: dict[str, str] | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Each fused member's P(won), and the linear learner's reasons for ``x``."""
         get = self.tables[form_segment(x)].get
-        per_unit, log1p = self.per_unit, math.log1p
+        per_unit = self.per_unit
         contrib: list[tuple[str, float]] = []
         gam_total = 0
         row = self.trees.base.copy() if self.trees is not None else None
@@ -95,10 +94,8 @@ class FusedMembers:
                 contrib.append((k, c))
             if weight is not None:  # as FastBinned.predict_proba (a missing weight or bin adds 0.0)
                 gam_total += weight
-            elif bins is not None:  # _bin inlined: a call per number costs more than the lookup
-                w = bins.get(int(per_unit * v) if v < 50 else 1000 + int(per_unit * log1p(v)))
-                if w is not None:
-                    gam_total += w
+            elif bins is not None and (w := bins.get(_bin(v, per_unit))) is not None:
+                gam_total += w
             if column is not None:  # as FastHGB.row
                 row[column] = v if code is None else code  # type: ignore[index]
         p_linear, reasons = self.linear.explain_contributions(contrib, labels)
