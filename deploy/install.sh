@@ -30,3 +30,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
   touch "$stamp"
 fi
+# The serving loops of models/kernels.py compiled to C (Cython; the same results, faster): rebuilt
+# unless built from the source as it is. Without a C compiler leadstream runs them as plain Python.
+if ! .venv/bin/python deploy/build_native.py --check; then
+  if command -v cc >/dev/null; then
+    .venv/bin/python deploy/build_native.py
+  else
+    echo "install.sh: no C compiler (cc): models/kernels.py runs as plain Python, slower (apt-get install gcc)" >&2
+  fi
+fi

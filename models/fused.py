@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.tournament import (SEGMENTS, BatchHGB, BinnedLogistic, FastBinned, FrozenHGB, Stack, X, _bin, _fast_hgb,
-                               _sigmoid, form_segment)
+from models import kernels
+from models.tournament import (SEGMENTS, BatchHGB, BinnedLogistic, FastBinned, FrozenHGB, Stack, X, _fast_hgb, _sigmoid,
+                               form_segment)
 
-# One entry per key: the linear learner's (a, b) (its contribution is a * value + b), gam's weight for
-# a one-hot key or its table of bins for a number, the batch learner's column and category code.
-Entry = tuple[float | None, float | None, float | None, dict[int, float] | None, int | None, float | None]
+# One entry per key: which members know it (models.kernels' flags), the linear learner's (a, b) (its
+# contribution is a * value + b), gam's weight for a one-hot key or its table of bins for a number, the
+# batch learner's column and category code (None: the value itself).
+Entry = tuple[int, float, float, float, dict[int, float] | None, int, float | None]
 
 
 class FusedMembers:
@@ -64,41 +66,34 @@ class FusedMembers:
         entries: dict[str, list[Any]] = {}
 
         def entry(key: str) -> list[Any]:
-            return entries.setdefault(key, [None] * 6)
+            return entries.setdefault(key, [0, 0.0, 0.0, 0.0, None, -1, None])
 
         for key, (a, b) in self.linear.coef.items():
-            entry(key)[0:2] = a, b
+            e = entry(key)
+            e[0] |= kernels.LINEAR
+            e[1:3] = a, b
         if self.gam is not None:
             for key, w in self.gam.one_hot.get(segment, {}).items():
-                entry(key)[2] = w
+                e = entry(key)
+                e[0] |= kernels.WEIGHT
+                e[3] = w
             for key, table in self.gam.bins.get(segment, {}).items():
-                entry(key)[3] = table
+                e = entry(key)
+                e[0] |= kernels.BINS
+                e[4] = table
         if self.trees is not None:
             for key, (column, code) in self.trees.lookup.items():
-                entry(key)[4:6] = column, code
+                e = entry(key)
+                e[0] |= kernels.COLUMN
+                e[5:7] = column, code
         return {key: tuple(e) for key, e in entries.items()}  # type: ignore[misc]
 
     def predict(self, x: X, labels: dict[str, str] | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Each fused member's P(won), and the linear learner's reasons for ``x``."""
-        get = self.tables[form_segment(x)].get
-        per_unit = self.per_unit
         contrib: list[tuple[str, float]] = []
-        gam_total = 0
         row = self.trees.base.copy() if self.trees is not None else None
-        for k, v in x.items():
-            e = get(k)
-            if e is None:
-                continue
-            a, b, weight, bins, column, code = e
-            if a is not None and (c := a * v + b):  # as LinearScorer.contributions
-                contrib.append((k, c))
-            if weight is not None:  # as FastBinned.predict_proba (a missing weight or bin adds 0.0)
-                gam_total += weight
-            elif bins is not None and (w := bins.get(_bin(v, per_unit))) is not None:
-                gam_total += w
-            if column is not None:  # as FastHGB.row
-                row[column] = v if code is None else code  # type: ignore[index]
-        p_linear, reasons = self.linear.explain_contributions(contrib, labels)
+        linear_total, gam_total = kernels.IMPL.fused_pass(self.tables[form_segment(x)], x, self.per_unit, contrib, row)
+        p_linear, reasons = self.linear.explain_contributions(contrib, labels, total=linear_total)
         preds = {"logreg": p_linear}
         if self.gam is not None:
             preds["gam"] = _sigmoid(self.gam.intercept + gam_total)

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import copy
 import heapq
-import math
 from operator import itemgetter
 from dataclasses import dataclass, field
 from typing import Any
 
 from river import base, compose, drift, forest, linear_model, naive_bayes, optim, preprocessing, tree
 
-from models import glm
+from models import glm, kernels
 from models.events import STAGES
 from models.features import Features
 from models.fields import Encoder
@@ -78,25 +77,7 @@ def vectorize_labelled(f: Features, stage_rates: StageRates | None = None,
     encoder = encoder or _DEFAULT_ENCODER
     x: dict[str, float] = {}
     labels: dict[str, str] = {}
-    log1p = math.log1p
-    kinds = _KINDS
-    memo = encoder.__dict__.get("_memo")  # the encoder's string encodings (see Encoder.encode_field)
-    for k, v in f.items():
-        kind = kinds.get(k)
-        if kind is None:
-            kind = _kind(k)
-        if kind is _FIELD:
-            encoded = memo.get((k, v)) if memo is not None and v.__class__ is str else None
-            if encoded is None:
-                encoder.encode_field(x, labels, k, v)
-            else:  # what encode_field would add, without the call
-                x.update(encoded[0])
-                if encoded[1]:
-                    labels.update(encoded[1])
-        elif v.__class__ is float or not isinstance(v, str):  # a number: the common case tested first
-            x[k] = (log1p(v) if v > 0.0 else 0.0) if kind is _LOG else float(v)
-        else:
-            encoder.encode_category(x, labels, k, v)
+    kernels.IMPL.encode_inputs(f, x, labels, _KINDS, _kind, encoder.__dict__.get("_memo"), encoder, _FIELD, _LOG)
     for k, linear in _LINEAR_COPIES:  # beside their log: time on site and visits act more than log-shaped
         v = f.get(k)
         if v is not None:
@@ -264,35 +245,15 @@ class LinearScorer:
         return self.explain_contributions(self.contributions(x), labels, top)
 
     def explain_contributions(self, contrib: list[tuple[str, float]], labels: dict[str, str] | None = None,
-                              top: int = 5) -> tuple[float, list[dict[str, Any]]]:
-        """:meth:`explain` from the :meth:`contributions` of ``x`` (when a caller walked ``x`` already)."""
-        p = self.link(self.intercept + sum(map(_value, contrib)))
+                              top: int = 5, total: float | None = None) -> tuple[float, list[dict[str, Any]]]:
+        """:meth:`explain` from the :meth:`contributions` of ``x`` (when a caller walked ``x`` already;
+        ``total``: their sum, if the caller added them up in their order)."""
+        p = self.link(self.intercept + (sum(map(_value, contrib)) if total is None else total))
         labels = labels or {}
-        return p, [{"feature": labels.get(k, k), "contribution": round(c, 4)} for k, c in _largest(contrib, top)]
+        return p, [{"feature": labels.get(k, k), "contribution": round(c, 4)} for k, c in kernels.IMPL.largest(contrib, top)]
 
 
 _value = itemgetter(1)
-
-
-def _by_size(kc: tuple[str, float]) -> tuple[float, str]:
-    return -abs(kc[1]), kc[0]  # the largest first; ties by name, as predict_explain
-
-
-def _largest(contrib: list[tuple[str, float]], top: int) -> list[tuple[str, float]]:
-    """``sorted(contrib, key=_by_size)[:top]`` with ``top`` key calls instead of one per pair.
-
-    The ``top``-th largest size is among the ``top`` lowest and ``top`` highest values (a C sort
-    finds them); only pairs at least that large can be ranked, ties included.
-
-    >>> pairs = [(f"k{i}", (-1) ** i * (i % 7) / 3) for i in range(40)]
-    >>> _largest(pairs, 5) == sorted(pairs, key=_by_size)[:5]
-    True
-    """
-    if 0 < top and len(contrib) > 2 * top:
-        by_value = sorted(contrib, key=_value)
-        cut = sorted(map(abs, map(_value, by_value[:top] + by_value[-top:])))[-top]
-        contrib = [kc for kc in by_value if kc[1] >= cut or -kc[1] >= cut]
-    return sorted(contrib, key=_by_size)[:top]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,186 @@
+"""The hot loops of serving, in Cython's pure-Python mode: plain Python here, C where compiled.
+
+Every scored event walks its ~45 model inputs a few times (:func:`fused_pass` gives the stack's
+members in one walk). As plain Python each key costs about a microsecond of bytecode; compiled, the
+same lines run as C on the same doubles, in the same order: the same bits (``tests/test_kernels.py``
+runs both forms on the same inputs; pytest's doctests run the plain form). ``make install`` compiles
+this file into ``models/_kernels_native`` (``deploy/build_native.py``); :data:`IMPL` is the compiled
+module when it was built from this very source, else this module itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math as pymath
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import cython
+from cython.cimports.libc import math as cmath  # C's log1p and isfinite where compiled, Python's math here
+
+# Flags of a fused table entry: which members know the key.
+LINEAR, WEIGHT, BINS, COLUMN = 1, 2, 4, 8
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.locals(total=cython.double, gam=cython.double, vd=cython.double, c=cython.double, t=cython.double,
+               a=cython.double, b=cython.double, w=cython.double, pu=cython.double, flags=cython.int,
+               column=cython.Py_ssize_t, bin_=cython.long, e=tuple, bins=dict)
+def fused_pass(table: dict, x: dict, per_unit: float, contrib: list, row: list | None) -> tuple:
+    """Walk ``x`` once through a fused table (key -> ``(flags, a, b, weight, bins, column, code)``).
+
+    Appends each nonzero linear contribution ``(key, a * value + b)`` to ``contrib`` and fills the
+    trees' ``row`` (the value, or the category's code); returns the sum of the contributions and
+    gam's sum of weights, each added in the order of ``x`` (as ``sum`` and ``+=`` would).
+
+    >>> table = {"src=ad": (LINEAR | WEIGHT, 0.5, 0.0, 0.25, None, -1, None),
+    ...          "n": (LINEAR | BINS | COLUMN, 2.0, -1.0, 0.0, {2: 0.125, 1001: 0.5}, 0, None)}
+    >>> contrib, row = [], [0.0]
+    >>> fused_pass(table, {"src=ad": 1.0, "n": 1.0, "new": 3.0}, 2.0, contrib, row), contrib, row
+    ((1.5, 0.375), [('src=ad', 0.5), ('n', 1.0)], [1.0])
+    """
+    total = 0.0
+    gam = 0.0
+    pu = per_unit
+    for k, v in x.items():
+        e = table.get(k)
+        if e is None:
+            continue
+        vd = v  # a number, as a double (an int converts exactly as Python's float * int does)
+        flags = e[0]  # the flags as literals below: C constants where compiled
+        if flags & 1:  # LINEAR
+            a = e[1]
+            b = e[2]
+            c = a * vd + b
+            if c != 0.0:  # NaN counts, as a truthy float does
+                contrib.append((k, c))
+                total += c
+        if flags & 2:  # WEIGHT
+            w = e[3]
+            gam += w
+        elif flags & 4:  # BINS: the bin as models.tournament._bin gives it
+            t = pu * vd if vd < 50 else pu * cmath.log1p(vd)
+            if not cmath.isfinite(t):
+                int(t)  # raises as _bin does (NaN, infinity)
+            if cython.compiled:
+                bin_ = cython.cast(cython.long, t)  # truncates toward zero, as int() does
+            else:
+                bin_ = int(t)
+            if not vd < 50:
+                bin_ += 1000
+            bins = e[4]
+            hit = bins.get(bin_)
+            if hit is not None:
+                w = hit
+                gam += w
+        if flags & 8:  # COLUMN
+            column = e[5]
+            code = e[6]
+            row[column] = v if code is None else code  # type: ignore[index]
+    return total, gam
+
+
+@cython.locals(vd=cython.double, encoded=tuple)
+def encode_inputs(f: dict, x: dict, labels: dict, kinds: dict, kind_of: Any, memo: dict | None, encoder: Any,
+                  field: object, log: object) -> None:
+    """The loop of :func:`models.learner.vectorize_labelled`: each feature of ``f`` into ``x``.
+
+    ``kinds`` maps a feature's name to its kind (``kind_of(name)`` decides a new one): ``field``
+    (an explicit field: the ``encoder``, through its ``memo`` of string encodings), ``log``
+    (a number, log-scaled) or another (a number as it is); strings go through the encoder.
+
+    >>> x, labels = {}, {}
+    >>> class Encoder:
+    ...     def encode_category(self, x, labels, k, v): x[f"{k}={v}"] = 1.0
+    >>> encode_inputs({"n": 3.0, "i": 2, "stage": "new"}, x, labels, {"n": "log"}, lambda k: "plain", None,
+    ...               Encoder(), "field", "log")
+    >>> x
+    {'n': 1.3862943611198906, 'i': 2.0, 'stage=new': 1.0}
+    """
+    for k, v in f.items():
+        kind = kinds.get(k)
+        if kind is None:
+            kind = kind_of(k)
+        if kind is field:
+            encoded = memo.get((k, v)) if memo is not None and v.__class__ is str else None
+            if encoded is None:
+                encoder.encode_field(x, labels, k, v)
+            else:  # what encode_field would add, without the call
+                x.update(encoded[0])
+                if encoded[1]:
+                    labels.update(encoded[1])
+        elif v.__class__ is float:  # the common case first: float(v) is v itself
+            if kind is log:
+                vd = v
+                x[k] = cmath.log1p(vd) if vd > 0.0 else 0.0
+            else:
+                x[k] = v
+        elif not isinstance(v, str):
+            x[k] = (pymath.log1p(v) if v > 0.0 else 0.0) if kind is log else float(v)
+        else:
+            encoder.encode_category(x, labels, k, v)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.locals(top=cython.Py_ssize_t, size=cython.double, worst=cython.double, n=cython.Py_ssize_t,
+               j=cython.Py_ssize_t, c=cython.double, kept=list, sizes=list)
+def largest(contrib: list, top: int) -> list:
+    """``sorted(contrib, key=lambda kc: (-abs(kc[1]), kc[0]))[:top]`` in one pass: the ``top``
+    pairs with the largest values in size, ties by key (keys are unique: ``x``'s).
+
+    >>> pairs = [(f"k{i}", (-1) ** i * (i % 7) / 3) for i in range(40)]
+    >>> largest(pairs, 5) == sorted(pairs, key=lambda kc: (-abs(kc[1]), kc[0]))[:5]
+    True
+    """
+    if top <= 0:
+        return sorted(contrib, key=_by_size)[:top]
+    kept = []  # the best so far, best first
+    sizes = []
+    n = 0
+    for kc in contrib:
+        c = kc[1]
+        if c != c:  # NaN: no order to keep; the sort's answer
+            return sorted(contrib, key=_by_size)[:top]
+        size = cmath.fabs(c)
+        if n == top:
+            worst = sizes[n - 1]
+            if size < worst or (size == worst and kc[0] > kept[n - 1][0]):
+                continue
+        j = n - 1 if n == top else n  # where it goes, moved up past every smaller one
+        while j > 0 and (size > sizes[j - 1] or (size == sizes[j - 1] and kc[0] < kept[j - 1][0])):
+            j -= 1
+        if n == top:
+            kept.pop()
+            sizes.pop()
+        else:
+            n += 1
+        kept.insert(j, kc)
+        sizes.insert(j, size)
+    return kept
+
+
+def _by_size(kc: tuple) -> tuple:
+    return -abs(kc[1]), kc[0]
+
+
+def source_digest(path: str | Path) -> str:
+    """The digest a compiled module records of the source it was built from."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _native() -> ModuleType | None:
+    """The compiled module, if it was built from this very file (a stale build is not used)."""
+    try:
+        from models import _kernels_native as native  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    if getattr(native, "SOURCE_DIGEST", None) != source_digest(__file__):
+        return None
+    return native
+
+
+IMPL: Any = None if cython.compiled else (_native() or sys.modules[__name__])

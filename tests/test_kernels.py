@@ -1,0 +1,132 @@
+"""models/kernels.py as plain Python and compiled (deploy/build_native.py): the same answers, to the bit."""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from models import kernels
+from models.learner import _FIELD, _KINDS, _LOG, _kind, vectorize_labelled
+from models.fields import Encoder
+from models.tournament import _bin
+
+NATIVE = kernels._native()
+IMPLS = [kernels] + ([NATIVE] if NATIVE is not None else [])
+
+
+def test_the_compiled_kernels_are_built_from_this_source_and_served() -> None:
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler here: the kernels run as plain Python (install.sh says so)")
+    assert NATIVE is not None, "deploy/build_native.py has not built models/kernels.py (make install does)"
+    assert kernels.IMPL is NATIVE
+    assert NATIVE.SOURCE_DIGEST == kernels.source_digest(kernels.__file__)
+
+
+def test_a_build_of_another_source_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "source_digest", lambda path: "edited-since")
+    assert kernels._native() is None
+
+
+def _fused_case(rng: random.Random) -> tuple[dict[str, Any], dict[str, Any], float, int]:
+    """A random fused table, model inputs hitting some of its keys, per_unit and the row's length."""
+    table: dict[str, Any] = {}
+    columns = 6
+    for i in range(rng.randint(0, 30)):
+        key = f"k{i}" if i % 4 else f"c{i}=v"
+        flags, a, b, w, bins, column, code = 0, 0.0, 0.0, 0.0, None, -1, None
+        if rng.random() < 0.8:
+            flags |= kernels.LINEAR
+            a, b = rng.gauss(0, 1), rng.choice([0.0, rng.gauss(0, 1)])
+        if "=" in key and rng.random() < 0.7:
+            flags |= kernels.WEIGHT
+            w = rng.gauss(0, 1)
+        elif rng.random() < 0.7:
+            flags |= kernels.BINS
+            bins = {rng.randint(-4, 120): rng.gauss(0, 1) for _ in range(40)} | {1000 + j: rng.gauss(0, 1) for j in range(20)}
+        if rng.random() < 0.5:
+            flags |= kernels.COLUMN
+            column, code = rng.randrange(columns), rng.choice([None, rng.random()])
+        table[key] = (flags, a, b, w, bins, column, code)
+    x: dict[str, Any] = {}
+    for key in rng.sample(sorted(table) + ["unknown", "n=other"], k=min(len(table) + 2, rng.randint(0, 25))):
+        x[key] = rng.choice([1.0, rng.uniform(-3, 60), rng.expovariate(0.01), float(rng.randint(0, 9)), rng.randint(0, 70),
+                             0.0, -0.0, 1e300])
+    return table, x, rng.choice([2.0, 1.0, 0.5, 3.0]), columns
+
+
+def _fused_reference(table: dict[str, Any], x: dict[str, Any], per_unit: float, row: list[Any]
+                     ) -> tuple[tuple[float, float], list[tuple[str, float]], list[Any]]:
+    """What the members compute apart: the linear sum of nonzero contributions, gam's sum, the row."""
+    contrib = [(k, c) for k, v in x.items() if (e := table.get(k)) and e[0] & kernels.LINEAR and (c := e[1] * v + e[2])]
+    gam = 0
+    for k, v in x.items():
+        e = table.get(k)
+        if e and e[0] & kernels.WEIGHT:
+            gam += e[3]
+        elif e and e[0] & kernels.BINS:
+            gam += e[4].get(_bin(v, per_unit), 0.0)
+        if e and e[0] & kernels.COLUMN:
+            row[e[5]] = v if e[6] is None else e[6]
+    return (sum(c for _, c in contrib), gam), contrib, row
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda m: m.__name__)
+def test_fused_pass_adds_up_as_each_member_does(impl: ModuleType) -> None:
+    rng = random.Random(5)
+    for _ in range(3000):
+        table, x, per_unit, columns = _fused_case(rng)
+        contrib: list[tuple[str, float]] = []
+        row: list[Any] = [0.5] * columns
+        sums = impl.fused_pass(table, x, per_unit, contrib, row)
+        expected_sums, expected_contrib, expected_row = _fused_reference(table, x, per_unit, [0.5] * columns)
+        assert (sums, contrib, row) == (expected_sums, expected_contrib, expected_row)
+        assert all(type(v) is type(e) for v, e in zip(row, expected_row))  # an int value stays an int
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_fused_pass_refuses_a_number_it_cannot_bin_as_the_learner_does(impl: ModuleType, bad: float) -> None:
+    table = {"n": (kernels.BINS, 0.0, 0.0, 0.0, {1: 0.5}, -1, None)}
+    with pytest.raises((ValueError, OverflowError)) as raised:
+        impl.fused_pass(table, {"n": bad}, 2.0, [], None)
+    with pytest.raises(raised.type, match=str(raised.value)):
+        _bin(bad, 2.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda m: m.__name__)
+def test_largest_is_the_sorted_head(impl: ModuleType) -> None:
+    rng = random.Random(7)
+    for _ in range(5000):
+        pairs = [(f"k{rng.randint(0, 99)}_{i}", rng.choice([rng.randint(-3, 3) / 2, rng.gauss(0, 1), math.inf, -math.inf]))
+                 for i in range(rng.randint(0, 30))]
+        pairs = [kc for kc in pairs if kc[1]]
+        top = rng.randint(-1, 7)
+        assert impl.largest(pairs, top) == sorted(pairs, key=lambda kc: (-abs(kc[1]), kc[0]))[:top]
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda m: m.__name__)
+def test_encode_inputs_gives_vectorize_its_inputs(impl: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(11)
+    encoder = Encoder()
+    for _ in range(500):
+        f: dict[str, Any] = {"stage": rng.choice(["new", "qualified"]), "created_month": str(rng.randint(1, 12)),
+                             "f_country": rng.choice(["de", "fr", "united states"]), "f_age": float(rng.randint(18, 70)),
+                             "f_vip": rng.choice(["true", "false"]), "f_size": rng.randint(1, 500)}
+        for name in ("n_visit", "d_visit", "recency_s", "stage_index", "fields_known", "pages_per_visit"):
+            f[name] = rng.choice([0.0, -1.0, rng.expovariate(0.1), float(rng.randint(0, 9)), rng.randint(0, 9), math.nan])
+        got_x: dict[str, Any] = {}
+        got_labels: dict[str, str] = {}
+        impl.encode_inputs(f, got_x, got_labels, _KINDS, _kind, encoder.__dict__.get("_memo"), encoder, _FIELD, _LOG)
+        expected_x, expected_labels = encoder.encode(f)
+        expected_x = {k: (math.log1p(v) if v > 0.0 else 0.0) if _kind(k) is _LOG and not isinstance(v, str) else v
+                      for k, v in expected_x.items()}
+        assert list(got_x) == list(expected_x) and got_labels == expected_labels
+        for k, v in got_x.items():  # NaN == NaN is false: compare the bits
+            assert math.isnan(v) and math.isnan(expected_x[k]) or (v, type(v)) == (float(expected_x[k]), float)
+    monkeypatch.setattr(kernels, "IMPL", impl)
+    assert vectorize_labelled(f, encoder=encoder)[0].keys() >= got_x.keys()
