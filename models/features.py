@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from models import kernels
 from models.events import STAGES, WEB_TYPES, Event
 from models.fields import FieldPolicy
 
@@ -181,40 +182,7 @@ def features(state: State, now_ms: int, *, half_life_s: float, fields: FieldPoli
     explicit, known = _explicit(state["fields"], fields)
     f.update(explicit)
     f["fields_known"] = known
-    counts, decayed = state["counts"], state["decayed"]
-    f["events_total"] = float(sum(counts.values()))
-    factor = 1.0
-    ref = state["decay_ref_ts"]
-    if ref is not None and now_ms > ref:
-        factor = 0.5 ** ((now_ms - ref) / 1000 / half_life_s)
-    for event_type, n in counts.items():
-        n_key, d_key = _count_keys(event_type)
-        f[n_key] = float(n)
-        f[d_key] = decayed.get(event_type, 0.0) * factor
-    f["distinct_pages"] = float(len(state["pages"]))
-    visits = counts.get("visit", 0)
-    f["sessions"] = float(max(len(state["sessions"]), visits))
-    f["visit_duration_s"] = float(state["visit_duration_s"])
-    if state.get("visit_pages"):
-        f["pages_per_visit"] = state["visit_pages"] / max(1, visits)
-    opens, replies = counts.get("email_open", 0), counts.get("email_replied", 0)
-    if opens or replies:
-        f["email_reply_rate"] = replies / max(opens, replies)
-    if state["last_touch_ts"] is not None:
-        recency = (now_ms - state["last_touch_ts"]) / 1000
-        f["recency_s"] = recency if recency > 0.0 else 0.0
-    if state["stage"] is not None:
-        f["stage"] = state["stage"]
-        f["stage_index"] = float(_STAGE_INDEX[state["stage"]])
-        in_stage = (now_ms - state["stage_ts"]) / 1000
-        f["time_in_stage_s"] = in_stage if in_stage > 0.0 else 0.0
-    f["stages_visited"] = float(len(state["stages_visited"]))
-    statuses = {"open": 0, "completed": 0, "overdue": 0}
-    for activity in state["activities"].values():
-        statuses[activity[0]] += 1
-    f["activities_open"] = float(statuses["open"])
-    f["activities_completed"] = float(statuses["completed"])
-    f["activities_overdue"] = float(statuses["overdue"])
+    kernels.IMPL.dynamic_features(f, state, now_ms, half_life_s, _count_keys, _STAGE_INDEX)
     return f
 
 

@@ -83,6 +83,58 @@ def fused_pass(table: dict, x: dict, per_unit: float, contrib: list, row: list |
     return total, gam
 
 
+@cython.locals(counts=dict, decayed=dict, statuses=dict, names=tuple)
+def dynamic_features(f: dict, state: dict, now_ms: object, half_life_s: object, count_keys: Any,
+                     stage_index: dict) -> None:
+    """The dynamic features of :func:`models.features.features` (after the explicit ones), into ``f``:
+    counts and decayed counts as of ``now_ms``, pages, sessions, recency, stage, activities.
+
+    The arithmetic on Python objects, as the plain form does (timestamps are Python ints):
+    compiled, the bytecode is gone, not a single operation changes.
+
+    >>> s = {"counts": {"visit": 2}, "decayed": {"visit": 1.5}, "decay_ref_ts": 0, "pages": [1], "sessions": [],
+    ...      "visit_duration_s": 30.0, "last_touch_ts": 0, "stage": None, "stages_visited": [], "activities": {}}
+    >>> f = {}
+    >>> dynamic_features(f, s, 3_600_000, 3600.0, lambda t: ("n_" + t, "d_" + t), {})
+    >>> f["d_visit"], f["sessions"], f["recency_s"]
+    (0.75, 2.0, 3600.0)
+    """
+    counts, decayed = state["counts"], state["decayed"]
+    f["events_total"] = float(sum(counts.values()))
+    factor = 1.0
+    ref = state["decay_ref_ts"]
+    if ref is not None and now_ms > ref:
+        factor = 0.5 ** ((now_ms - ref) / 1000 / half_life_s)
+    for event_type, n in counts.items():
+        names = count_keys(event_type)
+        f[names[0]] = float(n)
+        f[names[1]] = decayed.get(event_type, 0.0) * factor
+    f["distinct_pages"] = float(len(state["pages"]))
+    visits = counts.get("visit", 0)
+    f["sessions"] = float(max(len(state["sessions"]), visits))
+    f["visit_duration_s"] = float(state["visit_duration_s"])
+    if state.get("visit_pages"):
+        f["pages_per_visit"] = state["visit_pages"] / max(1, visits)
+    opens, replies = counts.get("email_open", 0), counts.get("email_replied", 0)
+    if opens or replies:
+        f["email_reply_rate"] = replies / max(opens, replies)
+    if state["last_touch_ts"] is not None:
+        recency = (now_ms - state["last_touch_ts"]) / 1000
+        f["recency_s"] = recency if recency > 0.0 else 0.0
+    if state["stage"] is not None:
+        f["stage"] = state["stage"]
+        f["stage_index"] = float(stage_index[state["stage"]])
+        in_stage = (now_ms - state["stage_ts"]) / 1000
+        f["time_in_stage_s"] = in_stage if in_stage > 0.0 else 0.0
+    f["stages_visited"] = float(len(state["stages_visited"]))
+    statuses = {"open": 0, "completed": 0, "overdue": 0}
+    for activity in state["activities"].values():
+        statuses[activity[0]] += 1
+    f["activities_open"] = float(statuses["open"])
+    f["activities_completed"] = float(statuses["completed"])
+    f["activities_overdue"] = float(statuses["overdue"])
+
+
 @cython.locals(vd=cython.double, encoded=tuple)
 def encode_inputs(f: dict, x: dict, labels: dict, kinds: dict, kind_of: Any, memo: dict | None, encoder: Any,
                   field: object, log: object) -> None:

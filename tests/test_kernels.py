@@ -130,3 +130,29 @@ def test_encode_inputs_gives_vectorize_its_inputs(impl: ModuleType, monkeypatch:
             assert math.isnan(v) and math.isnan(expected_x[k]) or (v, type(v)) == (float(expected_x[k]), float)
     monkeypatch.setattr(kernels, "IMPL", impl)
     assert vectorize_labelled(f, encoder=encoder)[0].keys() >= got_x.keys()
+
+
+@pytest.mark.skipif(NATIVE is None, reason="the compiled kernels are not built here")
+def test_features_and_model_inputs_are_the_same_compiled_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every simulated lead after each of its events, at the event's time and a month later: the
+    same features in the same order (the model adds them up in that order) and the same inputs."""
+    import orjson
+
+    from models.events import parse_event, topic_kind_of
+    from models.features import features, fold, new_state
+    from models.offline.simulate import simulate
+
+    states: dict[str, Any] = {}
+    encoder = Encoder()
+    for e in simulate(60, seed=3):
+        event = parse_event(e["lead_id"].encode(), orjson.dumps(e), topic_kind=topic_kind_of(e["type"]))
+        state = states[event.lead_id] = fold(states.get(event.lead_id) or new_state(event.lead_id), event,
+                                             half_life_s=7 * 86_400)
+        for now_ms in (event.ts_ms, event.ts_ms + 30 * 86_400_000):
+            seen = []
+            for impl in (kernels, NATIVE):
+                monkeypatch.setattr(kernels, "IMPL", impl)
+                f = features(state, now_ms, half_life_s=7 * 86_400)
+                x, labels = vectorize_labelled(f, encoder=encoder)
+                seen.append(([(k, v, type(v)) for k, v in f.items()], list(x.items()), labels))
+            assert seen[0] == seen[1]
