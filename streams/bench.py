@@ -693,7 +693,8 @@ def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float,
     rules_text = settings.scoring_config.read_text()
     events = _fresh_events(leads, 99, "pt")
     figures: Figures = {"machine": _machine(), "worker_event_loop": settings.event_loop, "leads": leads,
-                        "events": len(events)}
+                        "events": len(events), "kernels": _kernels()}
+    print(f"serving kernels (models/kernels.py): {figures['kernels']}")
     try:
         if "step" in parts:
             figures["step"] = bench_step(simulate(min(leads, 300), seed=99), rules_text)
@@ -761,6 +762,13 @@ def _machine() -> dict[str, Any]:
 
     return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
             "load_avg_1m": round(os.getloadavg()[0], 2), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _kernels() -> str:
+    """Whether this run's models/kernels.py is compiled (the workers it starts load the same build)."""
+    from models import kernels
+
+    return "compiled" if kernels.IMPL is not kernels else "plain Python (not built: deploy/build_native.py)"
 
 
 def _print_step(f: Figures) -> None:
