@@ -209,7 +209,10 @@ def _apply_score(state: State, scored: Scored, rules: Rules, was_hot: bool, mess
     hot_now = scored.score >= (rules.hot_rearm_below if was_hot else rules.hot_threshold)
     state["hot"] = hot_now
     state["score"], state["grade"], state["source"] = message["score"], scored.grade, scored.source
-    state["reasons"] = [{"feature": r["feature"], "contribution": r["contribution"]} for r in scored.reasons]
+    # The rules' reasons also carry their points (the message shows them; the state has no room for
+    # them); the model's and the blend's are new dicts of the two keys kept, shared with the message.
+    state["reasons"] = scored.reasons if scored.source != "rules" else [
+        {"feature": r["feature"], "contribution": r["contribution"]} for r in scored.reasons]
     state["model_version"] = scored.model_version
     state["scored_at"] = scored_at_ms
     history = state.setdefault("history", [])
