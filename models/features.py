@@ -80,8 +80,8 @@ def _fold_decay(s: State, event_type: str, ts: int, half_life_s: float) -> None:
     if ref is None or ts >= ref:
         if ref is not None and ts > ref:
             factor = 0.5 ** ((ts - ref) / 1000 / half_life_s)
-            for k in decayed:  # rounded: a lead's state is stored as JSON, and 17-digit floats double its size
-                decayed[k] = round(decayed[k] * factor, 5)
+            # rounded: a lead's state is stored as JSON, and 17-digit floats double its size
+            kernels.IMPL.decay_all(decayed, factor)
         s["decay_ref_ts"] = ts
         decayed[event_type] = decayed.get(event_type, 0.0) + 1.0
     else:  # a late event: add it with the weight it has at the reference time

@@ -215,6 +215,49 @@ def largest(contrib: list, top: int) -> list:
     return kept
 
 
+@cython.ccall
+@cython.locals(ax=cython.double, scale=cython.double, y=cython.double, whole=cython.double, frac=cython.double)
+def round_digits(x: cython.double, digits: cython.int) -> cython.double:
+    """``round(x, digits)`` (0 <= digits <= 15), the same double, without its decimal string.
+
+    Python rounds the exact decimal value of ``x`` half to even, then reads that decimal back. The
+    product ``|x| * 10 ** digits`` is rounded to the nearest double, which is monotonic, and below
+    2 ** 50 every half (``k + 0.5``) is a double: the product lands on the same side of each half as
+    the exact value, or on the half itself. So its nearest whole number is Python's rounding, and
+    dividing that by the exact power of ten reads it back. On a half (a tie, or rounded onto one),
+    for NaN, infinities and big values: Python's own. As plain Python this is the builtin ``round``;
+    ``tests/test_kernels.py`` compares the compiled form with it.
+    """
+    if not cython.compiled or digits < 0 or digits > 15 or not cmath.isfinite(x):
+        return round(x, digits)
+    ax = cmath.fabs(x)
+    scale = 1.0
+    for _ in range(digits):  # 10 ** digits, exact
+        scale *= 10.0
+    y = ax * scale
+    if y >= 2.0 ** 50:
+        return round(x, digits)
+    whole = cmath.floor(y)
+    frac = y - whole  # exact: whole >= y / 2 or whole == 0
+    if frac == 0.5:
+        return round(x, digits)
+    if frac > 0.5:
+        whole += 1.0
+    return cmath.copysign(whole / scale, x)
+
+
+@cython.locals(decayed=dict, factor=cython.double)
+def decay_all(decayed: dict, factor: float) -> None:
+    """Every decayed count times ``factor``, rounded to 5 decimals (``models.features._fold_decay``).
+
+    >>> d = {"visit": 2.0, "click": 0.3}
+    >>> decay_all(d, 0.5); d
+    {'visit': 1.0, 'click': 0.15}
+    """
+    for k in decayed:
+        decayed[k] = round_digits(cython.cast(cython.double, decayed[k]) * factor, 5)
+
+
 def _by_size(kc: tuple) -> tuple:
     return -abs(kc[1]), kc[0]
 

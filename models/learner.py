@@ -250,7 +250,8 @@ class LinearScorer:
         ``total``: their sum, if the caller added them up in their order)."""
         p = self.link(self.intercept + (sum(map(_value, contrib)) if total is None else total))
         labels = labels or {}
-        return p, [{"feature": labels.get(k, k), "contribution": round(c, 4)} for k, c in kernels.IMPL.largest(contrib, top)]
+        top_pairs, round_digits = kernels.IMPL.largest(contrib, top), kernels.IMPL.round_digits
+        return p, [{"feature": labels.get(k, k), "contribution": round_digits(c, 4)} for k, c in top_pairs]
 
 
 _value = itemgetter(1)

@@ -22,6 +22,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from models import kernels
 from models.events import STAGES
 from models.features import Features
 from models.fields import FieldPolicy, PolicyError, parse_policy
@@ -167,7 +168,8 @@ class Rules:
         # The largest first, ties by name (names are unique: the points never decide), without a key call each.
         ranked = sorted([(-abs(v), k, v) for k, v in contributions.items()])[:max_reasons]
         width = self.width
-        reasons = [{"feature": k, "contribution": round(v / width, 4), "points": v} for _, k, v in ranked]
+        round_digits = kernels.IMPL.round_digits  # round(), faster where compiled
+        reasons = [{"feature": k, "contribution": round_digits(v / width, 4), "points": v} for _, k, v in ranked]
         return RuleScore(total, score, self.grades.grade(score), reasons)
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from models import kernels
 from models.events import Event
 from models.features import Features, State, features, fold, new_state
 from models.rules import Rules
@@ -216,7 +217,7 @@ def _apply_score(state: State, scored: Scored, rules: Rules, was_hot: bool, mess
     state["model_version"] = scored.model_version
     state["scored_at"] = scored_at_ms
     history = state.setdefault("history", [])
-    history.append([scored_at_ms, round(message["score"], 4), scored.grade, trigger])
+    history.append([scored_at_ms, kernels.IMPL.round_digits(message["score"], 4), scored.grade, trigger])
     del history[:-MAX_HISTORY]
     return {**message, "threshold": rules.hot_threshold} if hot_now and not was_hot else None
 
@@ -234,7 +235,7 @@ def _score_message(lead_id: str, event_id: str | None, event_type: str | None, e
         "lead_id": lead_id,
         "event_id": event_id,
         "event_type": event_type,
-        "score": round(scored.score, 6),
+        "score": kernels.IMPL.round_digits(scored.score, 6),
         "grade": scored.grade,
         "stage": state.get("stage"),
         "source": scored.source,

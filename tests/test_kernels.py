@@ -49,15 +49,16 @@ def _fused_case(rng: random.Random) -> tuple[dict[str, Any], dict[str, Any], flo
             w = rng.gauss(0, 1)
         elif rng.random() < 0.7:
             flags |= kernels.BINS
-            bins = {rng.randint(-4, 120): rng.gauss(0, 1) for _ in range(40)} | {1000 + j: rng.gauss(0, 1) for j in range(20)}
+            bins = {rng.randint(-4, 120): rng.gauss(0, 1) for _ in range(40)}
+            bins |= {1000 + j: rng.gauss(0, 1) for j in range(20)}
         if rng.random() < 0.5:
             flags |= kernels.COLUMN
             column, code = rng.randrange(columns), rng.choice([None, rng.random()])
         table[key] = (flags, a, b, w, bins, column, code)
     x: dict[str, Any] = {}
     for key in rng.sample(sorted(table) + ["unknown", "n=other"], k=min(len(table) + 2, rng.randint(0, 25))):
-        x[key] = rng.choice([1.0, rng.uniform(-3, 60), rng.expovariate(0.01), float(rng.randint(0, 9)), rng.randint(0, 70),
-                             0.0, -0.0, 1e300])
+        x[key] = rng.choice([1.0, rng.uniform(-3, 60), rng.expovariate(0.01), float(rng.randint(0, 9)),
+                             rng.randint(0, 70), 0.0, -0.0, 1e300])
     return table, x, rng.choice([2.0, 1.0, 0.5, 3.0]), columns
 
 
@@ -104,8 +105,8 @@ def test_fused_pass_refuses_a_number_it_cannot_bin_as_the_learner_does(impl: Mod
 def test_largest_is_the_sorted_head(impl: ModuleType) -> None:
     rng = random.Random(7)
     for _ in range(5000):
-        pairs = [(f"k{rng.randint(0, 99)}_{i}", rng.choice([rng.randint(-3, 3) / 2, rng.gauss(0, 1), math.inf, -math.inf]))
-                 for i in range(rng.randint(0, 30))]
+        sizes = [rng.randint(-3, 3) / 2, rng.gauss(0, 1), math.inf, -math.inf]
+        pairs = [(f"k{rng.randint(0, 99)}_{i}", rng.choice(sizes)) for i in range(rng.randint(0, 30))]
         pairs = [kc for kc in pairs if kc[1]]
         top = rng.randint(-1, 7)
         assert impl.largest(pairs, top) == sorted(pairs, key=lambda kc: (-abs(kc[1]), kc[0]))[:top]
@@ -117,10 +118,12 @@ def test_encode_inputs_gives_vectorize_its_inputs(impl: ModuleType, monkeypatch:
     encoder = Encoder()
     for _ in range(500):
         f: dict[str, Any] = {"stage": rng.choice(["new", "qualified"]), "created_month": str(rng.randint(1, 12)),
-                             "f_country": rng.choice(["de", "fr", "united states"]), "f_age": float(rng.randint(18, 70)),
-                             "f_vip": rng.choice(["true", "false"]), "f_size": rng.randint(1, 500)}
+                             "f_country": rng.choice(["de", "fr", "united states"]),
+                             "f_age": float(rng.randint(18, 70)), "f_vip": rng.choice(["true", "false"]),
+                             "f_size": rng.randint(1, 500)}
         for name in ("n_visit", "d_visit", "recency_s", "stage_index", "fields_known", "pages_per_visit"):
-            f[name] = rng.choice([0.0, -1.0, rng.expovariate(0.1), float(rng.randint(0, 9)), rng.randint(0, 9), math.nan])
+            f[name] = rng.choice([0.0, -1.0, rng.expovariate(0.1), float(rng.randint(0, 9)), rng.randint(0, 9),
+                                  math.nan])
         got_x: dict[str, Any] = {}
         got_labels: dict[str, str] = {}
         impl.encode_inputs(f, got_x, got_labels, _KINDS, _kind, encoder.__dict__.get("_memo"), encoder, _FIELD, _LOG)
@@ -158,3 +161,31 @@ def test_features_and_model_inputs_are_the_same_compiled_or_not(monkeypatch: pyt
                 x, labels = vectorize_labelled(f, encoder=encoder)
                 seen.append(([(k, v, type(v)) for k, v in f.items()], list(x.items()), labels))
             assert seen[0] == seen[1]
+
+
+@pytest.mark.skipif(NATIVE is None, reason="the compiled kernels are not built here (plain Python uses round itself)")
+def test_round_digits_gives_rounds_double_everywhere() -> None:
+    """Random values, halves and near halves at every scale, signs, zeros, non-finite, big, odd digits."""
+    rng = random.Random(13)
+    specials = [0.0, -0.0, math.nan, math.inf, -math.inf, 2.675, 1.005, 0.125, 0.375, -2.5e-5, 5e-6, 1e300, 2.0 ** 52,
+                0.49999999999999994, 123456789.123456789]
+    values = specials + [rng.choice([rng.random(), rng.uniform(-1e6, 1e6), rng.random() * 1e-4,
+                                     round(rng.uniform(-50, 50), rng.randint(0, 9)) + rng.choice([0, 5e-6, 5e-5, -5e-7]),
+                                     (rng.randint(0, 10 ** 6) + 0.5) / 10 ** rng.randint(0, 9)])
+                         for _ in range(200_000)]
+    for x in values:
+        for digits in (rng.randint(0, 9), 4, 5, 6, rng.choice([-1, 16, 20])):
+            got, expected = NATIVE.round_digits(x, digits), round(x, digits)
+            assert got == expected or (math.isnan(got) and math.isnan(expected)), (x, digits)
+            assert math.copysign(1.0, got) == math.copysign(1.0, expected), (x, digits)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda m: m.__name__)
+def test_decay_all_rounds_each_count_as_the_fold_did(impl: ModuleType) -> None:
+    rng = random.Random(17)
+    for _ in range(2000):
+        decayed = {f"t{i}": rng.choice([1.0, round(rng.random() * 9, 5), 0.0]) for i in range(rng.randint(0, 12))}
+        factor = 0.5 ** (rng.random() * rng.choice([0.001, 1.0, 30.0]))
+        expected = {k: round(v * factor, 5) for k, v in decayed.items()}
+        impl.decay_all(decayed, factor)
+        assert list(decayed.items()) == list(expected.items())
