@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math as pymath
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -256,6 +257,34 @@ def decay_all(decayed: dict, factor: float) -> None:
     """
     for k in decayed:
         decayed[k] = round_digits(cython.cast(cython.double, decayed[k]) * factor, 5)
+
+
+@cython.locals(secs=cython.longlong, days=cython.longlong, rest=cython.longlong, z=cython.longlong,
+               era=cython.longlong, doe=cython.longlong, yoe=cython.longlong, doy=cython.longlong,
+               mp=cython.longlong, year=cython.longlong, month=cython.longlong, day=cython.longlong)
+def utc_second(seconds: int) -> str:
+    """``time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))`` for 1970 to 9999 (the event
+    times :func:`models.events.check_ts` lets in), by the civil calendar's arithmetic (H. Hinnant's
+    ``civil_from_days``) instead of a C library call and a format string.
+
+    >>> utc_second(0), utc_second(951_782_400), utc_second(253_402_300_799)
+    ('1970-01-01T00:00:00', '2000-02-29T00:00:00', '9999-12-31T23:59:59')
+    """
+    if not cython.compiled or not 0 <= seconds < 253_402_300_800:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    secs = seconds
+    days = secs // 86_400
+    rest = secs - days * 86_400
+    z = days + 719_468
+    era = z // 146_097
+    doe = z - era * 146_097
+    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    year = yoe + era * 400 + (1 if month <= 2 else 0)
+    return f"{year:04d}-{month:02d}-{day:02d}T{rest // 3600:02d}:{rest // 60 % 60:02d}:{rest % 60:02d}"
 
 
 def _by_size(kc: tuple) -> tuple:

@@ -15,7 +15,6 @@ closes the deal - the labelled training example built only from snapshots taken 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -51,7 +50,7 @@ def rfc3339(ms: int) -> str:
 
 @lru_cache(maxsize=4096)  # a batch's events mostly fall in a few seconds
 def _second(seconds: int) -> str:
-    return time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))
+    return kernels.IMPL.utc_second(seconds)
 
 
 class Scored(NamedTuple):  # a tuple: built on every event, ~3x cheaper than a frozen dataclass

@@ -189,3 +189,14 @@ def test_decay_all_rounds_each_count_as_the_fold_did(impl: ModuleType) -> None:
         expected = {k: round(v * factor, 5) for k, v in decayed.items()}
         impl.decay_all(decayed, factor)
         assert list(decayed.items()) == list(expected.items())
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda m: m.__name__)
+def test_utc_second_is_strftime_from_1970_to_9999(impl: ModuleType) -> None:
+    import time
+
+    rng = random.Random(19)
+    edges = [0, 59, 60, 86_399, 86_400, 951_782_400, 951_868_800, 4_107_456_000, 4_107_542_400, 946_684_799,
+             253_402_300_799, 253_402_300_800, -1, -86_401]  # leap days, 2100 (no leap day), the ends and beyond
+    for seconds in edges + [rng.randrange(0, 253_402_300_800) for _ in range(100_000)]:
+        assert impl.utc_second(seconds) == time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)), seconds
