@@ -3,8 +3,9 @@
 Serving the stack asks each member for its prediction: the linear learner (its contributions are the
 lead's reasons too), ``gam`` and the batch learner's trees. Each of them walks the ~45 keys of ``x``
 with its own dict lookup per key. :class:`FusedMembers` merges their tables into one per form segment,
-so one walk with one lookup per key gives all three: the same sums in the same order, so the same
-bits as each member alone (a test checks it on every learner the tournament trains).
+so one walk with one lookup per key (:func:`models.kernels.fused_pass`) gives all three: the same sums
+in the same order, so the same bits as each member alone (a test checks it on every learner the
+tournament trains).
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
-"""The hot loops of serving, in Cython's pure-Python mode: plain Python here, C where compiled.
+"""The serving hot spots, in Cython's pure-Python mode: plain Python here, C where compiled.
 
-Every scored event walks its ~45 model inputs a few times (:func:`fused_pass` gives the stack's
-members in one walk). As plain Python each key costs about a microsecond of bytecode; compiled, the
-same lines run as C on the same doubles, in the same order: the same bits (``tests/test_kernels.py``
-runs both forms on the same inputs; pytest's doctests run the plain form). ``make install`` compiles
-this file into ``models/_kernels_native`` (``deploy/build_native.py``); :data:`IMPL` is the compiled
-module when it was built from this very source, else this module itself.
+Every scored event walks its ~45 model inputs a few times: the stack's members in one pass
+(:func:`fused_pass`), the inputs from the features (:func:`encode_inputs`), the reasons' top 5
+(:func:`largest`), the dynamic features (:func:`dynamic_features`, :func:`decay_all`); and every
+message rounds figures (:func:`round_digits`) and writes a time (:func:`utc_second`). As plain
+Python each key costs about a microsecond of bytecode; compiled, the same lines run as C on the same
+doubles, in the same order: the same bits (``tests/test_kernels.py`` runs both forms on the same
+inputs; pytest's doctests run the plain form). ``make install`` compiles this file into
+``models/_kernels_native`` (``deploy/build_native.py``); :data:`IMPL` is the compiled module when
+it was built from this very source, else this module itself.
 """
-
 from __future__ import annotations
 
 import hashlib
