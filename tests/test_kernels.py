@@ -113,7 +113,7 @@ def test_largest_is_the_sorted_head(impl: ModuleType) -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda m: m.__name__)
-def test_encode_inputs_gives_vectorize_its_inputs(impl: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_encode_inputs_gives_vectorize_its_inputs(impl: ModuleType) -> None:
     rng = random.Random(11)
     encoder = Encoder()
     for _ in range(500):
@@ -133,8 +133,6 @@ def test_encode_inputs_gives_vectorize_its_inputs(impl: ModuleType, monkeypatch:
         assert list(got_x) == list(expected_x) and got_labels == expected_labels
         for k, v in got_x.items():  # NaN == NaN is false: compare the bits
             assert math.isnan(v) and math.isnan(expected_x[k]) or (v, type(v)) == (float(expected_x[k]), float)
-    monkeypatch.setattr(kernels, "IMPL", impl)
-    assert vectorize_labelled(f, encoder=encoder)[0].keys() >= got_x.keys()
 
 
 @pytest.mark.skipif(NATIVE is None, reason="the compiled kernels are not built here")
