@@ -165,11 +165,11 @@ class Rules:
         score = 1.0 / (1.0 + math.exp(-(total - self.midpoint) / self.width))
         if not max_reasons:
             return RuleScore(total, score, self.grades.grade(score), [])
-        # The largest first, ties by name (names are unique: the points never decide), without a key call each.
-        ranked = sorted([(-abs(v), k, v) for k, v in contributions.items()])[:max_reasons]
+        # The largest first, ties by name (names are unique), as the model's reasons are ranked.
+        ranked = kernels.IMPL.largest(list(contributions.items()), max_reasons)
         width = self.width
         round_digits = kernels.IMPL.round_digits  # round(), faster where compiled
-        reasons = [{"feature": k, "contribution": round_digits(v / width, 4), "points": v} for _, k, v in ranked]
+        reasons = [{"feature": k, "contribution": round_digits(v / width, 4), "points": v} for k, v in ranked]
         return RuleScore(total, score, self.grades.grade(score), reasons)
 
 

@@ -83,8 +83,8 @@ class Scorer:
         merged: dict[str, float] = {}
         for r, w in [(r, 1 - weight) for r in ruled.reasons] + [(r, weight) for r in model_reasons]:
             merged[r["feature"]] = merged.get(r["feature"], 0.0) + w * r["contribution"]
-        ranked = sorted(merged.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:5]
-        reasons = [{"feature": k, "contribution": round(v, 4)} for k, v in ranked]
+        ranked = kernels.IMPL.largest(list(merged.items()), 5)  # the largest first, ties by name
+        reasons = [{"feature": k, "contribution": kernels.IMPL.round_digits(v, 4)} for k, v in ranked]
         return Scored(score, self.rules.grades.grade(score), "blend", self.model.version, reasons, ruled.score)
 
     def rules_score(self, f: Features, scored: Scored) -> float:
