@@ -46,6 +46,7 @@ from redis.exceptions import NoScriptError
 
 from models.learner import MODEL_FORMAT, ServingModel, Trainer
 from models.readmodel import ViewChanges
+from streams.clients import hash_reply, pipelined
 
 SHARDS = 32  # fixed: changing it moves every key (a migration, not a setting)
 DIGEST_BYTES = 8
@@ -212,42 +213,35 @@ class LeadStore:
         re-send material of earlier writes whose outputs Kafka has acknowledged). ``state_only``:
         the state and its guards, not the event guards and snapshots (rescoring: a write of
         ``LeadWrite.state_only`` follows)."""
-        pipe = self.client.pipeline(transaction=False)
-        for lead_id, origins in acked:
-            pipe.hdel(lead_key(lead_id), *(PENDING + o for o in origins))
+        commands: list[tuple[Any, ...]] = [("HDEL", lead_key(lead_id), *(PENDING + o for o in origins))
+                                           for lead_id, origins in acked]
         ids = list(lead_ids)
-        for lead_id in ids:
-            if state_only:
-                pipe.hmget(lead_key(lead_id), *_STATE_FIELDS)
-            else:
-                pipe.hgetall(lead_key(lead_id))
-        results = await pipe.execute()
         if state_only:
-            return {lead_id: _state_record(lead_id, *values)
-                    for lead_id, values in zip(ids, results[len(results) - len(ids):])}
-        hashes = dict(zip(ids, results[len(results) - len(ids):]))
+            commands += [("HMGET", lead_key(lead_id), *_STATE_FIELDS) for lead_id in ids]
+        else:
+            commands += [("HGETALL", lead_key(lead_id)) for lead_id in ids]
+        results = await pipelined(self.client, commands)
+        results = results[len(results) - len(ids):]
+        if state_only:
+            return {lead_id: _state_record(lead_id, *values) for lead_id, values in zip(ids, results)}
+        hashes = {lead_id: hash_reply(reply) for lead_id, reply in zip(ids, results)}
         # A lead that exists carries its deletion time (if it was ever deleted) in ``dts``; only the
         # absent ones need their tombstone: a second trip, for new or deleted leads only.
         absent = [lead_id for lead_id, values in hashes.items() if not values]
         tombstones: dict[str, bytes | None] = {}
         if absent:
-            pipe = self.client.pipeline(transaction=False)
-            for lead_id in absent:
-                pipe.get(tombstone_key(lead_id))
-            tombstones = dict(zip(absent, await pipe.execute()))
+            tombstones = dict(zip(absent, await pipelined(self.client, [("GET", tombstone_key(lead_id))
+                                                                          for lead_id in absent])))
         return {lead_id: _record(lead_id, hashes[lead_id], tombstones.get(lead_id)) for lead_id in ids}
 
     async def write_many(self, writes: list[LeadWrite]) -> list[int]:
         """Apply each lead's write atomically (one pipelined round trip); APPLIED or CONFLICT each."""
         if not writes:
             return []
-        calls = [self._state_call(w) if _state_write(w) else self._script_call(w) for w in writes]
+        calls = [("EVALSHA", *(self._state_call(w) if _state_write(w) else self._script_call(w))) for w in writes]
         for attempt in range(2):
-            pipe = self.client.pipeline(transaction=False)
-            for call in calls:
-                pipe.execute_command("EVALSHA", *call)
             try:
-                return [int(r) for r in await pipe.execute()]
+                return [int(r) for r in await pipelined(self.client, calls)]
             except NoScriptError:  # first use, or Redis restarted: load the scripts and write again
                 # Nothing ran unless the batch mixed a known and an unknown script (a batch is either
                 # events or rescores: never in practice); a write that ran is then refused as stale.

@@ -88,3 +88,87 @@ def test_the_memoised_partitioner_puts_every_key_where_kafkas_default_does() -> 
         partitions = list(range(rng.randint(1, 64)))
         assert ours(key, partitions, partitions) == ours(key, partitions, []) == default(key, partitions, partitions)
     assert ours(None, [0, 1, 2], [1]) == 1  # no key: a random available partition, as the default
+
+
+# ---- one round trip without redis-py's machinery per reply (real Redis) ------------------------------
+
+
+@pytest.mark.integration
+async def test_pipelined_replies_are_redis_pys_replies(redis_client, stack):
+    """The same commands through redis-py's pipeline and ours: the same replies, in order, on one
+    connection of the client's pool (HGETALL through :func:`hash_reply`, in both protocols)."""
+    from streams.clients import hash_reply, pipelined
+
+    from streams import clients
+    from tests.conftest import redis_test_url
+
+    await redis_client.hset("h", mapping={"a": "1", "b": b"\x00\xff"})
+    await redis_client.set("s", "x" * 70_000)  # more than one socket read
+    sha = await redis_client.script_load("return {KEYS[1], ARGV[1]}")
+    commands = [("HMGET", "h", "a", "zz", "b"), ("HGETALL", "h"), ("GET", "nope"), ("GET", "s"),
+                ("EVALSHA", sha, 1, "k", b"\x00v"), ("HDEL", "h", "zz"), ("HGETALL", "nope")]
+    pipe = redis_client.pipeline(transaction=False)
+    for c in commands:
+        pipe.execute_command(*c)
+    theirs = await pipe.execute()
+    ours = await pipelined(redis_client, commands)
+    assert hash_reply(ours[1]) == theirs[1] == {b"a": b"1", b"b": b"\x00\xff"}
+    assert hash_reply(ours[6]) == theirs[6] == {}
+    assert ours[:1] + ours[2:6] == theirs[:1] + theirs[2:6] and ours[3] == b"x" * 70_000
+    resp2 = clients.redis_client(stack, redis_test_url(stack.redis_url), protocol=2)
+    try:
+        flat = await pipelined(resp2, [("HGETALL", "h"), ("HGETALL", "nope")])
+        assert isinstance(flat[0], list) and [hash_reply(r) for r in flat] == [theirs[1], {}]
+    finally:
+        await resp2.aclose()
+    assert await pipelined(redis_client, []) == []
+
+
+@pytest.mark.integration
+async def test_pipelined_raises_the_first_error_after_reading_every_reply(redis_client):
+    """An error reply (an unknown script) raises redis-py's exception class, naming the command; the
+    replies after it were read, so the connection serves the next call in step."""
+    from redis.exceptions import NoScriptError, ResponseError
+
+    from streams.clients import pipelined
+
+    with pytest.raises(NoScriptError, match=r"Command # 2 \(EVALSHA"):
+        await pipelined(redis_client, [("SET", "a", "1"), ("EVALSHA", "0" * 40, 0), ("INCR", "a"), ("HSET", "a", "f", "v")])
+    assert await redis_client.get("a") == b"2"  # the commands after the error ran, as in a pipeline
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await pipelined(redis_client, [("HSET", "a", "f", "v")])
+    assert await pipelined(redis_client, [("GET", "a"), ("PING",)]) == [b"2", b"PONG"]
+
+
+@pytest.mark.integration
+async def test_pipelined_closes_a_connection_that_timed_out_and_reconnects_after_a_kill(stack):
+    """A reply that does not come within the socket timeout raises redis' TimeoutError and closes the
+    connection (its late reply is never read as the next call's); a connection the server killed
+    fails the call (a redis ConnectionError, which the worker's retry handles, as with redis-py's
+    pipeline) or is replaced when the pool finds it closed; the next call runs on a new connection."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from streams.clients import pipelined, redis_client as make_client
+    from tests.conftest import redis_test_url
+
+    url = redis_test_url(stack.redis_url)
+    client, killer = make_client(stack, url, socket_timeout=0.2), make_client(stack, url)
+    try:
+        await client.delete("q")
+        with pytest.raises(RedisTimeoutError):
+            await pipelined(client, [("PING",), ("BLPOP", "q", 1), ("PING",)])
+        await killer.rpush("q", "late")
+        assert await pipelined(client, [("ECHO", "next")]) == [b"next"]
+        assert await client.lpop("q") == b"late"  # the timed-out BLPOP never took it on a closed connection
+        own_id = (await pipelined(client, [("CLIENT", "ID")]))[0]
+        assert await killer.execute_command("CLIENT", "KILL", "ID", own_id) == 1
+        try:
+            assert await pipelined(client, [("ECHO", "again")]) == [b"again"]
+        except RedisConnectionError:
+            pass
+        assert await pipelined(client, [("ECHO", "again")]) == [b"again"]
+        assert (await pipelined(client, [("CLIENT", "ID")]))[0] != own_id
+    finally:
+        await client.aclose()
+        await killer.aclose()
