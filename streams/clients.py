@@ -177,21 +177,79 @@ async def pipelined(client: aioredis.Redis, commands: list[tuple[Any, ...]]) -> 
     conn = await pool.get_connection()
     try:
         if not isinstance(conn._parser, _AsyncHiredisParser):  # not hiredis: redis-py's own way
-            pipe = client.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)
-            return await pipe.execute()
+            return await _redis_py_pipeline(client, commands)
         packed = b"".join([pack_command(command) for command in commands])
-        replies = await conn.retry.call_with_retry(lambda: _exchange(conn, packed, len(commands)),
-                                                   lambda error: conn.disconnect())
+
+        async def exchange() -> list[Any]:
+            await conn.send_packed_command(packed)  # connects if needed; socket errors as redis' errors
+            return await _read_replies(conn, len(commands))
+
+        replies = await conn.retry.call_with_retry(exchange, lambda error: conn.disconnect())
     finally:
         await pool.release(conn)
-    for i, reply in enumerate(replies):
-        if isinstance(reply, ResponseError):
-            reply.args = (f"Command # {i + 1} ({str(commands[i][0])[:20]} ...) of pipeline caused error: "
-                          f"{reply.args[0] if reply.args else ''}", *reply.args[1:])
-            raise reply
-    return replies
+    return _raise_first_error(replies, commands)
+
+
+class StreamedPipeline:
+    """A pipeline whose commands leave as they are added, ``flush_every`` at a time, so that Redis
+    runs the first ones while the caller computes the next (on a 2-core machine the two overlap);
+    :meth:`replies` then reads them all. Replies as :func:`pipelined` gives them.
+
+    ``async with StreamedPipeline(client) as pipe:``, ``pipe.add(command)`` for each, then
+    ``await pipe.replies()``. Nothing is retried (some commands may have run): a connection error
+    fails the whole, as does an error before :meth:`replies`; the connection is then closed, never
+    handed back with replies unread.
+    """
+
+    def __init__(self, client: aioredis.Redis, flush_every: int = 8) -> None:
+        self.client, self.flush_every = client, flush_every
+        self.commands: list[tuple[Any, ...]] = []
+        self._packed: list[bytes] = []
+        self._conn: Any = None
+        self._read = True  # every reply read (nothing sent yet)
+
+    async def __aenter__(self) -> StreamedPipeline:
+        conn = await self.client.connection_pool.get_connection()
+        if isinstance(conn._parser, _AsyncHiredisParser):
+            self._conn = conn
+        else:  # not hiredis: collected, then sent through redis-py's pipeline
+            await self.client.connection_pool.release(conn)
+        return self
+
+    def add(self, command: tuple[Any, ...]) -> None:
+        self.commands.append(command)
+        if self._conn is not None:
+            self._packed.append(pack_command(command))
+            if len(self._packed) >= self.flush_every:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._packed:
+            self._read = False
+            self._conn._writer.write(b"".join(self._packed))  # buffered by the transport: never blocks
+            self._packed.clear()
+
+    async def replies(self) -> list[Any]:
+        if self._conn is None:
+            return await _redis_py_pipeline(self.client, self.commands) if self.commands else []
+        self._flush()
+        if self._read:
+            return []
+        try:
+            async with asyncio.timeout(self._conn.socket_timeout):
+                await self._conn._writer.drain()
+        except BaseException as exc:
+            await self._conn.disconnect(nowait=True)
+            raise _as_redis_error(exc, self._conn, "writing to") from None
+        replies = await _read_replies(self._conn, len(self.commands))
+        self._read = True
+        return _raise_first_error(replies, self.commands)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._conn is not None:
+            if not self._read:  # replies left unread: the connection is out of step
+                await self._conn.disconnect(nowait=True)
+            await self.client.connection_pool.release(self._conn)
 
 
 def hash_reply(reply: dict[bytes, bytes] | list[bytes]) -> dict[bytes, bytes]:
@@ -203,10 +261,26 @@ def hash_reply(reply: dict[bytes, bytes] | list[bytes]) -> dict[bytes, bytes]:
     return reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2]))
 
 
-async def _exchange(conn: Any, packed: bytes, n: int) -> list[Any]:
-    """Send ``packed`` on ``conn`` and read ``n`` replies (error replies as ResponseError objects). A
-    connection that fails or times out midway is closed, never handed back out of step."""
-    await conn.send_packed_command(packed)  # connects if needed; turns socket errors into redis' errors
+async def _redis_py_pipeline(client: aioredis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
+    pipe = client.pipeline(transaction=False)
+    for command in commands:
+        pipe.execute_command(*command)
+    return await pipe.execute()
+
+
+def _raise_first_error(replies: list[Any], commands: list[tuple[Any, ...]]) -> list[Any]:
+    """``replies``, or the first error among them raised, naming its command as redis-py does."""
+    for i, reply in enumerate(replies):
+        if isinstance(reply, ResponseError):
+            reply.args = (f"Command # {i + 1} ({str(commands[i][0])[:20]} ...) of pipeline caused error: "
+                          f"{reply.args[0] if reply.args else ''}", *reply.args[1:])
+            raise reply
+    return replies
+
+
+async def _read_replies(conn: Any, n: int) -> list[Any]:
+    """Read ``n`` replies from ``conn`` (error replies as ResponseError objects). A connection that
+    fails or times out midway is closed, never handed back out of step."""
     reader, stream, push = conn._parser._reader, conn._reader, conn._parser._hiredis_PushNotificationType
     replies: list[Any] = []
     try:
@@ -227,12 +301,17 @@ async def _exchange(conn: Any, packed: bytes, n: int) -> list[Any]:
                 replies.append(reply)
     except BaseException as exc:
         await conn.disconnect(nowait=True)
-        if isinstance(exc, TimeoutError):
-            raise RedisTimeoutError(f"Timeout reading from {conn.host}:{conn.port}") from None
-        if isinstance(exc, OSError):
-            raise RedisConnectionError(f"Error while reading from {conn.host}:{conn.port}: {exc}") from exc
-        raise
+        raise _as_redis_error(exc, conn, "reading from") from None
     return replies
+
+
+def _as_redis_error(exc: BaseException, conn: Any, doing: str) -> BaseException:
+    """Socket errors and timeouts as redis-py raises them (what the worker's retry expects)."""
+    if isinstance(exc, TimeoutError):  # before OSError: a TimeoutError is one
+        return RedisTimeoutError(f"Timeout {doing} {conn.host}:{conn.port}")
+    if isinstance(exc, OSError):
+        return RedisConnectionError(f"Error {doing} {conn.host}:{conn.port}: {exc}")
+    return exc
 
 
 @functools.cache

@@ -173,10 +173,16 @@ class EventPipeline:
         todo = dict(by_lead)
         for attempt in range(MAX_CAS_RETRIES):
             records = await self._load(todo, self._take_acked(), state_only)
-            computed = {lead: compute(records[lead], todo[lead]) for lead in todo}
-            writes = [(lead, c.write) for lead, c in computed.items() if c.write is not None]
-            statuses = await self.store.write_many([w for _, w in writes])
-            conflicts = {lead for (lead, _), status in zip(writes, statuses) if status != APPLIED}
+            computed: dict[str, Computed] = {}
+            written: list[str] = []
+            async with self.store.writing() as writes:
+                for lead in todo:  # each write leaves as it is computed: Redis runs it meanwhile
+                    c = computed[lead] = compute(records[lead], todo[lead])
+                    if c.write is not None:
+                        writes.add(c.write)
+                        written.append(lead)
+                statuses = await writes.statuses()
+            conflicts = {lead for lead, status in zip(written, statuses) if status != APPLIED}
             for lead, c in computed.items():
                 if lead in conflicts:
                     continue

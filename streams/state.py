@@ -46,7 +46,7 @@ from redis.exceptions import NoScriptError
 
 from models.learner import MODEL_FORMAT, ServingModel, Trainer
 from models.readmodel import ViewChanges
-from streams.clients import hash_reply, pipelined
+from streams.clients import StreamedPipeline, hash_reply, pipelined
 
 SHARDS = 32  # fixed: changing it moves every key (a migration, not a setting)
 DIGEST_BYTES = 8
@@ -197,6 +197,39 @@ class LeadWrite:
     state_only: bool = False  # only the state changes (a rescore): ids, offsets and snapshots stay as stored
 
 
+class LeadWrites:
+    """One round trip of lead writes (:meth:`LeadStore.writing`), each an atomic script call, sent
+    while the caller is still computing the next ones (:class:`~streams.clients.StreamedPipeline`)."""
+
+    def __init__(self, store: LeadStore) -> None:
+        self.store = store
+        self.calls: list[tuple[Any, ...]] = []
+        self._pipe = StreamedPipeline(store.client)
+
+    async def __aenter__(self) -> LeadWrites:
+        await self._pipe.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._pipe.__aexit__(*exc_info)
+
+    def add(self, w: LeadWrite) -> None:
+        call = ("EVALSHA", *(self.store._state_call(w) if _state_write(w) else self.store._script_call(w)))
+        self.calls.append(call)
+        self._pipe.add(call)
+
+    async def statuses(self) -> list[int]:
+        """APPLIED or CONFLICT for each write, in the order added."""
+        try:
+            return [int(r) for r in await self._pipe.replies()]
+        except NoScriptError:  # first use, or Redis restarted: load the scripts and write again
+            # Nothing ran unless the batch mixed a known and an unknown script (a batch is either
+            # events or rescores: never in practice); a write that ran is then refused as stale.
+            for script in _SCRIPTS:
+                await self.store.client.script_load(script)
+        return [int(r) for r in await pipelined(self.store.client, self.calls)]
+
+
 PENDING = "o:"  # prefix of the re-send fields
 _STATE_FIELDS = (b"v", b"s", b"dts")  # what a rescore reads and guards on
 
@@ -236,18 +269,15 @@ class LeadStore:
 
     async def write_many(self, writes: list[LeadWrite]) -> list[int]:
         """Apply each lead's write atomically (one pipelined round trip); APPLIED or CONFLICT each."""
-        if not writes:
-            return []
-        calls = [("EVALSHA", *(self._state_call(w) if _state_write(w) else self._script_call(w))) for w in writes]
-        for attempt in range(2):
-            try:
-                return [int(r) for r in await pipelined(self.client, calls)]
-            except NoScriptError:  # first use, or Redis restarted: load the scripts and write again
-                # Nothing ran unless the batch mixed a known and an unknown script (a batch is either
-                # events or rescores: never in practice); a write that ran is then refused as stale.
-                for script in _SCRIPTS:
-                    await self.client.script_load(script)
-        raise RuntimeError("the lead write scripts could not be loaded into Redis")
+        async with self.writing() as stream:
+            for w in writes:
+                stream.add(w)
+            return await stream.statuses()
+
+    def writing(self) -> LeadWrites:
+        """Writes sent as they are added (:meth:`LeadWrites.add`), so Redis applies the first while the
+        caller computes the next; :meth:`LeadWrites.statuses` waits for them all."""
+        return LeadWrites(self)
 
     def _state_call(self, w: LeadWrite) -> list[Any]:
         """EVALSHA arguments of a rescore's write (:data:`_WRITE_STATE`): a third of the full write's."""
