@@ -484,9 +484,13 @@ async def _rescoring_pass(client: aioredis.Redis, pipeline: EventPipeline, batch
     """Every open lead rescored by the model, ``batch`` leads per write as the worker's pass does."""
     from streams.state import SHARDS, view_key
 
+    from streams.worker import quiet_collector
+
     leads: list[str] = []
     for shard in range(SHARDS):
         leads += [m.decode() for m in await client.zrevrange(view_key(shard, "lb"), 0, -1)]
+    settled_s = await _persistence_settled(client)
+    quiet_collector()  # as the worker's process: what was loaded by now is out of the collector's reach
     redis_cpu0 = await _redis_cpu_s(client)
     t0, cpu0 = time.perf_counter(), time.process_time()
     sent = 0
@@ -497,7 +501,21 @@ async def _rescoring_pass(client: aioredis.Redis, pipeline: EventPipeline, batch
     n = max(1, len(leads))
     # CPU per lead, the worker's and Redis's: steadier than leads/s on a machine shared with others.
     return {"open_leads": len(leads), "rescored": sent, "leads_per_s": round(len(leads) / seconds) if seconds else None,
-            "worker_cpu_us_per_lead": round(cpu_s / n * 1e6, 1), "redis_cpu_us_per_lead": round(redis_cpu_s / n * 1e6, 1)}
+            "worker_cpu_us_per_lead": round(cpu_s / n * 1e6, 1), "redis_cpu_us_per_lead": round(redis_cpu_s / n * 1e6, 1),
+            "waited_for_persistence_s": settled_s}
+
+
+async def _persistence_settled(client: aioredis.Redis, limit_s: float = 180.0) -> float:
+    """Wait until Redis writes no snapshot and rewrites no append-only file (filling it with many leads
+    starts both: a fork that copies gigabytes, on the cores the pass runs on); the seconds waited."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit_s:
+        info = await client.info("persistence")
+        if not (info.get("rdb_bgsave_in_progress") or info.get("aof_rewrite_in_progress")
+                or info.get("aof_rewrite_scheduled")):
+            break
+        await asyncio.sleep(0.5)
+    return round(time.perf_counter() - t0, 1)
 
 
 async def _redis_cpu_s(client: aioredis.Redis) -> float:
