@@ -1,10 +1,12 @@
 """Client settings: one helper gives every Kafka and Redis client the same protocol, SASL and TLS."""
 
+import asyncio
 import ssl
 import subprocess
 
 import faust
 import pytest
+import redis.asyncio as aioredis
 
 from streams.clients import faust_credentials, kafka_kwargs, redis_kwargs
 from streams.settings import Settings
@@ -172,3 +174,41 @@ async def test_pipelined_closes_a_connection_that_timed_out_and_reconnects_after
     finally:
         await client.aclose()
         await killer.aclose()
+
+
+@pytest.mark.integration
+async def test_a_streamed_pipeline_sends_before_its_replies_are_read(stack, redis_client):
+    """Commands reach Redis as they are added (the overlap the write path counts on); replies come
+    in order at the end; leaving with replies unread closes the connection (the next call is in
+    step); a client without hiredis gets redis-py's pipeline, the same replies."""
+    from redis.asyncio.connection import Connection
+    from redis._parsers import _AsyncRESP3Parser
+
+    from streams.clients import StreamedPipeline, pipelined, redis_client as make_client
+    from tests.conftest import redis_test_url
+
+    async with StreamedPipeline(redis_client, flush_every=1) as pipe:
+        pipe.add(("SET", "a", "1"))
+        await asyncio.sleep(0.05)
+        other = make_client(stack, redis_test_url(stack.redis_url))
+        assert await other.get("a") == b"1"  # ran before replies() was called
+        await other.aclose()
+        pipe.add(("INCR", "a"))
+        pipe.add(("GET", "a"))
+        assert await pipe.replies() == [b"OK", 2, b"2"]
+    with pytest.raises(RuntimeError):
+        async with StreamedPipeline(redis_client, flush_every=1) as pipe:
+            pipe.add(("BLPOP", "q", 0.3))
+            raise RuntimeError("the caller failed between add and replies")
+    assert await pipelined(redis_client, [("ECHO", "y")]) == [b"y"]
+
+    plain = aioredis.Redis.from_url(redis_test_url(stack.redis_url), connection_class=Connection,
+                                    parser_class=_AsyncRESP3Parser)
+    try:
+        async with StreamedPipeline(plain) as pipe:
+            pipe.add(("INCR", "a"))
+            pipe.add(("HSET", "h", "f", "v"))
+            assert await pipe.replies() == [3, 1]
+        assert await pipelined(plain, [("GET", "a")]) == [b"3"]
+    finally:
+        await plain.aclose()
