@@ -483,7 +483,6 @@ def _trained_model(rules_text: str, events: list[dict[str, Any]] | None = None) 
 async def _rescoring_pass(client: aioredis.Redis, pipeline: EventPipeline, batch: int) -> Figures:
     """Every open lead rescored by the model, ``batch`` leads per write as the worker's pass does."""
     from streams.state import SHARDS, view_key
-
     from streams.worker import quiet_collector
 
     leads: list[str] = []

@@ -4,7 +4,8 @@ For one batch: every message is decoded and validated (bad ones become dead lett
 of the batch is loaded in one pipelined Redis round trip, each lead's events are folded in
 partition order in memory by the pure :func:`models.scoring.step`, and every changed lead is
 written in one more round trip, each lead by one atomic compare-and-set script that also updates
-the read models. Leads another writer changed meanwhile are loaded and computed again. The
+the read models (each write leaves as soon as its lead is computed: Redis applies it while the next
+leads are computed). Leads another writer changed meanwhile are loaded and computed again. The
 module returns what to send instead of sending, so the agents own the producer and the tests can
 drive it without Kafka.
 

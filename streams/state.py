@@ -214,7 +214,7 @@ class LeadWrites:
         await self._pipe.__aexit__(*exc_info)
 
     def add(self, w: LeadWrite) -> None:
-        call = ("EVALSHA", *(self.store._state_call(w) if _state_write(w) else self.store._script_call(w)))
+        call = self.store.write_call(w)
         self.calls.append(call)
         self._pipe.add(call)
 
@@ -278,6 +278,10 @@ class LeadStore:
         """Writes sent as they are added (:meth:`LeadWrites.add`), so Redis applies the first while the
         caller computes the next; :meth:`LeadWrites.statuses` waits for them all."""
         return LeadWrites(self)
+
+    def write_call(self, w: LeadWrite) -> tuple[Any, ...]:
+        """The command that applies ``w`` atomically: EVALSHA of the rescore's script or the full one."""
+        return ("EVALSHA", *(self._state_call(w) if _state_write(w) else self._script_call(w)))
 
     def _state_call(self, w: LeadWrite) -> list[Any]:
         """EVALSHA arguments of a rescore's write (:data:`_WRITE_STATE`): a third of the full write's."""
