@@ -13,6 +13,7 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import faust
 import redis.asyncio as aioredis
@@ -35,7 +36,16 @@ PASS_TTL_S = 86_400  # a model pass's snapshot of the leaderboard outlives a cra
 
 
 class Sender:
-    """Produce a batch's records without awaiting them one by one, then wait for all acks."""
+    """Produce a batch's records without awaiting them one by one, then wait for all acks.
+
+    The records with a key go into one record batch per output partition (aiokafka's batch API:
+    ~8 µs of CPU a record, against ~30 µs through ``send``, which also makes a future per record),
+    on the partition the producer's partitioner gives the key (Kafka's default: every consumer
+    finds a lead's records where any other client puts them). A partition's records keep their
+    order, and its batches reach the producer in the order of the calls (a full batch is handed
+    over before the next is started), as ``send`` would; a record without a key, or one too big
+    for a batch of its own, goes through ``send``.
+    """
 
     def __init__(self, app: faust.App, topics: Topics) -> None:
         self.app = app
@@ -43,8 +53,31 @@ class Sender:
 
     async def enqueue(self, outs: list[Out]) -> list[Awaitable[object]]:
         """Hand the records to the producer, in order; returns their acknowledgements to await."""
-        producer = self.app.producer
-        return [await producer.send(self.names[out.kind], out.key, out.value, None, None, None) for out in outs]
+        producer = self.app.producer._ensure_producer()  # the aiokafka producer under Faust's
+        acks: list[Awaitable[object]] = []
+        batches: dict[tuple[str, int], Any] = {}
+        partitions: dict[str, list[int]] = {}
+        for out in outs:
+            topic = self.names[out.kind]
+            if out.key is None:
+                acks.append(await producer.send(topic, out.value, key=None))
+                continue
+            if topic not in partitions:  # as aiokafka's partitioner gets them: sorted, all of them
+                partitions[topic] = sorted(await producer.partitions_for(topic))
+            parts = partitions[topic]
+            tp = (topic, parts[key_hash(out.key) % len(parts)])
+            batch = batches.get(tp)
+            if batch is None:
+                batch = batches[tp] = producer.create_batch()
+            if batch.append(key=out.key, value=out.value, timestamp=None) is None:  # full
+                acks.append(await producer.send_batch(batch, tp[0], partition=tp[1]))
+                batch = batches[tp] = producer.create_batch()
+                if batch.append(key=out.key, value=out.value, timestamp=None) is None:  # alone too big:
+                    del batches[tp]  # send's own checks and errors (e.g. MessageSizeTooLargeError)
+                    acks.append(await producer.send(tp[0], out.value, key=out.key, partition=tp[1]))
+        for (topic, partition), batch in batches.items():
+            acks.append(await producer.send_batch(batch, topic, partition=partition))
+        return acks
 
 
 def partition_of(lead_id: str, partitions: int) -> int:
