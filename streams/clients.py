@@ -167,7 +167,7 @@ async def pipelined(client: aioredis.Redis, commands: list[tuple[Any, ...]]) -> 
     What redis-py's pipeline does for the hot path's commands (the same bytes out, the same
     replies, retried on a connection error by the client's own ``Retry``, the first error reply
     raised once every reply is read), without its machinery per reply: a timeout context,
-    callbacks, metrics, about 25 µs a command, a fifth of a rescore's CPU. Replies are as hiredis
+    callbacks, metrics, 15-25 µs of CPU a command (``benchmarks/bench_io.py``). Replies are as hiredis
     parses them, without redis-py's callbacks: ``HGETALL`` gives a dict in RESP3 (redis-py's
     default) but a flat list in RESP2 (see :func:`hash_reply`). A client whose connections do not
     parse with hiredis goes through redis-py's pipeline."""
@@ -175,9 +175,10 @@ async def pipelined(client: aioredis.Redis, commands: list[tuple[Any, ...]]) -> 
         return []
     pool = client.connection_pool
     conn = await pool.get_connection()
+    if not isinstance(conn._parser, _AsyncHiredisParser):  # not hiredis: redis-py's own way
+        await pool.release(conn)
+        return await _redis_py_pipeline(client, commands)
     try:
-        if not isinstance(conn._parser, _AsyncHiredisParser):  # not hiredis: redis-py's own way
-            return await _redis_py_pipeline(client, commands)
         packed = b"".join([pack_command(command) for command in commands])
 
         async def exchange() -> list[Any]:
@@ -308,9 +309,9 @@ async def _read_replies(conn: Any, n: int) -> list[Any]:
 def _as_redis_error(exc: BaseException, conn: Any, doing: str) -> BaseException:
     """Socket errors and timeouts as redis-py raises them (what the worker's retry expects)."""
     if isinstance(exc, TimeoutError):  # before OSError: a TimeoutError is one
-        return RedisTimeoutError(f"Timeout {doing} {conn.host}:{conn.port}")
+        return RedisTimeoutError(f"Timeout {doing} {conn._host_error()}")  # host:port, or a socket's path
     if isinstance(exc, OSError):
-        return RedisConnectionError(f"Error {doing} {conn.host}:{conn.port}: {exc}")
+        return RedisConnectionError(f"Error {doing} {conn._host_error()}: {exc}")
     return exc
 
 
