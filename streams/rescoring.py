@@ -19,7 +19,7 @@ import faust
 import redis.asyncio as aioredis
 from aiokafka import TopicPartition
 
-from streams.clients import key_hash
+from streams.clients import KeyPartitioner, key_hash
 from streams.pipeline import EventPipeline, Out
 from streams.settings import Settings
 from streams.state import SHARDS, tag, view_key
@@ -32,6 +32,7 @@ RESCORE_CHUNK = 100
 # While events arrive, a chunk holds the event loop for its whole CPU time (~0.4 ms per lead): 20
 # leads keep that under ~10 ms for the events behind it (p99 at 500 events/s: docs/performance.md).
 RESCORE_CHUNK_BUSY = 20
+PARTITIONER = KeyPartitioner()  # the app's producer_partitioner (streams/app.py)
 PASS_TTL_S = 86_400  # a model pass's snapshot of the leaderboard outlives a crashed worker by a day at most
 
 
@@ -64,8 +65,7 @@ class Sender:
                 continue
             if topic not in partitions:  # as aiokafka's partitioner gets them: sorted, all of them
                 partitions[topic] = sorted(await producer.partitions_for(topic))
-            parts = partitions[topic]
-            tp = (topic, parts[key_hash(out.key) % len(parts)])
+            tp = (topic, PARTITIONER(out.key, partitions[topic], partitions[topic]))
             batch = batches.get(tp)
             if batch is None:
                 batch = batches[tp] = producer.create_batch()
