@@ -40,7 +40,7 @@ from models.features import Features
 from models.fields import Encoder
 from models.fused import FusedMembers
 from models.metrics import Prequential
-from models.tournament import (LEARNER_NAMES, Learner, Stack, StageModels, Tournament, fast_predictors,
+from models.tournament import (LEARNER_NAMES, FastStack, Learner, Stack, StageModels, Tournament, fast_predictors,
                                learned_stamp, make_learners, predict_all, serving_learners)
 
 MODEL_KINDS = ("tournament", "logreg", "hoeffding", "forest", "naive_bayes")
@@ -371,28 +371,30 @@ class ServingModel:
     def _fast_predict(self, x: dict[str, float], labels: dict[str, str]) -> tuple[float, list[dict[str, Any]]]:
         """The champion through the learners' frozen forms (built once per model, rebuilt if a shared
         learner learned since): the linear learner as dicts, naive Bayes as lookups, compiled trees; a
-        stack's members through one pass (:class:`~models.fused.FusedMembers`)."""
+        stack's members through one pass (:class:`~models.fused.FusedMembers`), the stack as weights
+        (:class:`~models.tournament.FastStack`)."""
         fast = self.__dict__.get("_fast")
         # A loaded checkpoint's learners are its own and never learn: its frozen forms never go stale.
         stamp = None if fast is not None and self.__dict__.get("_loaded") else learned_stamp(self.learners)
         if fast is None or (stamp is not None and fast[0] != stamp):
             linear = LinearScorer(self.model) if _is_linear(self.model) else None
             predictors = fast_predictors(self.learners, linear.predict_proba if linear is not None else None)
-            fast = self.__dict__["_fast"] = (stamp, linear, predictors, FusedMembers.of(linear, self.learners))
-        _, linear, predictors, fused = fast
+            stacks = {n: FastStack(l) for n, l in self.learners.items() if isinstance(l, Stack)}
+            fast = self.__dict__["_fast"] = (stamp, linear, predictors, FusedMembers.of(linear, self.learners), stacks)
+        _, linear, predictors, fused, stacks = fast
         champion = self.learners[self.champion]
         if isinstance(champion, Stack) and fused is not None:  # one pass for the fused members
             base, reasons = fused.predict(x, labels)
             for name in fused.rest:
                 base[name] = predictors[name](x)
-            return champion.predict_from(base, x), reasons
+            return stacks[self.champion].predict_from(base, x), reasons
         if linear is not None:
             p_linear, reasons = linear.explain(x, labels=labels)
         else:
             p_linear, reasons = None, []
         if isinstance(champion, Stack):
             base = {n: (p_linear if n == "logreg" and p_linear is not None else f(x)) for n, f in predictors.items()}
-            return champion.predict_from(base, x), reasons
+            return stacks[self.champion].predict_from(base, x), reasons
         if self.champion == "logreg" and p_linear is not None:
             return p_linear, reasons
         return predictors[self.champion](x), reasons

@@ -658,6 +658,37 @@ class Stack:
         self.seen = getattr(self, "seen", 0) + 1  # older checkpoints have no counter
 
 
+class FastStack:
+    """A :class:`Stack` frozen into each segment's member weights, for serving: no inputs dict, no
+    River call per prediction.
+
+    The same products summed in the same order as River's dot product (the members' order, from
+    0.0; then the intercept), through the same sigmoid: the same bits.
+
+    >>> s = Stack(["a", "b"])
+    >>> for i in range(300):
+    ...     s.learn_from({"a": 0.9, "b": 0.2 + i % 7 / 10}, i % 3 > 0, {"fields_known": i % 9})
+    >>> cases = [({"a": i / 11, "b": 1 - i / 13}, {"fields_known": i % 10}) for i in range(12)] + [({"a": 0.3}, None)]
+    >>> [FastStack(s).predict_from(p, x) for p, x in cases] == [s.predict_from(p, x) for p, x in cases]
+    True
+    """
+
+    def __init__(self, stack: Stack) -> None:
+        weights = stack.model.weights  # River's initializer is zeros: a weight never learned is 0.0
+        self.weights = {s: tuple((k, float(weights.get(key, 0.0))) for k, key in keys.items())
+                        for s, keys in stack.keys.items()}
+        self.intercept = stack.model.intercept
+        self.link = stack.model.loss.mean_func
+
+    def predict_from(self, base_p: dict[str, float], x: X | None = None) -> float:
+        total = 0.0
+        for name, w in self.weights[form_segment(x or {})]:
+            p = base_p.get(name)
+            if p is not None:
+                total += w * _logit(p)
+        return float(self.link(total + self.intercept))
+
+
 def _stack_input(member: str, segment: str) -> str:
     """The stack's input for ``member``'s log-odds in ``segment`` (its weight's name)."""
     return f"{member}|{segment}"

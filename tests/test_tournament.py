@@ -345,6 +345,41 @@ def test_the_stacks_fused_members_give_each_members_own_figures_to_the_bit() -> 
     # the served stack through the fused pass and through each member alone
     serving.champion = "stack"
     fused_served = [serving._fast_predict(x, {}) for x in xs]
-    stamp, linear_, predictors, _ = serving.__dict__["_fast"]
-    serving.__dict__["_fast"] = (stamp, linear_, predictors, None)
+    stamp, linear_, predictors, _, stacks = serving.__dict__["_fast"]
+    serving.__dict__["_fast"] = (stamp, linear_, predictors, None, stacks)
     assert [serving._fast_predict(x, {}) for x in xs] == fused_served
+
+
+def test_the_frozen_stack_gives_the_stacks_own_figures_to_the_bit() -> None:
+    """Serving blends the members with the stack's weights frozen (FastStack): the same bits as River's
+    dot product and sigmoid, in every segment, for sure and unsure members, a missing member, and
+    after the stack learned more (a stale frozen form is rebuilt)."""
+    from models.tournament import FastStack, Stack
+
+    rng = random.Random(11)
+    stack = Stack(["logreg", "gam", "batch_hgb"])
+
+    def case() -> tuple[dict[str, float], dict[str, float]]:
+        base = {k: rng.choice([rng.random(), rng.random() ** 8, 1 - rng.random() ** 8, 0.0, 1.0, 0.5])
+                for k in stack.bases if rng.random() > 0.05}
+        return base, {"fields_known": float(rng.randint(0, 9))}
+
+    for _ in range(2):
+        for _ in range(2000):
+            base, x = case()
+            stack.learn_from(base, rng.random() < base.get("gam", 0.5), x)
+        assert len(set(stack.model.weights.values())) == 9  # three members x three segments, all learned
+        frozen = FastStack(stack)
+        cases = [case() for _ in range(20_000)] + [({}, {}), ({"gam": 0.7}, {"fields_known": 8.0})]
+        assert [frozen.predict_from(b, x) for b, x in cases] == [stack.predict_from(b, x) for b, x in cases]
+    trainer = Trainer(min_outcomes=5, batch_every=200)
+    for x, won in population(600, seed=5):
+        trainer.learn([{"features": {"n_download": x.get("n_download", 0.0)}, "rules_score": 0.5, "stage": "new"}], won)
+    trainer.tournament.champion = "stack"
+    serving = trainer.serving()
+    f = {"n_download": 3.0}
+    serving.predict(f)
+    trainer.learn([{"features": f, "rules_score": 0.5, "stage": "new"}], True)  # the shared stack learns
+    serving.predict(f)
+    served = serving.__dict__["_fast"][4]["stack"]
+    assert served.weights == FastStack(trainer.tournament.learners["stack"]).weights  # rebuilt, not stale
