@@ -493,8 +493,13 @@ async def _rescoring_pass(client: aioredis.Redis, pipeline: EventPipeline, batch
     redis_cpu0 = await _redis_cpu_s(client)
     t0, cpu0 = time.perf_counter(), time.process_time()
     sent = 0
-    for i in range(0, len(leads), batch):
-        sent += len(await pipeline.rescore_leads(leads[i:i + batch], "model"))
+
+    async def count(outs: list[Any]) -> None:
+        nonlocal sent
+        sent += len(outs)
+
+    chunks = [leads[i:i + batch] for i in range(0, len(leads), batch)]
+    await pipeline.rescore_chunks(chunks, "model", int(time.time() * 1000), count)  # as Rescorer._rescore
     seconds, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     redis_cpu_s = await _redis_cpu_s(client) - redis_cpu0
     n = max(1, len(leads))

@@ -23,7 +23,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,12 +144,35 @@ class EventPipeline:
 
     # ---- rescoring without events ------------------------------------------------------------
 
-    async def rescore_leads(self, lead_ids: Iterable[str], trigger: str, now_ms: int | None = None) -> list[Out]:
-        """Score these leads again at ``now_ms`` through the same write path (``decay`` or ``model``)."""
+    async def rescore_leads(self, lead_ids: Iterable[str], trigger: str, now_ms: int | None = None, *,
+                            loaded: Awaitable[dict[str, LeadRecord]] | None = None) -> list[Out]:
+        """Score these leads again at ``now_ms`` through the same write path (``decay`` or ``model``).
+        ``loaded``: their states, loading already (:meth:`rescore_chunks`)."""
         now_ms = now_ms or int(time.time() * 1000)
         plan = {lead_id: [] for lead_id in lead_ids}
         return await self._apply(plan, lambda record, _: self._compute_rescore(record, now_ms, trigger),
-                                 state_only=True)
+                                 state_only=True, loaded=loaded)
+
+    async def rescore_chunks(self, chunks: list[list[str]], trigger: str, now_ms: int,
+                             emit: Callable[[list[Out]], Awaitable[None]]) -> None:
+        """:meth:`rescore_leads` chunk by chunk, each chunk's states loading while the one before
+        computes (Redis reads them on its own core meanwhile); ``emit`` hands a chunk's outputs on,
+        under :attr:`send_order` as its write. A prefetched state that changes before its write is a
+        conflict, loaded and computed again, as any."""
+        loading = self._prefetch(chunks[0]) if chunks else None
+        try:
+            for k, lead_ids in enumerate(chunks):
+                async with self.send_order:
+                    current, loading = loading, self._prefetch(chunks[k + 1]) if k + 1 < len(chunks) else None
+                    if loading is not None:
+                        await asyncio.sleep(0)  # the next load leaves now, not after this chunk's compute
+                    await emit(await self.rescore_leads(lead_ids, trigger, now_ms, loaded=current))
+        finally:
+            if loading is not None:
+                _discard(loading)
+
+    def _prefetch(self, lead_ids: list[str]) -> asyncio.Task[dict[str, LeadRecord]]:
+        return asyncio.ensure_future(self.store.load_many(lead_ids, state_only=True))
 
     def _compute_rescore(self, record: LeadRecord, now_ms: int, trigger: str) -> Computed:
         state = record.fresh_state()
@@ -169,11 +192,15 @@ class EventPipeline:
 
     # ---- the shared write path ------------------------------------------------------------------
 
-    async def _apply(self, by_lead: dict[str, Any], compute: Any, state_only: bool = False) -> list[Out]:
+    async def _apply(self, by_lead: dict[str, Any], compute: Any, state_only: bool = False,
+                     loaded: Awaitable[dict[str, LeadRecord]] | None = None) -> list[Out]:
         outs: list[Out] = []
         todo = dict(by_lead)
         for attempt in range(MAX_CAS_RETRIES):
-            records = await self._load(todo, self._take_acked(), state_only)
+            if attempt == 0 and loaded is not None:
+                records = await loaded
+            else:
+                records = await self._load(todo, self._take_acked(), state_only)
             computed: dict[str, Computed] = {}
             written: list[str] = []
             async with self.store.writing() as writes:
@@ -299,3 +326,12 @@ def _records(key: bytes | None, sent: dict[str, Any]) -> list[Out]:
     records = [Out("scores", key, orjson.dumps(sent["scores"]) if sent.get("scores") else None)]
     records += [Out(kind, key, orjson.dumps(sent[kind])) for kind in ("hot", "training") if sent.get(kind)]
     return records
+
+
+def _discard(task: asyncio.Task[Any]) -> None:
+    """A prefetch nobody will read: cancelled, or its error retrieved (no "never retrieved" warning)."""
+    if task.done():
+        if not task.cancelled():
+            task.exception()
+    else:
+        task.cancel()

@@ -186,13 +186,15 @@ class Rescorer:
 
     async def _rescore(self, leads: list[str], trigger: str, now_ms: int, chunk: int = RESCORE_CHUNK) -> None:
         acks: list[Awaitable[object]] = []
-        for i in range(0, len(leads), chunk):
-            # Writes and hands the records to the producer in the order of the writes: a lead's stale
-            # rescore must never reach the topic after the tombstone of its deletion (a compacted
-            # consumer would keep it). The producer keeps that order, as for event batches.
-            async with self.pipeline.send_order:
-                outs = await self.pipeline.rescore_leads(leads[i:i + chunk], trigger, now_ms)
-                acks += await self.sender.enqueue(outs)
+
+        async def emit(outs: list[Out]) -> None:
+            # Called under the pipeline's send_order with the chunk's write: records reach the producer
+            # in the order of the writes, so a lead's stale rescore never reaches the topic after the
+            # tombstone of its deletion (a compacted consumer would keep it), as for event batches.
+            acks.extend(await self.sender.enqueue(outs))
+
+        await self.pipeline.rescore_chunks([leads[i:i + chunk] for i in range(0, len(leads), chunk)],
+                                           trigger, now_ms, emit)
         # Kafka's acknowledgements awaited once, out of the lock: event batches and the next chunk
         # do not wait a broker round trip per chunk.
         if acks:

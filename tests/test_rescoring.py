@@ -5,20 +5,33 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from streams.pipeline import Out
+from streams.pipeline import EventPipeline, Out
 from streams.rescoring import RESCORE_CHUNK, Rescorer
 from streams.settings import Settings
 
 
 class Pipeline:
-    """The pipeline's rescoring side as the timer sees it: one record per lead, in the order asked."""
+    """The pipeline's rescoring side as the timer sees it: one record per lead, in the order asked;
+    its chunking (with the next chunk's prefetch) is EventPipeline's own."""
+
+    rescore_chunks = EventPipeline.rescore_chunks
 
     def __init__(self) -> None:
         self.send_order = asyncio.Lock()
         self.chunks: list[list[str]] = []
+        self.prefetched: list[list[str]] = []
+        self.asked_before: list[int] = []
 
-    async def rescore_leads(self, leads: list[str], trigger: str, now_ms: int) -> list[Out]:
+    def _prefetch(self, leads: list[str]) -> asyncio.Future[list[str]]:
+        self.prefetched.append(leads)
+        loaded = asyncio.get_running_loop().create_future()
+        loaded.set_result(leads)
+        return loaded
+
+    async def rescore_leads(self, leads: list[str], trigger: str, now_ms: int, *, loaded: Any) -> list[Out]:
         assert self.send_order.locked()  # written under the lock the event batches take too
+        assert await loaded == leads == self.prefetched[len(self.chunks)]  # this chunk's own prefetch
+        self.asked_before.append(len(self.prefetched))  # chunks whose load had left by this one's compute
         self.chunks.append(leads)
         await asyncio.sleep(0)
         return [Out("scores", lead.encode(), trigger.encode()) for lead in leads]
@@ -57,6 +70,7 @@ async def test_chunks_are_sent_in_the_order_of_their_writes_and_acknowledged_out
     task = asyncio.create_task(rescorer._rescore(leads, "model", 0))
     await until(lambda: len(sender.enqueued) == len(leads))  # every chunk before any acknowledgement
     assert [len(c) for c in pipeline.chunks] == [RESCORE_CHUNK, RESCORE_CHUNK, 5]
+    assert pipeline.prefetched == pipeline.chunks and pipeline.asked_before == [2, 3, 3]  # the next one loading
     assert sender.enqueued == [lead.encode() for lead in leads]
     async with pipeline.send_order:  # an event batch gets the lock while the acknowledgements are due
         assert not task.done()

@@ -193,6 +193,35 @@ async def test_decay_and_model_rescoring_go_through_the_write_path(pipeline, red
     assert await pipeline.rescore_leads(["l1"], "model", now_ms=200 * DAY) == []  # already on this model
 
 
+async def test_a_prefetched_lead_that_changes_before_its_chunk_is_written_is_computed_again(pipeline):
+    """rescore_chunks loads the next chunk while the current one computes: an event applied to a lead
+    of the next chunk in between makes its prefetched state stale, and the write's version check sends
+    it round again (the event kept, the rescore on top, nothing lost)."""
+    from models.learner import Trainer
+
+    for i, lead in enumerate(("l1", "l2", "l3")):
+        await handle(pipeline, msg(i, f"c{i}", "lead_created", 0, lead=lead, topic="crm", fields={"age": 30}))
+    trainer = Trainer(min_outcomes=1)
+    for won in (True, False):
+        trainer.learn([{"features": {"n_download": 2.0 * won}, "rules_score": 0.5, "stage": None}], won)
+    pipeline.scorer.model = trainer.serving()
+    emitted: list[list[str]] = []
+
+    async def emit(outs):
+        emitted.append([o.key.decode() for o in outs])
+        if len(emitted) == 1:  # l3's state is loading: once loaded, an event (scored by the old model) moves it on
+            await asyncio.sleep(0.2)
+            model, pipeline.scorer.model = pipeline.scorer.model, None
+            await handle(pipeline, msg(9, "d9", "download", 5000, lead="l3"))
+            pipeline.scorer.model = model
+
+    retries = pipeline.counts["cas_retry"]
+    await pipeline.rescore_chunks([["l1", "l2"], ["l3"]], "model", 200 * DAY, emit)
+    assert emitted == [["l1", "l2"], ["l3"]] and pipeline.counts["cas_retry"] == retries + 1
+    l3 = await pipeline.store.get("l3")
+    assert l3["state"]["counts"].get("download") == 1 and l3["history"][-1]["trigger"] == "model"
+
+
 def random_stream(rng):
     """Simulated leads' events with late deletes, late events after them and producer duplicates."""
     events = simulate(40, seed=11)
