@@ -289,6 +289,42 @@ def utc_second(seconds: int) -> str:
     return f"{year:04d}-{month:02d}-{day:02d}T{rest // 3600:02d}:{rest // 60 % 60:02d}:{rest % 60:02d}"
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.locals(s=cython.double, v=cython.double, t=cython.double, node=cython.Py_ssize_t, r=cython.Py_ssize_t,
+               go_left=cython.bint)
+def walk_trees(baseline: cython.double, feature: cython.longlong[::1], threshold: cython.double[::1],
+               missing_left: cython.uchar[::1], left: cython.longlong[::1], right: cython.longlong[::1],
+               leaf: cython.uchar[::1], value: cython.double[::1], roots: cython.longlong[::1], row: list) -> cython.double:
+    """The trees' log-odds for ``row`` (a list of floats in the fitted column layout; last, so that a
+    ``functools.partial`` binds the rest), walking the flat
+    node arrays of :class:`models.tournament.FlatTrees`: ``row[feature] <= threshold`` goes left, and
+    where missing values go left, ``not (v > threshold)`` (NaN fails every comparison); the leaves
+    added to ``baseline`` tree by tree, as the generated code of ``FlatTrees.compiled`` adds them.
+
+    >>> import numpy as np
+    >>> arrays = (np.array(a, dtype=t) for a, t in (([0, 0, 0], np.int64), ([1.5, 0, 0], float),
+    ...           ([1, 0, 0], np.uint8), ([1, 1, 2], np.int64), ([2, 1, 2], np.int64), ([0, 1, 1], np.uint8),
+    ...           ([0.0, -1.0, 2.0], float), ([0], np.int64)))
+    >>> fl, th, ml, le, ri, lf, va, ro = arrays
+    >>> [walk_trees(0.5, fl, th, ml, le, ri, lf, va, ro, [v]) for v in (1.0, 2.0, float("nan"))]
+    [-0.5, 2.5, -0.5]
+    """
+    s = baseline
+    for r in range(roots.shape[0]):
+        node = roots[r]
+        while not leaf[node]:
+            v = row[feature[node]]
+            t = threshold[node]
+            if missing_left[node]:
+                go_left = not (v > t)
+            else:
+                go_left = v <= t
+            node = left[node] if go_left else right[node]
+        s += value[node]
+    return float(s)  # a Python float in the plain form too (not numpy's)
+
+
 def _by_size(kc: tuple) -> tuple:
     return -abs(kc[1]), kc[0]
 

@@ -28,6 +28,7 @@ naive Bayes: a stack weight near 0 on both histories, replaced by ``gam`` in the
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -36,7 +37,7 @@ from typing import Any, Protocol
 
 from river import linear_model, optim
 
-from models import glm
+from models import glm, kernels
 from models.events import STAGES
 from models.metrics import Prequential
 
@@ -449,7 +450,7 @@ class FastHGB:
         self.base = [float(v) for v in template]  # the row of an x without any known key
         self.lookup = FastHGB.row_lookup(columns, codes)
         self.row = FastHGB.row_filler(self.lookup, self.base)
-        self.trees = model.compiled()
+        self.trees = model.walker()
 
     @staticmethod
     def row_lookup(columns: dict[str, int], codes: dict[str, dict[str, float]]) -> dict[str, tuple[int, float | None]]:
@@ -553,6 +554,29 @@ class FlatTrees:
         if fn is None:
             fn = self.__dict__["_compiled"] = _compile_trees(self)
         return fn
+
+    def walker(self) -> Any:
+        """``raw(row)`` for a list row, as served: the compiled kernel walking these arrays where it
+        is built (:func:`models.kernels.walk_trees`, ~0.5 µs for 50 trees), else :meth:`compiled`'s
+        generated code (~7 µs). The same comparisons and the same sum, in the same order: the same bits.
+
+        >>> import numpy as np
+        >>> flat = FlatTrees(0.5, *map(np.array, ([0, 0, 0], [1.5, 0, 0], [True, False, False], [1, 1, 2],
+        ...                  [2, 1, 2], [False, True, True], [0.0, -1.0, 2.0], [0])), depth=1)
+        >>> walk = flat.walker()
+        >>> walk([1.0]), walk([2.0]), walk([float("nan")])
+        (-0.5, 2.5, -0.5)
+        """
+        if kernels.IMPL is kernels:
+            return self.compiled()
+        import numpy as np
+
+        feature, left, right, roots = (np.ascontiguousarray(a, dtype=np.int64)
+                                       for a in (self.feature, self.left, self.right, self.roots))
+        missing_left, leaf = (np.ascontiguousarray(a, dtype=np.uint8) for a in (self.missing_left, self.leaf))
+        threshold, value = (np.ascontiguousarray(a, dtype=np.float64) for a in (self.threshold, self.value))
+        return functools.partial(kernels.IMPL.walk_trees, float(self.baseline), feature, threshold, missing_left,
+                                 left, right, leaf, value, roots)
 
     def raw(self, row: Any) -> float:
         """The log-odds for one row (a 1-d float array in the fitted column layout)."""

@@ -198,3 +198,36 @@ def test_utc_second_is_strftime_from_1970_to_9999(impl: ModuleType) -> None:
              253_402_300_799, 253_402_300_800, -1, -86_401]  # leap days, 2100 (no leap day), the ends and beyond
     for seconds in edges + [rng.randrange(0, 253_402_300_800) for _ in range(100_000)]:
         assert impl.utc_second(seconds) == time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)), seconds
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda m: m.__name__)
+def test_walk_trees_gives_the_generated_codes_log_odds_to_the_bit(impl: ModuleType, monkeypatch: pytest.MonkeyPatch
+                                                                   ) -> None:
+    """The served trees (walk_trees over the flat arrays) against FlatTrees.compiled's generated code, on
+    a fit with missing values (NaN: each node's learned side), categories, unseen values, and rows
+    far outside the thresholds. Plain Python serves the generated code; its walk_trees is checked too."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from models.tournament import BatchHGB
+
+    rng = np.random.default_rng(7)
+    b = BatchHGB(every=800, window=800, min_rows=50)
+    xs = []
+    for _ in range(800):
+        x = {"n": float(rng.integers(0, 9)), "t": float(rng.normal(0, 3)), f"src={rng.choice(list('abcd'))}": 1.0}
+        if rng.random() < 0.3:
+            del x["n"]
+        xs.append(x)
+        b.learn(x, bool(x.get("n", 4.0) + x["t"] + ("src=a" in x) * 2 + rng.normal() > 5))
+    assert b.fits == 1
+    generated = b.model.compiled()
+    monkeypatch.setattr(kernels, "IMPL", impl)
+    assert (b.model.walker() is generated) == (impl is kernels)
+    monkeypatch.setattr(kernels, "IMPL", SimpleNamespace(walk_trees=impl.walk_trees))
+    walk = b.model.walker()
+    rows = [[float(v) for v in BatchHGB._row(x, b.columns, b.codes, b.template)] for x in xs]
+    rows += [[float(rng.choice([np.nan, -1e300, 1e300, rng.normal(0, 50)])) for _ in rows[0]] for _ in range(500)]
+    assert len({generated(row) for row in rows}) > 50  # many paths, not a few leaves
+    assert [walk(row) for row in rows] == [generated(row) for row in rows]
