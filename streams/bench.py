@@ -216,14 +216,18 @@ async def bench_burst(settings: Settings, events: list[dict[str, Any]]) -> Figur
     collector = asyncio.create_task(_collect(settings, settings.topic_scores, len(events), 600,
                                              prefix, on_record))
     records = _records(settings, events)
+    redis = redis_client(settings)
+    forks0 = await _redis_forks(redis)
     now = time.perf_counter()
     sent_at.update({e["event_id"]: now for e in events})
     t0 = await _publish_burst(producer, records)
     last = await collector
     await producer.stop()
+    forks = await _redis_forks(redis) - forks0
+    await redis.aclose()
     q = statistics.quantiles(latencies[-len(events):], n=100)
     return {"events": len(events), "events_per_s": round(len(events) / (last - t0)),
-            "latency_p50_ms": round(q[49] * 1000), "latency_p99_ms": round(q[98] * 1000)}
+            "latency_p50_ms": round(q[49] * 1000), "latency_p99_ms": round(q[98] * 1000), "redis_forks": forks}
 
 
 async def bench_latency(settings: Settings, events: list[dict[str, Any]], rate: float, seconds: float,
@@ -490,7 +494,7 @@ async def _rescoring_pass(client: aioredis.Redis, pipeline: EventPipeline, batch
         leads += [m.decode() for m in await client.zrevrange(view_key(shard, "lb"), 0, -1)]
     settled_s = await _persistence_settled(client)
     quiet_collector()  # as the worker's process: what was loaded by now is out of the collector's reach
-    redis_cpu0 = await _redis_cpu_s(client)
+    redis_cpu0, forks0 = await _redis_cpu_s(client), await _redis_forks(client)
     t0, cpu0 = time.perf_counter(), time.process_time()
     sent = 0
 
@@ -502,11 +506,12 @@ async def _rescoring_pass(client: aioredis.Redis, pipeline: EventPipeline, batch
     await pipeline.rescore_chunks(chunks, "model", int(time.time() * 1000), count)  # as Rescorer._rescore
     seconds, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     redis_cpu_s = await _redis_cpu_s(client) - redis_cpu0
+    forks = await _redis_forks(client) - forks0
     n = max(1, len(leads))
     # CPU per lead, the worker's and Redis's: steadier than leads/s on a machine shared with others.
     return {"open_leads": len(leads), "rescored": sent, "leads_per_s": round(len(leads) / seconds) if seconds else None,
             "worker_cpu_us_per_lead": round(cpu_s / n * 1e6, 1), "redis_cpu_us_per_lead": round(redis_cpu_s / n * 1e6, 1),
-            "waited_for_persistence_s": settled_s}
+            "waited_for_persistence_s": settled_s, "redis_forks": forks}
 
 
 async def _persistence_settled(client: aioredis.Redis, limit_s: float = 180.0) -> float:
@@ -520,6 +525,12 @@ async def _persistence_settled(client: aioredis.Redis, limit_s: float = 180.0) -
             break
         await asyncio.sleep(0.5)
     return round(time.perf_counter() - t0, 1)
+
+
+async def _redis_forks(client: aioredis.Redis) -> int:
+    """Forks of the Redis server so far (RDB snapshots, AOF rewrites): one during a measure means a child
+    process copied and wrote the whole dataset on the cores the measure ran on."""
+    return int((await client.info("stats"))["total_forks"])
 
 
 async def _redis_cpu_s(client: aioredis.Redis) -> float:
@@ -773,7 +784,8 @@ def _burst_pair(settings: Settings, leads: int) -> Figures:
 def _print_pairs(pairs: list[Figures]) -> None:
     ratios = sorted(p["ratio_to_passthrough"] for p in pairs)
     _table([(f"pair {i + 1} (load {p['load_avg_1m']})", f"{p['passthrough']['events_per_s']:,} / "
-             f"{p['burst_1_worker']['events_per_s']:,} events/s ({p['ratio_to_passthrough']:.0%})")
+             f"{p['burst_1_worker']['events_per_s']:,} events/s ({p['ratio_to_passthrough']:.0%})"
+             + _forked(p["burst_1_worker"].get("redis_forks")))
             for i, p in enumerate(pairs)]
            + [("ratio: lowest / median / highest (the figures above: the lowest pair)",
                f"{ratios[0]:.0%} / {statistics.median(ratios):.0%} / {ratios[-1]:.0%}")])
@@ -802,7 +814,8 @@ def _print_pipeline(f: Figures) -> None:
     rows = [
         ("plain aiokafka passthrough (ceiling)", f"{f['passthrough']['events_per_s']:,} events/s"),
         ("one worker, burst", f"{f['burst_1_worker']['events_per_s']:,} events/s "
-                              f"({f['ratio_to_passthrough']:.0%} of the passthrough)"),
+                              f"({f['ratio_to_passthrough']:.0%} of the passthrough)"
+                              + _forked(f["burst_1_worker"].get("redis_forks"))),
     ]
     if "burst_2_workers" in f:
         rows.append(("two workers, burst", f"{f['burst_2_workers']['events_per_s']:,} events/s"))
@@ -849,7 +862,11 @@ def _print_rescoring(f: Figures) -> None:
     _table([(f"populate {f['leads']:,} leads", f"{f['populate_leads_per_s']:,} leads/s ({f['populate_s']} s)"),
             (f"model rescoring pass over the {r['open_leads']:,} open leads",
              f"{r['leads_per_s']:,} leads/s (CPU per lead: worker {r['worker_cpu_us_per_lead']} us, "
-             f"Redis {r['redis_cpu_us_per_lead']} us)")])
+             f"Redis {r['redis_cpu_us_per_lead']} us)" + _forked(r.get("redis_forks")))])
+
+
+def _forked(forks: int | None) -> str:
+    return f"; Redis forked {forks}x meanwhile (snapshot or AOF rewrite)" if forks else ""
 
 
 def _table(rows: list[tuple[str, str]]) -> None:
