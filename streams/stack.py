@@ -274,6 +274,10 @@ def redis_config(settings: Settings) -> str:
         f"port {port}",
         "daemonize no",  # up starts it detached itself and writes the pid file
         "appendonly yes",  # state survives restarts (every write, fsync once a second)
+        # No RDB snapshots on top (Redis's default: after 10,000 changes in a minute): the AOF is the
+        # durability, and each snapshot forks a child that writes the whole dataset again, on the cores
+        # the worker runs on, in the middle of a burst (seen in `leadstream bench`: redis_forks).
+        'save ""',
         f'dir "{paths.redis / "data"}"',
         f'logfile "{paths.log("redis")}"',
         "loglevel notice",

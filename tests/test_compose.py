@@ -41,7 +41,7 @@ def test_services_and_images(services: dict[str, Any]) -> None:
     assert set(services) == {"kafka", "redis", "worker", "trainer", "api", "simulator"}
     assert services["kafka"]["image"] == "apache/kafka:4.1.1"
     assert services["redis"]["image"].startswith("redis:7")
-    assert services["redis"]["command"] == ["redis-server", "--appendonly", "yes"]
+    assert services["redis"]["command"] == ["redis-server", "--appendonly", "yes", "--save", ""]  # AOF, no RDB forks
     for name in ("worker", "trainer", "api", "simulator"):
         assert services[name]["build"] == {"context": ".", "dockerfile": "deploy/Dockerfile"}
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()

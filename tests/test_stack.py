@@ -74,7 +74,7 @@ def test_redis_config_persists_and_binds_loopback(settings: Settings) -> None:
     port = settings.redis_url.rsplit(":", 1)[1].split("/")[0]
     conf = stack_mod.redis_config(settings).splitlines()
     assert "bind 127.0.0.1" in conf and f"port {port}" in conf
-    assert "appendonly yes" in conf and "daemonize no" in conf
+    assert "appendonly yes" in conf and "daemonize no" in conf and 'save ""' in conf  # AOF, no RDB forks
     assert f'dir "{settings.home / "redis" / "data"}"' in conf
     assert f'logfile "{settings.home / "logs" / "redis.log"}"' in conf
 
