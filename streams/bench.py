@@ -133,12 +133,21 @@ async def _publish_burst(producer: AIOKafkaProducer, records: list[tuple[str, by
 
 
 async def _collect(settings: Settings, topic: str, n: int, timeout_s: float, prefix: bytes | None = None,
-                   on_record: Callable[[Any, float], None] | None = None) -> float:
+                   on_record: Callable[[Any, float], None] | None = None,
+                   ready: asyncio.Event | None = None) -> float:
     """Consume ``topic`` from its start until ``n`` records arrived (with ``prefix``: only the event
-    scores and tombstones of leads whose id starts with it); returns when the last one did."""
+    scores and tombstones of leads whose id starts with it); returns when the last one did. ``ready``
+    is set once the consumer holds its partitions: a latency run starts sending only then, or the
+    first events' latencies would include this consumer's start."""
     consumer = AIOKafkaConsumer(topic, **kafka_kwargs(settings), group_id=None, auto_offset_reset="earliest",
                                 enable_auto_commit=False, fetch_max_bytes=50 * 1024 * 1024)
     await consumer.start()
+    while not consumer.assignment():
+        await asyncio.sleep(0.01)
+    for tp in consumer.assignment():  # where "earliest" is, looked up now rather than at the first fetch
+        await consumer.position(tp)
+    if ready is not None:
+        ready.set()
     seen, last = 0, time.perf_counter()
     deadline = last + timeout_s
     try:
@@ -249,8 +258,12 @@ async def bench_latency(settings: Settings, events: list[dict[str, Any]], rate: 
                 latencies.append(now - sent_at[event_id])
 
     prefix = events[0]["lead_id"].split("-", 1)[0].encode() + b"-"
+    listening = asyncio.Event()
     collector = asyncio.create_task(_collect(settings, settings.topic_scores, n, seconds + 120,
-                                             prefix, on_record))
+                                             prefix, on_record, listening))
+    await asyncio.wait([collector, asyncio.create_task(listening.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if collector.done():  # it failed before it was ready: its error, not a wait for a latency never measured
+        collector.result()
     stop_reader = asyncio.Event()
 
     async def read_loop() -> None:
