@@ -135,16 +135,20 @@ async def _publish_burst(producer: AIOKafkaProducer, records: list[tuple[str, by
 async def _collect(settings: Settings, topic: str, n: int, timeout_s: float, prefix: bytes | None = None,
                    on_record: Callable[[Any, float], None] | None = None,
                    ready: asyncio.Event | None = None) -> float:
-    """Consume ``topic`` from its start until ``n`` records arrived (with ``prefix``: only the event
-    scores and tombstones of leads whose id starts with it); returns when the last one did. ``ready``
-    is set once the consumer holds its partitions: a latency run starts sending only then, or the
-    first events' latencies would include this consumer's start."""
-    consumer = AIOKafkaConsumer(topic, **kafka_kwargs(settings), group_id=None, auto_offset_reset="earliest",
+    """Consume ``topic`` until ``n`` records arrived (with ``prefix``: only the event scores and
+    tombstones of leads whose id starts with it); returns when the last one did.
+
+    Without ``ready``, from the topic's start. With it, from its end, and ``ready`` is set once the
+    consumer holds its partitions and knows their ends: a latency run sends only then. Otherwise
+    the first events' latencies would include this consumer's start and its reading of the earlier
+    runs' records (~50 ms at 2,000 events/s, measured)."""
+    consumer = AIOKafkaConsumer(topic, **kafka_kwargs(settings), group_id=None,
+                                auto_offset_reset="latest" if ready is not None else "earliest",
                                 enable_auto_commit=False, fetch_max_bytes=50 * 1024 * 1024)
     await consumer.start()
     while not consumer.assignment():
         await asyncio.sleep(0.01)
-    for tp in consumer.assignment():  # where "earliest" is, looked up now rather than at the first fetch
+    for tp in consumer.assignment():  # the offset reset, done now rather than at the first fetch
         await consumer.position(tp)
     if ready is not None:
         ready.set()
