@@ -32,6 +32,8 @@ RESCORE_CHUNK = 100
 # While events arrive, a chunk holds the event loop for its whole CPU time (~0.4 ms per lead): 20
 # leads keep that under ~10 ms for the events behind it (p99 at 500 events/s: docs/performance.md).
 RESCORE_CHUNK_BUSY = 20
+# A tick that keeps up with a backlog (see Rescorer.tick) hands back to the timer this often at most.
+RESCORE_TICK_MAX_S = 30.0
 PARTITIONER = KeyPartitioner()  # the app's producer_partitioner (streams/app.py)
 PASS_TTL_S = 86_400  # a model pass's snapshot of the leaderboard outlives a crashed worker by a day at most
 
@@ -90,8 +92,9 @@ class Rescorer:
 
     Both are bounded by ``LEADSTREAM_RESCORE_RATE`` leads per second per worker, and both yield to
     events: while events are arriving a tick rescores a tenth of that, in small chunks between the
-    event batches. A model pass runs to its end even if newer versions arrive meanwhile; the next
-    one starts when the version moved on, at most every ``LEADSTREAM_RESCORE_MODEL_EVERY_SECONDS``.
+    event batches, and ends there; without events it goes on, paced at the rate, while work is left.
+    A model pass runs to its end even if newer versions arrive meanwhile; the next one starts when
+    the version moved on, at most every ``LEADSTREAM_RESCORE_MODEL_EVERY_SECONDS``.
     """
 
     def __init__(self, settings: Settings, pipeline: EventPipeline, client: aioredis.Redis, sender: Sender,
@@ -103,6 +106,7 @@ class Rescorer:
         self._pass_version = -1  # the model version the last pass started with
         self._model_moved = False
         self._pass_started = float("-inf")
+        self.clock, self.sleep = time.monotonic, asyncio.sleep  # the tick's pacing (tests give their own)
 
     def model_changed(self) -> None:
         self._model_moved = True
@@ -125,12 +129,32 @@ class Rescorer:
         return {tp.partition for tp in self.assigned() if tp.topic == self.settings.topic_web}
 
     async def tick(self) -> None:
+        """Rescore the due leads, then the model pass's next ones, at most ``LEADSTREAM_RESCORE_RATE``
+        a second. While no event arrives and work is left, the tick goes on, paced at that rate, up
+        to :data:`RESCORE_TICK_MAX_S`: the timer waits its interval after a tick *ends*, so one
+        budget per tick held a long pass to about half the rate (2,400-3,100 leads/s at a setting of
+        5,000: ``leadstream bench --only promotion``)."""
         owned = self.owned()
         if not owned:
             return
+        started, done = self.clock(), 0
+        while True:
+            rescored, more = await self._round(owned, self.pipeline.busy(self.settings.rescore_poll_s))
+            done += rescored
+            elapsed = self.clock() - started
+            if not more or not rescored or elapsed >= RESCORE_TICK_MAX_S or \
+                    self.pipeline.busy(self.settings.rescore_poll_s):  # events came meanwhile: theirs now
+                return
+            ahead = done / self.settings.rescore_rate - elapsed  # seconds ahead of the rate
+            if ahead > 0:
+                await self.sleep(ahead)
+
+    async def _round(self, owned: set[int], busy: bool) -> tuple[int, bool]:
+        """One budget: the due leads first, the model pass with what is left. Returns the leads
+        rescored and whether work is left (the budget filled by due leads, or a pass under way)."""
         budget = max(1, int(self.settings.rescore_rate * self.settings.rescore_poll_s))
         chunk = RESCORE_CHUNK
-        if self.pipeline.busy(self.settings.rescore_poll_s):
+        if busy:
             budget = max(1, budget // 10)  # events first, but quiet leads still move
             chunk = RESCORE_CHUNK_BUSY
         now_ms = int(time.time() * 1000)
@@ -139,8 +163,12 @@ class Rescorer:
             await self._rescore(due, "decay", now_ms, chunk)
         left = budget - len(due)
         await self._maybe_start_pass()
+        model: list[str] = []
         if self._model_ranks is not None and left > 0 and self.pipeline.scorer.version > 0:
-            await self._rescore(await self._next_for_model(left, owned), "model", now_ms, chunk)
+            model = await self._next_for_model(left, owned)
+            if model:
+                await self._rescore(model, "model", now_ms, chunk)
+        return len(due) + len(model), len(due) == budget or self._model_ranks is not None
 
     async def _due(self, now_ms: int, limit: int, owned: set[int]) -> list[str]:
         pipe = self.client.pipeline(transaction=False)

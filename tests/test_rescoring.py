@@ -93,3 +93,74 @@ async def test_a_failed_acknowledgement_fails_the_tick():
         assert "broker gone" in str(exc)
     else:
         raise AssertionError("the failure was swallowed")
+
+
+class Backlog(Rescorer):
+    """A rescorer over a list of due leads, on a fake clock: each chunk rescored costs ``work_s``."""
+
+    def __init__(self, due: list[str], rate: int, work_s: float) -> None:
+        settings = Settings.from_env({"LEADSTREAM_RESCORE_RATE": str(rate), "LEADSTREAM_RESCORE_POLL_SECONDS": "0.1"})
+        super().__init__(settings, Idle(), None, None, owned=set)  # type: ignore[arg-type]
+        self.backlog, self.work_s, self.now = list(due), work_s, 0.0
+        self.rounds: list[tuple[float, int, int]] = []  # (clock, leads done before, leads asked)
+        self.clock = lambda: self.now
+        self.done = 0
+
+        async def sleep(seconds: float) -> None:
+            self.now += seconds
+
+        self.sleep = sleep
+
+    def owned(self) -> set[int]:
+        return {0}
+
+    async def _due(self, now_ms: int, limit: int, owned: set[int]) -> list[str]:
+        self.rounds.append((self.now, self.done, limit))
+        due, self.backlog = self.backlog[:limit], self.backlog[limit:]
+        return due
+
+    async def _rescore(self, leads: list[str], trigger: str, now_ms: int, chunk: int = RESCORE_CHUNK) -> None:
+        self.now += self.work_s
+        self.done += len(leads)
+
+
+class Idle:
+    """The pipeline as the tick asks it: no model yet; events arrive once ``events`` is set."""
+
+    def __init__(self) -> None:
+        self.events = False
+        self.scorer = type("NoModel", (), {"version": 0})()
+
+    def busy(self, window_s: float) -> bool:
+        return self.events
+
+
+async def test_a_tick_goes_on_through_a_backlog_at_the_rate_while_no_event_arrives():
+    rescorer = Backlog([f"l{i}" for i in range(35)], rate=100, work_s=0.05)  # budget: 10 leads a round
+    await rescorer.tick()
+    assert rescorer.backlog == [] and rescorer.done == 35  # one tick, not one budget per timer interval
+    assert [limit for _, _, limit in rescorer.rounds] == [10, 10, 10, 10]
+    for clock, done_before, _ in rescorer.rounds:  # never ahead of 100 leads a second
+        assert done_before <= 100 * clock + 1e-9
+    assert rescorer.now >= 0.3  # the three full rounds took their time: paced, not as fast as the work
+
+
+async def test_a_tick_ends_once_events_arrive_and_leaves_the_rest_due():
+    rescorer = Backlog([f"l{i}" for i in range(35)], rate=100, work_s=0.05)
+
+    async def rescore(leads: list[str], trigger: str, now_ms: int, chunk: int = RESCORE_CHUNK) -> None:
+        rescorer.done += len(leads)
+        rescorer.pipeline.events = True  # events arrive during the first round
+
+    rescorer._rescore = rescore  # type: ignore[method-assign]
+    await rescorer.tick()
+    assert [limit for _, _, limit in rescorer.rounds] == [10]  # the round under way ends, then the tick
+    assert len(rescorer.backlog) == 25
+    await rescorer.tick()  # the next tick, while events arrive: a tenth of the budget, then it ends
+    assert [limit for _, _, limit in rescorer.rounds] == [10, 1] and len(rescorer.backlog) == 24
+
+
+async def test_a_tick_with_nothing_due_ends_at_once():
+    rescorer = Backlog([], rate=100, work_s=0.05)
+    await rescorer.tick()
+    assert len(rescorer.rounds) == 1 and rescorer.now == 0.0
