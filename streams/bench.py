@@ -55,7 +55,7 @@ from streams.pipeline import EventPipeline, Message
 from streams.publish import topic_for
 from streams.rescoring import RESCORE_CHUNK
 from streams.settings import SETTINGS, Settings
-from streams.state import SHARDS, LeadStore, lead_key, shard_of, view_key
+from streams.state import SHARDS, LeadStore, ModelStore, lead_key, shard_of, view_key
 from streams.topics import ensure_topics
 from streams.views import Views
 
@@ -491,14 +491,20 @@ def _trained_model(rules_text: str, events: list[dict[str, Any]] | None = None) 
     simulated leads, 261 deals). The batch learner refits every 100 deals, so its trees are part of the
     stack as in a worker past its first 1,000 deals (before the tenth round they were not: the
     step's "model" figures of earlier rounds lack the trees)."""
+    trainer = _trainer(rules_text, simulate(300, seed=99) if events is None else events)
+    return pickle.loads(pickle.dumps(trainer.serving()))  # as a scorer loads it from its checkpoint
+
+
+def _trainer(rules_text: str, events: list[dict[str, Any]]) -> Trainer:
+    """A trainer that learned the outcomes of ``events`` through the pure step (see :func:`_trained_model`)."""
     rules, trainer, states = load_rules(rules_text), Trainer(min_outcomes=5, batch_every=100), {}
-    for e in simulate(300, seed=99) if events is None else events:
+    for e in events:
         ev = parse_event(e["lead_id"].encode(), orjson.dumps(e), topic_kind=topic_kind_of(e["type"]))
         r = step(states.get(ev.lead_id), ev, Scorer(rules), scored_at_ms=0, stage_snapshots=[])
         states[ev.lead_id] = r.state
         if r.training:
             trainer.learn(r.training["snapshots"], r.training["won"])
-    return pickle.loads(pickle.dumps(trainer.serving()))  # as a scorer loads it from its checkpoint
+    return trainer
 
 
 async def _rescoring_pass(client: aioredis.Redis, pipeline: EventPipeline, batch: int) -> Figures:
@@ -711,9 +717,112 @@ async def bench_reader_effect(settings: Settings, rate: float, seconds: float) -
             "block_s": block_s, "dashboard_page_ms": page_ms}
 
 
+PROMOTION_RESCORE_RATE = 5000  # LEADSTREAM_RESCORE_RATE of the promotion's worker: issue 9's target
+PROMOTION_BLOCKS = ("without", "during", "during", "without")  # ABBA, as READER_BLOCKS
+
+
+async def bench_promotion(settings: Settings, rules_text: str, rate: float, seconds: float) -> Figures:
+    """A model promotion in a running scoring worker (``LEADSTREAM_RESCORE_RATE`` 5,000), over the
+    open leads Redis holds (e.g. from :func:`populate_leads`).
+
+    The worker starts with a first model and rescores every open lead with it while no event
+    arrives (populated leads are due for decay: rescored with that model as ``decay``): the pass's
+    rate in the worker, records produced (``idle_pass``). Then its event -> score latency at
+    ``rate`` in :data:`PROMOTION_BLOCKS` of ``seconds / 2``: without a pass, and during the pass
+    of a second model (another trainer's, saved just before the first "during"
+    block; the pass yields to events, so it outlasts both blocks), pooled per phase, with the model
+    rescores done meanwhile (``pass_during_events``). The events carry no deal outcome and no
+    trainer runs: no other model version can start a pass in a "without" block."""
+    await ensure_topics(settings)
+    client = redis_client(settings)
+    models = ModelStore(client)
+    worker = dataclasses.replace(settings, rescore_rate=PROMOTION_RESCORE_RATE, rescore_model_every_s=0,
+                                 model_poll_s=0.5)
+    open_leads = sum([await client.zcard(view_key(shard, "lb")) for shard in range(SHARDS)])
+    first, second = _trainer(rules_text, simulate(300, seed=99)), _trainer(rules_text, simulate(300, seed=98))
+    first.version, second.version = 1, 2
+    await models.save(first)
+    metrics_url = f"http://127.0.0.1:{worker.web_port}/metrics"
+    pooled: dict[str, list[float]] = {"without": [], "during": []}
+    block_s = seconds / 2
+    rescored_during, left_after = 0.0, 0.0
+    # Each block's events made beforehand: the pass must not run alone while they are simulated.
+    blocks = [[e for e in _fresh_events(max(50, int(rate * block_s / 20)), 40 + i, f"p{phase}{i}")
+               if e["type"] not in ("deal_won", "deal_lost")] for i, phase in enumerate(PROMOTION_BLOCKS)]
+    proc = _start_scorer(worker, 0)
+    try:
+        idle = await _pass_ended(metrics_url)
+        for i, phase in enumerate(PROMOTION_BLOCKS):
+            if phase == "during" and "during" not in PROMOTION_BLOCKS[:i]:
+                await models.save(second)
+                await _pass_started(metrics_url)
+            before = await asyncio.to_thread(_rescores, metrics_url)
+            await bench_latency(settings, blocks[i], rate, block_s, samples=pooled[phase])
+            if phase == "during":
+                at_end = await asyncio.to_thread(_rescores, metrics_url)
+                rescored_during += at_end - before
+                if i + 1 < len(PROMOTION_BLOCKS) and PROMOTION_BLOCKS[i + 1] == "without":
+                    # No pass left under way in a "without" block; what it still did shows it ran throughout.
+                    left_after = (await _pass_ended(metrics_url))["rescored"] - at_end
+    finally:
+        stop_worker(proc)
+        await client.aclose()
+    return {"open_leads": open_leads, "rescore_rate_setting": PROMOTION_RESCORE_RATE, "idle_pass": idle,
+            "rate": rate, "blocks": list(PROMOTION_BLOCKS), "block_s": block_s,
+            "without_pass": _latency_figures(rate, pooled["without"]),
+            "during_pass": _latency_figures(rate, pooled["during"]),
+            "pass_during_events": {
+                "rescored": int(rescored_during), "rescored_after_the_blocks": int(left_after),
+                "leads_per_s": round(rescored_during / (block_s * PROMOTION_BLOCKS.count("during")))}}
+
+
+async def _pass_started(metrics_url: str, limit_s: float = 60.0) -> None:
+    """Wait until the worker's count of rescores moves: it has seen the new model version."""
+    start = await asyncio.to_thread(_rescores, metrics_url)
+    deadline = time.monotonic() + limit_s
+    while await asyncio.to_thread(_rescores, metrics_url) == start:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no model rescoring pass started within {limit_s:.0f} s")
+        await asyncio.sleep(0.05)
+
+
+async def _pass_ended(metrics_url: str, quiet_s: float = 3.0, limit_s: float = 900.0) -> Figures:
+    """Poll the worker's count of rescores (:func:`_rescores`) until it has moved and then stayed
+    still for ``quiet_s`` (no event arrives meanwhile: a pass under way moves it all the time).
+    Returns the rescores seen and their rate, from the first poll that saw the count move to the
+    last one."""
+    start = last = await asyncio.to_thread(_rescores, metrics_url)
+    first_at = last_at = None
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.25)  # a scrape costs the worker a few ms
+        done, now = await asyncio.to_thread(_rescores, metrics_url), time.perf_counter()
+        if done != last:
+            if first_at is None:
+                first_at, start = now, done
+            last, last_at = done, now
+        elif last_at is not None and now - last_at >= quiet_s:
+            seconds = last_at - first_at
+            return {"rescored": int(last), "leads_per_s": round((last - start) / seconds) if seconds > 0 else None}
+    raise RuntimeError(f"no model rescoring pass ended within {limit_s:.0f} s (rescores seen: {last:.0f})")
+
+
+def _rescores(metrics_url: str) -> float:
+    """The worker's rescores without an event so far: ``leadstream_scored_total`` of the triggers
+    ``model`` and ``decay`` (a lead due for decay is rescored with the model of the moment, and a
+    model pass then skips it as up to date)."""
+    import urllib.request
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in response.read().decode().splitlines()
+                   if line.startswith(('leadstream_scored_total{trigger="model"}',
+                                       'leadstream_scored_total{trigger="decay"}')))
+
+
 # ---- the command ---------------------------------------------------------------------------------
 
-KAFKA_PARTS = {"pipeline", "burst", "reads"}  # the parts that create topics (memory and rescoring use Redis only)
+# The parts that create topics (memory and rescoring use Redis only).
+KAFKA_PARTS = {"pipeline", "burst", "reads", "promotion"}
 
 
 async def _cleanup(settings: Settings, kafka: bool = True) -> None:
@@ -737,7 +846,7 @@ async def _delete_topics(settings: Settings) -> None:
 
 def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float, memory_leads: int,
               redis_db: int, json_path: Path | None, parts: set[str], read_leads: int = 1_000_000,
-              reader_rate: float = 1000.0, pairs: int = 1) -> int:
+              reader_rate: float = 1000.0, pairs: int = 1, promotion_rate: float = 2000.0) -> int:
     tag = uuid.uuid4().hex[:8]
     settings = bench_settings(base, redis_db, tag)
     rules_text = settings.scoring_config.read_text()
@@ -775,6 +884,10 @@ def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float,
             figures["rescoring"] = asyncio.run(populate_leads(settings, read_leads, rules_text))
             figures["rescoring"]["pass"] = asyncio.run(bench_rescoring(settings, rules_text))
             _print_rescoring(figures["rescoring"])
+        if "promotion" in parts:  # a worker's pass with records produced, and event latency during it
+            figures["promotion"] = asyncio.run(populate_leads(settings, read_leads, rules_text))
+            figures["promotion"].update(asyncio.run(bench_promotion(settings, rules_text, promotion_rate, seconds)))
+            _print_promotion(figures["promotion"])
     finally:
         asyncio.run(_cleanup(settings, kafka=bool(parts & KAFKA_PARTS)))
     if json_path is not None:
@@ -882,6 +995,21 @@ def _print_rescoring(f: Figures) -> None:
              f"Redis {r['redis_cpu_us_per_lead']} us)" + _forked(r.get("redis_forks")))])
 
 
+def _print_promotion(f: Figures) -> None:
+    idle, busy = f["idle_pass"], f["pass_during_events"]
+    rows = [(f"populate {f['leads']:,} leads", f"{f['populate_leads_per_s']:,} leads/s ({f['populate_s']} s)"),
+            (f"worker's model pass, {f['open_leads']:,} open leads, no events (rate setting "
+             f"{f['rescore_rate_setting']:,}/s)", f"{idle['leads_per_s'] or 0:,} leads/s, records produced"),
+            (f"the next pass while events arrive at {f['rate']:,.0f}/s",
+             f"{busy['leads_per_s']:,} leads/s (it yields to events; "
+             f"{busy['rescored_after_the_blocks']:,} more after)")]
+    for label, key in (("without a pass", "without_pass"), ("during a model pass", "during_pass")):
+        r = f[key]
+        rows.append((f"latency at {r['rate']:,.0f} events/s, {label}",
+                     f"p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms, p99 {r['p99_ms']} ms"))
+    _table(rows)
+
+
 def _forked(forks: int | None) -> str:
     return f"; Redis forked {forks}x meanwhile (snapshot or AOF rewrite)" if forks else ""
 
@@ -896,5 +1024,6 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     rates = [float(r) for r in args.rates.split(",") if r]
     return run_bench(settings, leads=args.leads, rates=rates, seconds=args.seconds, memory_leads=args.memory_leads,
                      redis_db=args.redis_db, json_path=args.json, parts=set(args.only.split(",")),
-                     read_leads=args.read_leads, reader_rate=args.reader_rate, pairs=args.pairs)
+                     read_leads=args.read_leads, reader_rate=args.reader_rate, pairs=args.pairs,
+                     promotion_rate=args.promotion_rate)
 

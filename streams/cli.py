@@ -218,13 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--redis-db", type=int, default=14, help="Redis database the benchmark uses and flushes")
     b.add_argument("--reader-rate", type=float, default=1000.0,
                    help="offered events/s while a reader loads the dashboard every second (one of --rates)")
+    b.add_argument("--promotion-rate", type=float, default=2000.0,
+                   help="part 'promotion': offered events/s without and during a worker's model rescoring pass")
     b.add_argument("--read-leads", type=int, default=1_000_000,
                    help="leads put in Redis for the read benchmark (part 'reads'; a million take about 3.5 GB: "
                         "point LEADSTREAM_REDIS at a scratch Redis)")
     b.add_argument("--only", default="step,pipeline,memory",
                    help="parts to run: step, pipeline, burst (passthrough and one worker only), memory, reads "
                         "(reads: populates --read-leads leads), rescoring (populates --read-leads leads and times "
-                        "a model rescoring pass; Redis only)")
+                        "a model rescoring pass; Redis only), promotion (populates --read-leads leads; a worker's "
+                        "model pass, and its event latency without and during one)")
     b.add_argument("--pairs", type=_at_least_one, default=1,
                    help="part 'burst': passthrough and burst alternated this many times; each pair's ratio, and "
                         "the lowest pair as the figures ('>= 20%% of the passthrough in every run')")
