@@ -717,13 +717,14 @@ async def bench_reader_effect(settings: Settings, rate: float, seconds: float) -
             "block_s": block_s, "dashboard_page_ms": page_ms}
 
 
-PROMOTION_RESCORE_RATE = 5000  # LEADSTREAM_RESCORE_RATE of the promotion's worker: issue 9's target
+PROMOTION_RESCORE_RATE = 5000  # the promotion worker's LEADSTREAM_RESCORE_RATE by default: issue 9's target
 PROMOTION_BLOCKS = ("without", "during", "during", "without")  # ABBA, as READER_BLOCKS
 
 
-async def bench_promotion(settings: Settings, rules_text: str, rate: float, seconds: float) -> Figures:
-    """A model promotion in a running scoring worker (``LEADSTREAM_RESCORE_RATE`` 5,000), over the
-    open leads Redis holds (e.g. from :func:`populate_leads`).
+async def bench_promotion(settings: Settings, rules_text: str, rate: float, seconds: float,
+                          rescore_rate: int = PROMOTION_RESCORE_RATE) -> Figures:
+    """A model promotion in a running scoring worker (``LEADSTREAM_RESCORE_RATE`` ``rescore_rate``),
+    over the open leads Redis holds (e.g. from :func:`populate_leads`).
 
     The worker starts with a first model and rescores every open lead with it while no event
     arrives (populated leads are due for decay: rescored with that model as ``decay``): the pass's
@@ -736,7 +737,7 @@ async def bench_promotion(settings: Settings, rules_text: str, rate: float, seco
     await ensure_topics(settings)
     client = redis_client(settings)
     models = ModelStore(client)
-    worker = dataclasses.replace(settings, rescore_rate=PROMOTION_RESCORE_RATE, rescore_model_every_s=0,
+    worker = dataclasses.replace(settings, rescore_rate=rescore_rate, rescore_model_every_s=0,
                                  model_poll_s=0.5)
     open_leads = sum([await client.zcard(view_key(shard, "lb")) for shard in range(SHARDS)])
     first, second = _trainer(rules_text, simulate(300, seed=99)), _trainer(rules_text, simulate(300, seed=98))
@@ -767,7 +768,7 @@ async def bench_promotion(settings: Settings, rules_text: str, rate: float, seco
     finally:
         stop_worker(proc)
         await client.aclose()
-    return {"open_leads": open_leads, "rescore_rate_setting": PROMOTION_RESCORE_RATE, "idle_pass": idle,
+    return {"open_leads": open_leads, "rescore_rate_setting": rescore_rate, "idle_pass": idle,
             "rate": rate, "blocks": list(PROMOTION_BLOCKS), "block_s": block_s,
             "without_pass": _latency_figures(rate, pooled["without"]),
             "during_pass": _latency_figures(rate, pooled["during"]),
@@ -846,7 +847,8 @@ async def _delete_topics(settings: Settings) -> None:
 
 def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float, memory_leads: int,
               redis_db: int, json_path: Path | None, parts: set[str], read_leads: int = 1_000_000,
-              reader_rate: float = 1000.0, pairs: int = 1, promotion_rate: float = 2000.0) -> int:
+              reader_rate: float = 1000.0, pairs: int = 1, promotion_rate: float = 2000.0,
+              rescore_rate: int = PROMOTION_RESCORE_RATE) -> int:
     tag = uuid.uuid4().hex[:8]
     settings = bench_settings(base, redis_db, tag)
     rules_text = settings.scoring_config.read_text()
@@ -886,7 +888,8 @@ def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float,
             _print_rescoring(figures["rescoring"])
         if "promotion" in parts:  # a worker's pass with records produced, and event latency during it
             figures["promotion"] = asyncio.run(populate_leads(settings, read_leads, rules_text))
-            figures["promotion"].update(asyncio.run(bench_promotion(settings, rules_text, promotion_rate, seconds)))
+            promotion = bench_promotion(settings, rules_text, promotion_rate, seconds, rescore_rate)
+            figures["promotion"].update(asyncio.run(promotion))
             _print_promotion(figures["promotion"])
     finally:
         asyncio.run(_cleanup(settings, kafka=bool(parts & KAFKA_PARTS)))
@@ -1025,5 +1028,5 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     return run_bench(settings, leads=args.leads, rates=rates, seconds=args.seconds, memory_leads=args.memory_leads,
                      redis_db=args.redis_db, json_path=args.json, parts=set(args.only.split(",")),
                      read_leads=args.read_leads, reader_rate=args.reader_rate, pairs=args.pairs,
-                     promotion_rate=args.promotion_rate)
+                     promotion_rate=args.promotion_rate, rescore_rate=args.rescore_rate)
 
