@@ -134,11 +134,11 @@ class Rescorer:
         to :data:`RESCORE_TICK_MAX_S`: the timer waits its interval after a tick *ends*, so one
         budget per tick held a long pass to about half the rate (2,400-3,100 leads/s at a setting of
         5,000: ``leadstream bench --only promotion``)."""
-        owned = self.owned()
-        if not owned:
-            return
         started, done = self.clock(), 0
         while True:
+            owned = self.owned()  # each round: a rebalance may have taken partitions meanwhile
+            if not owned:
+                return
             rescored, more = await self._round(owned, self.pipeline.busy(self.settings.rescore_poll_s))
             done += rescored
             elapsed = self.clock() - started

@@ -164,3 +164,11 @@ async def test_a_tick_with_nothing_due_ends_at_once():
     rescorer = Backlog([], rate=100, work_s=0.05)
     await rescorer.tick()
     assert len(rescorer.rounds) == 1 and rescorer.now == 0.0
+
+
+async def test_a_tick_stops_once_its_partitions_are_taken_away():
+    rescorer = Backlog([f"l{i}" for i in range(35)], rate=100, work_s=0.05)
+    partitions = [{0}, set()]  # the first round's, then none: a rebalance moved them to another worker
+    rescorer.owned = lambda: partitions.pop(0) if len(partitions) > 1 else partitions[0]  # type: ignore[method-assign]
+    await rescorer.tick()
+    assert [limit for _, _, limit in rescorer.rounds] == [10] and len(rescorer.backlog) == 25
