@@ -809,15 +809,28 @@ async def _pass_ended(metrics_url: str, quiet_s: float = 3.0, limit_s: float = 9
 
 
 def _rescores(metrics_url: str) -> float:
-    """The worker's rescores without an event so far: ``leadstream_scored_total`` of the triggers
-    ``model`` and ``decay`` (a lead due for decay is rescored with the model of the moment, and a
-    model pass then skips it as up to date)."""
+    """The worker's rescores without an event so far (:func:`rescores_in` its ``/metrics``)."""
     import urllib.request
 
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        return sum(float(line.rsplit(" ", 1)[1]) for line in response.read().decode().splitlines()
-                   if line.startswith(('leadstream_scored_total{trigger="model"}',
-                                       'leadstream_scored_total{trigger="decay"}')))
+        return rescores_in(response.read().decode())
+
+
+def rescores_in(metrics_text: str) -> float:
+    """``leadstream_scored_total`` of the triggers ``model`` and ``decay`` in a ``/metrics`` page: a
+    lead due for decay is rescored with the model of the moment, and a model pass then skips it.
+
+    >>> rescores_in('leadstream_scored_total{trigger="event"} 7.0\\n'
+    ...             'leadstream_scored_total{trigger="decay"} 3.0\\n'
+    ...             'leadstream_scored_total{trigger="model"} 2.0\\n'
+    ...             'leadstream_scored_created{trigger="model"} 1.7e+09')
+    5.0
+    >>> rescores_in("# no rescore yet")
+    0.0
+    """
+    return sum((float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines()
+                if line.startswith(('leadstream_scored_total{trigger="model"}',
+                                    'leadstream_scored_total{trigger="decay"}'))), 0.0)
 
 
 # ---- the command ---------------------------------------------------------------------------------
