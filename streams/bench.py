@@ -331,7 +331,8 @@ async def bench_pipeline(settings: Settings, leads: int, rates: list[float], sec
             if rate == reader_rate:
                 events = _fresh_events(max(50, int(reader_rate * seconds / 25)), 1001, "reader")
                 figures["latency_with_dashboard_reader"] = await bench_latency(
-                    settings, events, reader_rate, seconds, reader=lambda: asyncio.to_thread(_get, dashboard))
+                    settings, events, reader_rate, seconds,
+                    reader=lambda: asyncio.to_thread(_get, dashboard, settings.api_token))
         burst_events = _fresh_events(leads, 7, "b1")
         figures["burst_1_worker"] = await bench_burst(settings, burst_events)
         workers.append(_start_scorer(settings, 1))
@@ -367,11 +368,13 @@ def _start_trainer(settings: Settings) -> Any:
                         env=_env(trainer))
 
 
-def _get(url: str) -> None:
+def _get(url: str, token: str = "") -> bytes:
+    """``url``'s body, with the bearer token the worker and the api ask for when one is set."""
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=30) as response:
-        response.read()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response:
+        return response.read()
 
 
 # ---- Redis: memory, reads, rescoring -------------------------------------------------------------
@@ -703,10 +706,10 @@ async def bench_reader_effect(settings: Settings, rate: float, seconds: float) -
         # Warm-up, not measured: the worker joins its group and takes its partitions.
         await bench_latency(settings, events(30, "warm", 5), rate, 5)
         t0 = time.perf_counter()
-        await asyncio.to_thread(_get, dashboard)
+        await asyncio.to_thread(_get, dashboard, settings.api_token)
         page_ms = round((time.perf_counter() - t0) * 1000, 1)
         for i, phase in enumerate(READER_BLOCKS):
-            reader = (lambda: asyncio.to_thread(_get, dashboard)) if phase == "with" else None
+            reader = (lambda: asyncio.to_thread(_get, dashboard, settings.api_token)) if phase == "with" else None
             await bench_latency(settings, events(31 + i, f"{phase}{i}", block_s), rate, block_s, reader=reader,
                                 samples=pooled[phase])
     finally:
@@ -744,6 +747,10 @@ async def bench_promotion(settings: Settings, rules_text: str, rate: float, seco
     first.version, second.version = 1, 2
     await models.save(first)
     metrics_url = f"http://127.0.0.1:{worker.web_port}/metrics"
+
+    def rescores() -> float:  # the worker's rescores so far, from its /metrics
+        return rescores_in(_get(metrics_url, worker.api_token).decode())
+
     pooled: dict[str, list[float]] = {"without": [], "during": []}
     block_s = seconds / 2
     rescored_during, left_after = 0.0, 0.0
@@ -752,19 +759,19 @@ async def bench_promotion(settings: Settings, rules_text: str, rate: float, seco
                if e["type"] not in ("deal_won", "deal_lost")] for i, phase in enumerate(PROMOTION_BLOCKS)]
     proc = _start_scorer(worker, 0)
     try:
-        idle = await _pass_ended(metrics_url)
+        idle = await _pass_ended(rescores)
         for i, phase in enumerate(PROMOTION_BLOCKS):
             if phase == "during" and "during" not in PROMOTION_BLOCKS[:i]:
                 await models.save(second)
-                await _pass_started(metrics_url)
-            before = await asyncio.to_thread(_rescores, metrics_url)
+                await _pass_started(rescores)
+            before = await asyncio.to_thread(rescores)
             await bench_latency(settings, blocks[i], rate, block_s, samples=pooled[phase])
             if phase == "during":
-                at_end = await asyncio.to_thread(_rescores, metrics_url)
+                at_end = await asyncio.to_thread(rescores)
                 rescored_during += at_end - before
                 if i + 1 < len(PROMOTION_BLOCKS) and PROMOTION_BLOCKS[i + 1] == "without":
                     # No pass left under way in a "without" block; what it still did shows it ran throughout.
-                    left_after = (await _pass_ended(metrics_url))["rescored"] - at_end
+                    left_after = (await _pass_ended(rescores))["rescored"] - at_end
     finally:
         stop_worker(proc)
         await client.aclose()
@@ -777,27 +784,27 @@ async def bench_promotion(settings: Settings, rules_text: str, rate: float, seco
                 "leads_per_s": round(rescored_during / (block_s * PROMOTION_BLOCKS.count("during")))}}
 
 
-async def _pass_started(metrics_url: str, limit_s: float = 60.0) -> None:
+async def _pass_started(rescores: Callable[[], float], limit_s: float = 60.0) -> None:
     """Wait until the worker's count of rescores moves: it has seen the new model version."""
-    start = await asyncio.to_thread(_rescores, metrics_url)
+    start = await asyncio.to_thread(rescores)
     deadline = time.monotonic() + limit_s
-    while await asyncio.to_thread(_rescores, metrics_url) == start:
+    while await asyncio.to_thread(rescores) == start:
         if time.monotonic() > deadline:
             raise RuntimeError(f"no model rescoring pass started within {limit_s:.0f} s")
         await asyncio.sleep(0.05)
 
 
-async def _pass_ended(metrics_url: str, quiet_s: float = 3.0, limit_s: float = 900.0) -> Figures:
-    """Poll the worker's count of rescores (:func:`_rescores`) until it has moved and then stayed
+async def _pass_ended(rescores: Callable[[], float], quiet_s: float = 3.0, limit_s: float = 900.0) -> Figures:
+    """Poll the worker's count of rescores (``rescores()``) until it has moved and then stayed
     still for ``quiet_s`` (no event arrives meanwhile: a pass under way moves it all the time).
     Returns the rescores seen and their rate, from the first poll that saw the count move to the
     last one."""
-    start = last = await asyncio.to_thread(_rescores, metrics_url)
+    start = last = await asyncio.to_thread(rescores)
     first_at = last_at = None
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         await asyncio.sleep(0.25)  # a scrape costs the worker a few ms
-        done, now = await asyncio.to_thread(_rescores, metrics_url), time.perf_counter()
+        done, now = await asyncio.to_thread(rescores), time.perf_counter()
         if done != last:
             if first_at is None:
                 first_at, start = now, done
@@ -808,17 +815,10 @@ async def _pass_ended(metrics_url: str, quiet_s: float = 3.0, limit_s: float = 9
     raise RuntimeError(f"no model rescoring pass ended within {limit_s:.0f} s (rescores seen: {last:.0f})")
 
 
-def _rescores(metrics_url: str) -> float:
-    """The worker's rescores without an event so far (:func:`rescores_in` its ``/metrics``)."""
-    import urllib.request
-
-    with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        return rescores_in(response.read().decode())
-
-
 def rescores_in(metrics_text: str) -> float:
-    """``leadstream_scored_total`` of the triggers ``model`` and ``decay`` in a ``/metrics`` page: a
-    lead due for decay is rescored with the model of the moment, and a model pass then skips it.
+    """The worker's rescores without an event so far: ``leadstream_scored_total`` of the triggers
+    ``model`` and ``decay`` in its ``/metrics`` page (a lead due for decay is rescored with the
+    model of the moment, and a model pass then skips it).
 
     >>> rescores_in('leadstream_scored_total{trigger="event"} 7.0\\n'
     ...             'leadstream_scored_total{trigger="decay"} 3.0\\n'
