@@ -67,6 +67,12 @@ REDIS_RETRIES = Counter("leadstream_redis_retries", "Retries of a message after 
                         registry=REGISTRY)
 MODEL_VERSION = Gauge("leadstream_model_version", "Version of the serving model checkpoint (0 = none yet).",
                       registry=REGISTRY)
+MODEL_PASS_VERSION = Gauge("leadstream_model_pass_version",
+                           "Model version of the last rescoring pass this worker started (0: none yet).",
+                           registry=REGISTRY)
+MODEL_PASS_LEFT = Gauge("leadstream_model_pass_leads_left",
+                        "Open leads the model rescoring pass under way has still to walk on this worker (0: none "
+                        "under way).", registry=REGISTRY)
 LEARNER_AUC = Gauge("leadstream_learner_auc",
                     "Prequential ROC AUC per learner (rules, champion, challenger, each tournament learner).",
                     ["learner"], registry=REGISTRY)
@@ -172,6 +178,18 @@ def set_model_report(report: dict[str, Any] | None) -> None:
             LEARNER_AUC.labels(learner).set(auc)
     for outcome, n in (report.get("outcomes") or {}).items():
         LEARNER_OUTCOMES.labels(outcome).set(n)
+
+
+def set_model_pass(version: int, leads_left: int) -> None:
+    """Where this worker's model rescoring pass stands: the version it rolls out, the leads of its
+    leaderboard snapshot still to walk (``0``: the leaderboard reflects that model).
+
+    >>> set_model_pass(7, 1200)
+    >>> MODEL_PASS_VERSION._value.get(), MODEL_PASS_LEFT._value.get()
+    (7.0, 1200.0)
+    """
+    MODEL_PASS_VERSION.set(version)
+    MODEL_PASS_LEFT.set(leads_left)
 
 
 class LagCollector(Collector):

@@ -19,6 +19,7 @@ import faust
 import redis.asyncio as aioredis
 from aiokafka import TopicPartition
 
+from streams import metrics
 from streams.clients import KeyPartitioner, key_hash
 from streams.pipeline import EventPipeline, Out
 from streams.settings import Settings
@@ -106,6 +107,7 @@ class Rescorer:
         self._pass_version = -1  # the model version the last pass started with
         self._model_moved = False
         self._pass_started = float("-inf")
+        self._pass_size = 0  # leads in the pass's snapshot of the leaderboards (every worker's)
         self.clock, self.sleep = time.monotonic, asyncio.sleep  # the tick's pacing (tests give their own)
 
     def model_changed(self) -> None:
@@ -119,11 +121,12 @@ class Rescorer:
             return
         if time.monotonic() - self._pass_started < self.settings.rescore_model_every_s:
             return
-        await self._take_snapshot()
+        self._pass_size = await self._take_snapshot()
         self._model_ranks = [0] * SHARDS  # from the top of every shard
         self._pass_version = self.pipeline.scorer.version
         self._pass_started = time.monotonic()
         self._model_moved = False
+        metrics.set_model_pass(self._pass_version, self._pass_size)
 
     def owned(self) -> set[int]:
         return {tp.partition for tp in self.assigned() if tp.topic == self.settings.topic_web}
@@ -180,14 +183,15 @@ class Rescorer:
     def _snapshot_key(self, shard: int) -> str:
         return f"rescore:{tag(shard)}:pass:{self._pass_token}"  # the leaderboard's slot (Redis Cluster)
 
-    async def _take_snapshot(self) -> None:
+    async def _take_snapshot(self) -> int:
         """Copy every shard's leaderboard for the pass to walk: the rescores move the leads' scores,
-        so a walk by rank over the live leaderboard would skip leads that others overtake."""
+        so a walk by rank over the live leaderboard would skip leads that others overtake. Returns
+        the leads copied."""
         pipe = self.client.pipeline(transaction=False)
         for shard in range(SHARDS):
             pipe.zrangestore(self._snapshot_key(shard), view_key(shard, "lb"), 0, -1)
             pipe.expire(self._snapshot_key(shard), PASS_TTL_S)
-        await pipe.execute()
+        return sum((await pipe.execute())[::2])  # ZRANGESTORE's counts; EXPIRE's flags between them
 
     async def _next_for_model(self, limit: int, owned: set[int]) -> list[str]:
         """The next leads of the pass, highest scores first in each shard (as they were when the pass
@@ -203,6 +207,7 @@ class Rescorer:
         for shard, members in enumerate(await pipe.execute()):
             ranks[shard] += len(members)
             leads += [m.decode() for m in members]
+        metrics.set_model_pass(self._pass_version, max(0, self._pass_size - sum(ranks)))
         if not leads:
             log.info("rescoring: every open lead is scored by model version %d", self._pass_version)
             self._model_ranks = None

@@ -86,3 +86,22 @@ async def test_a_silent_lead_decays_and_a_new_model_reaches_quiet_leads(pipeline
             == {"quiet-1", "quiet-2"}
 
     await scores_of(s.kafka_bootstrap, s.topic_scores, rescored_by_model)
+    await until_metrics(s, lambda m: m.get("leadstream_model_pass_version") == version
+                        and m.get("leadstream_model_pass_leads_left") == 0)  # the pass reports itself done
+
+
+async def until_metrics(settings, want, timeout=30.0):
+    """The worker's gauges (``name value`` lines without labels) once ``want(gauges)`` holds."""
+    import urllib.request
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        request = urllib.request.Request(f"http://127.0.0.1:{settings.web_port}/metrics",
+                                         headers={"Authorization": f"Bearer {settings.api_token}"})
+        text = (await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=5).read())).decode()
+        gauges = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+                  if line.startswith("leadstream_") and "{" not in line}
+        if want(gauges):
+            return gauges
+        assert asyncio.get_running_loop().time() < deadline, {k: v for k, v in gauges.items() if "pass" in k}
+        await asyncio.sleep(0.5)
