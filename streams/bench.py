@@ -730,8 +730,9 @@ async def bench_promotion(settings: Settings, rules_text: str, rate: float, seco
     over the open leads Redis holds (e.g. from :func:`populate_leads`).
 
     The worker starts with a first model and rescores every open lead with it while no event
-    arrives (populated leads are due for decay: rescored with that model as ``decay``): the pass's
-    rate in the worker, records produced (``idle_pass``). Then its event -> score latency at
+    arrives: the pass's rate in the worker, records produced (``idle_pass``). The populated leads'
+    scores are old, so they would all be due for decay (rescored with that model as ``decay``, and
+    then skipped by its pass): their due times are cleared first, as if they were scored just now. Then its event -> score latency at
     ``rate`` in :data:`PROMOTION_BLOCKS` of ``seconds / 2``: without a pass, and during the pass
     of a second model (another trainer's, saved just before the first "during"
     block; the pass yields to events, so it outlasts both blocks), pooled per phase, with the model
@@ -743,6 +744,8 @@ async def bench_promotion(settings: Settings, rules_text: str, rate: float, seco
     worker = dataclasses.replace(settings, rescore_rate=rescore_rate, rescore_model_every_s=0,
                                  model_poll_s=0.5)
     open_leads = sum([await client.zcard(view_key(shard, "lb")) for shard in range(SHARDS)])
+    for shard in range(SHARDS):  # none due: the first pass is the model's (see above)
+        await client.delete(view_key(shard, "due"))
     first, second = _trainer(rules_text, simulate(300, seed=99)), _trainer(rules_text, simulate(300, seed=98))
     first.version, second.version = 1, 2
     await models.save(first)

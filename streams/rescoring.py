@@ -33,8 +33,11 @@ RESCORE_CHUNK = 100
 # While events arrive, a chunk holds the event loop for its whole CPU time (~0.4 ms per lead): 20
 # leads keep that under ~10 ms for the events behind it (p99 at 500 events/s: docs/performance.md).
 RESCORE_CHUNK_BUSY = 20
-# A tick that keeps up with a backlog (see Rescorer.tick) hands back to the timer this often at most.
+# A tick that keeps up with a backlog (see Rescorer.tick) hands back to the timer this often at most,
+# in rounds of this many seconds' worth of leads: a round under way when events arrive runs to its end
+# (at LEADSTREAM_RESCORE_RATE 5,000, 1,000 leads: about 0.2 s of the worker's CPU).
 RESCORE_TICK_MAX_S = 30.0
+RESCORE_ROUND_S = 0.2
 PARTITIONER = KeyPartitioner()  # the app's producer_partitioner (streams/app.py)
 PASS_TTL_S = 86_400  # a model pass's snapshot of the leaderboard outlives a crashed worker by a day at most
 
@@ -155,11 +158,11 @@ class Rescorer:
     async def _round(self, owned: set[int], busy: bool) -> tuple[int, bool]:
         """One budget: the due leads first, the model pass with what is left. Returns the leads
         rescored and whether work is left (the budget filled by due leads, or a pass under way)."""
-        budget = max(1, int(self.settings.rescore_rate * self.settings.rescore_poll_s))
-        chunk = RESCORE_CHUNK
-        if busy:
-            budget = max(1, budget // 10)  # events first, but quiet leads still move
-            chunk = RESCORE_CHUNK_BUSY
+        rate = self.settings.rescore_rate
+        if busy:  # events first, but quiet leads still move: a tenth of the rate, one round a tick
+            budget, chunk = max(1, int(rate * self.settings.rescore_poll_s) // 10), RESCORE_CHUNK_BUSY
+        else:  # short rounds: events that arrive meet at most one round under way
+            budget, chunk = max(1, int(rate * min(self.settings.rescore_poll_s, RESCORE_ROUND_S))), RESCORE_CHUNK
         now_ms = int(time.time() * 1000)
         due = await self._due(now_ms, budget, owned)
         if due:

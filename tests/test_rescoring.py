@@ -98,8 +98,9 @@ async def test_a_failed_acknowledgement_fails_the_tick():
 class Backlog(Rescorer):
     """A rescorer over a list of due leads, on a fake clock: each chunk rescored costs ``work_s``."""
 
-    def __init__(self, due: list[str], rate: int, work_s: float) -> None:
-        settings = Settings.from_env({"LEADSTREAM_RESCORE_RATE": str(rate), "LEADSTREAM_RESCORE_POLL_SECONDS": "0.1"})
+    def __init__(self, due: list[str], rate: int, work_s: float, poll_s: float = 0.1) -> None:
+        settings = Settings.from_env({"LEADSTREAM_RESCORE_RATE": str(rate),
+                                      "LEADSTREAM_RESCORE_POLL_SECONDS": str(poll_s)})
         super().__init__(settings, Idle(), None, None, owned=set)  # type: ignore[arg-type]
         self.backlog, self.work_s, self.now = list(due), work_s, 0.0
         self.rounds: list[tuple[float, int, int]] = []  # (clock, leads done before, leads asked)
@@ -172,3 +173,13 @@ async def test_a_tick_stops_once_its_partitions_are_taken_away():
     rescorer.owned = lambda: partitions.pop(0) if len(partitions) > 1 else partitions[0]  # type: ignore[method-assign]
     await rescorer.tick()
     assert [limit for _, _, limit in rescorer.rounds] == [10] and len(rescorer.backlog) == 25
+
+
+async def test_without_events_a_round_is_a_fifth_of_a_second_of_leads_while_events_get_a_tenth_of_the_rate():
+    rescorer = Backlog([f"l{i}" for i in range(50)], rate=100, work_s=0.05, poll_s=1.0)
+    await rescorer.tick()  # rounds of 0.2 s at 100 leads/s: events arriving meet one of 20 leads at most
+    assert [limit for _, _, limit in rescorer.rounds] == [20, 20, 20] and rescorer.done == 50
+    rescorer.backlog = [f"m{i}" for i in range(50)]
+    rescorer.pipeline.events = True
+    await rescorer.tick()  # while events arrive: a tenth of the rate per 1 s tick, one round
+    assert [limit for _, _, limit in rescorer.rounds[3:]] == [10] and len(rescorer.backlog) == 40
