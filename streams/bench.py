@@ -146,15 +146,17 @@ async def _collect(settings: Settings, topic: str, n: int, timeout_s: float, pre
                                 auto_offset_reset="latest" if ready is not None else "earliest",
                                 enable_auto_commit=False, fetch_max_bytes=50 * 1024 * 1024)
     await consumer.start()
-    while not consumer.assignment():
-        await asyncio.sleep(0.01)
-    for tp in consumer.assignment():  # the offset reset, done now rather than at the first fetch
-        await consumer.position(tp)
-    if ready is not None:
-        ready.set()
     seen, last = 0, time.perf_counter()
     deadline = last + timeout_s
     try:
+        while not consumer.assignment():
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"{topic}: no partition assigned within {timeout_s:.0f} s")
+            await asyncio.sleep(0.01)
+        for tp in consumer.assignment():  # the offset reset, done now rather than at the first fetch
+            await consumer.position(tp)
+        if ready is not None:
+            ready.set()
         while seen < n and time.perf_counter() < deadline:
             for batch in (await consumer.getmany(timeout_ms=200, max_records=10_000)).values():
                 now = time.perf_counter()
@@ -732,12 +734,13 @@ async def bench_promotion(settings: Settings, rules_text: str, rate: float, seco
     The worker starts with a first model and rescores every open lead with it while no event
     arrives: the pass's rate in the worker, records produced (``idle_pass``). The populated leads'
     scores are old, so they would all be due for decay (rescored with that model as ``decay``, and
-    then skipped by its pass): their due times are cleared first, as if they were scored just now. Then its event -> score latency at
-    ``rate`` in :data:`PROMOTION_BLOCKS` of ``seconds / 2``: without a pass, and during the pass
-    of a second model (another trainer's, saved just before the first "during"
-    block; the pass yields to events, so it outlasts both blocks), pooled per phase, with the model
-    rescores done meanwhile (``pass_during_events``). The events carry no deal outcome and no
-    trainer runs: no other model version can start a pass in a "without" block."""
+    then skipped by its pass): their due times are cleared first, as if they were scored just now.
+
+    Then its event -> score latency at ``rate`` in :data:`PROMOTION_BLOCKS` of ``seconds / 2``:
+    without a pass, and during the pass of a second model (another trainer's, saved just before
+    the first "during" block; the pass yields to events, so it outlasts both blocks), pooled per
+    phase, with the model rescores done meanwhile (``pass_during_events``). The events carry no
+    deal outcome and no trainer runs: no other model version can start a pass in a "without" block."""
     await ensure_topics(settings)
     client = redis_client(settings)
     models = ModelStore(client)
