@@ -62,3 +62,10 @@ def test_events_due_within_a_tick_leave_together():
     producer = SlowProducer()
     run(producer, 200, rate=20_000.0)
     assert SEND_TICK_S == 0.002 and len(set(producer.turns)) <= 200 / 10
+
+
+def test_it_says_how_late_each_send_was():
+    producer = SlowProducer(cost_s=0.002)
+    records = [("t", b"k", b"v")] * 20
+    late = asyncio.run(_send_paced(producer, records, [f"e{i}" for i in range(20)], 2000.0, {}))
+    assert len(late) == 20 and late[0] < 0.001 and late[-1] > 0.02  # the last one waited for 19 slow sends
