@@ -243,6 +243,7 @@ class _SettleOnRevoke(ConsumerRebalanceListener):
         async with self.loop._cycle:
             await with_retry(lambda: self.loop._settle(keep=0), "settling before a rebalance")
             await self.loop.drain_commits()
+            self.loop.pipeline.forget_written()  # the next owner of these leads writes them now
         for tp in revoked:
             self.loop._read.pop(tp, None)
             self.loop._to_commit.pop(tp, None)  # the next owner's now

@@ -1,7 +1,8 @@
 """Thin orchestration of a micro-batch of input messages: decode, load, compute, write, emit.
 
 For one batch: every message is decoded and validated (bad ones become dead letters), every lead
-of the batch is loaded in one pipelined Redis round trip, each lead's events are folded in
+of the batch is loaded in one pipelined Redis round trip (none when this worker wrote every one of
+them lately: it keeps them as written, see :data:`RECORD_CACHE_LEADS`), each lead's events are folded in
 partition order in memory by the pure :func:`models.scoring.step`, and every changed lead is
 written in one more round trip, each lead by one atomic compare-and-set script that also updates
 the read models (each write leaves as soon as its lead is computed: Redis applies it while the next
@@ -22,7 +23,7 @@ import base64
 import logging
 import random
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,12 @@ from streams.state import APPLIED, DIGEST_BYTES, LeadRecord, LeadStore, LeadWrit
 
 log = logging.getLogger(__name__)
 MAX_CAS_RETRIES = 20
+# Leads as this worker last wrote them, so that a batch of leads written lately skips its load round
+# trip (~120-180 µs of the worker's CPU and a wait on Redis). Safe by the write's compare-and-set: a
+# lead another writer changed since is a conflict, loaded and computed again. Bounded in size and age,
+# dropped on a rescore's write, a conflict, an error and a rebalance (docs/performance.md).
+RECORD_CACHE_LEADS = 5_000
+RECORD_CACHE_S = 60.0
 
 
 class ContentionError(RuntimeError):
@@ -96,6 +103,7 @@ class EventPipeline:
         self._unacked: list[tuple[str, list[str]]] = []  # (lead, origins) written by the last batch
         self._acked: list[tuple[str, list[str]]] = []  # their outputs are acknowledged: drop their re-send material
         self._last_batch_at = float("-inf")  # monotonic time of the last event batch
+        self._written: OrderedDict[str, tuple[float, LeadRecord]] = OrderedDict()  # see RECORD_CACHE_LEADS
         # Held from a write until its records are handed to the producer, by event batches and
         # rescoring alike: records reach a topic in the order of the writes.
         self.send_order = asyncio.Lock()
@@ -135,7 +143,17 @@ class EventPipeline:
     def acknowledged(self, material: list[tuple[str, list[str]]] | None = None) -> None:
         """Kafka acknowledged the records of ``material`` (default: of every batch handled since the
         last :meth:`take_unacked`): their re-send material can go."""
-        self._acked += self.take_unacked() if material is None else material
+        material = self.take_unacked() if material is None else material
+        for lead, origins in material:  # acknowledged: never re-sent, whatever the cache holds
+            cached = self._written.get(lead)
+            if cached is not None:
+                for origin in origins:
+                    cached[1].pending.pop(origin, None)
+        self._acked += material
+
+    def forget_written(self) -> None:
+        """Drop the leads kept as last written (partitions move: another worker may write them now)."""
+        self._written.clear()
 
     async def flush_acked(self) -> None:
         """Drop acknowledged re-send material now (the next batch's load does it otherwise)."""
@@ -197,19 +215,29 @@ class EventPipeline:
         outs: list[Out] = []
         todo = dict(by_lead)
         for attempt in range(MAX_CAS_RETRIES):
+            cached = self._cached(todo) if attempt == 0 and not state_only else None
             if attempt == 0 and loaded is not None:
                 records = await loaded
+            elif cached is not None:  # no load trip: the acknowledged re-send material waits for the next
+                records = cached
+                self.counts["loads_cached"] += 1
             else:
                 records = await self._load(todo, self._take_acked(), state_only)
             computed: dict[str, Computed] = {}
             written: list[str] = []
-            async with self.store.writing() as writes:
-                for lead in todo:  # each write leaves as it is computed: Redis runs it meanwhile
-                    c = computed[lead] = compute(records[lead], todo[lead])
-                    if c.write is not None:
-                        writes.add(c.write)
-                        written.append(lead)
-                statuses = await writes.statuses()
+            try:
+                async with self.store.writing() as writes:
+                    for lead in todo:  # each write leaves as it is computed: Redis runs it meanwhile
+                        c = computed[lead] = compute(records[lead], todo[lead])
+                        if c.write is not None:
+                            writes.add(c.write)
+                            written.append(lead)
+                    statuses = await writes.statuses()
+            except BaseException:  # which writes applied is unknown: load them next time
+                for lead in todo:
+                    self._written.pop(lead, None)
+                raise
+            self._remember(written, statuses, computed)
             conflicts = {lead for lead, status in zip(written, statuses) if status != APPLIED}
             for lead, c in computed.items():
                 if lead in conflicts:
@@ -223,6 +251,27 @@ class EventPipeline:
             todo = {lead: todo[lead] for lead in conflicts}
             await asyncio.sleep(random.uniform(0, 0.001 * (attempt + 1)))  # let the other writer finish
         raise ContentionError(f"leads {sorted(todo)[:5]}: state kept changing under {MAX_CAS_RETRIES} retries")
+
+    def _cached(self, leads: dict[str, Any]) -> dict[str, LeadRecord] | None:
+        """Every lead of ``leads`` as this worker last wrote it, or None unless all are kept and young."""
+        now, records = time.monotonic(), {}
+        for lead in leads:
+            kept = self._written.get(lead)
+            if kept is None or now - kept[0] > RECORD_CACHE_S:
+                return None
+            records[lead] = kept[1]
+        return records
+
+    def _remember(self, written: list[str], statuses: list[int], computed: dict[str, Computed]) -> None:
+        """Keep each lead as its applied write left it; drop the others (a conflict, a deletion, a rescore)."""
+        now = time.monotonic()
+        for lead, status in zip(written, statuses):
+            after = LeadStore.written(computed[lead].write) if status == APPLIED else None  # type: ignore[arg-type]
+            self._written.pop(lead, None)
+            if after is not None:
+                self._written[lead] = (now, after)  # the newest last: the oldest go first
+        while len(self._written) > RECORD_CACHE_LEADS:
+            self._written.popitem(last=False)
 
     async def _load(self, leads: dict[str, Any], acked: list[tuple[str, list[str]]],
                     state_only: bool = False) -> dict[str, LeadRecord]:

@@ -195,6 +195,9 @@ class LeadWrite:
     deleted_ts: int | None
     views: ViewChanges
     state_only: bool = False  # only the state changes (a rescore): ids, offsets and snapshots stay as stored
+    # The state's JSON and the snapshots' blob as the write's call carries them (set by LeadStore.write_call).
+    state_json: bytes | None = field(default=None, repr=False)
+    snaps_blob: bytes | None = field(default=None, repr=False)
 
 
 class LeadWrites:
@@ -300,11 +303,13 @@ class LeadStore:
         if w.state_only:
             fields += ["s", orjson.dumps(w.state)]
         elif w.state is not None:
-            fields += ["s", orjson.dumps(w.state), "ids", w.ids, "off", orjson.dumps(w.offsets)]
+            w.state_json = orjson.dumps(w.state)
+            fields += ["s", w.state_json, "ids", w.ids, "off", orjson.dumps(w.offsets)]
             if w.deleted_ts is not None:  # a lead started again after a deletion remembers it
                 fields += ["dts", str(w.deleted_ts)]
             if w.snaps:
-                fields += ["snaps", zlib.compress(orjson.dumps(w.snaps))]
+                w.snaps_blob = zlib.compress(orjson.dumps(w.snaps))
+                fields += ["snaps", w.snaps_blob]
             elif w.snaps is not None and w.record.snaps_raw:
                 removed.append("snaps")
             for origin, sent in w.pending.items():
@@ -314,6 +319,25 @@ class LeadStore:
         args = [w.record.version, w.record.tombstone, "1" if w.state is None else "0", tombstone,
                 self.tombstone_ttl_s, len(fields) // 2, *fields, len(removed), *removed, lead_id, ops]
         return [self._write_sha, len(keys), *keys, *args]
+
+    @staticmethod
+    def written(w: LeadWrite) -> LeadRecord | None:
+        """The lead as Redis holds it once the full write ``w`` (made by :meth:`write_call`) applied,
+        as :meth:`load_many` would load it; None for a deletion or a rescore's write (not rebuilt).
+
+        >>> before = LeadRecord("l1", "4", b"{}", b"", {"web/0": 3}, b"z", {"web/0/3": {"scores": None}})
+        >>> w = LeadWrite(before, {"n": 1}, b"12345678", {"web/0": 4}, [], {"web/0/4": {"scores": None}}, None,
+        ...               ViewChanges(), state_json=b'{"n":1}')  # snapshots [] after a close: removed
+        >>> after = LeadStore.written(w)
+        >>> after.version, after.state, after.snaps_raw, sorted(after.pending), after.offsets
+        ('5', {'n': 1}, None, ['web/0/3', 'web/0/4'], {'web/0': 4})
+        """
+        if w.state is None or w.state_only or w.state_json is None:
+            return None
+        r = w.record
+        snaps_raw = w.snaps_blob if w.snaps else (None if w.snaps is not None else r.snaps_raw)
+        return LeadRecord(r.lead_id, str(int(r.version) + 1), w.state_json, w.ids, w.offsets, snaps_raw,
+                          r.pending | w.pending, str(w.deleted_ts) if w.deleted_ts is not None else r.tombstone)
 
     async def get(self, lead_id: str) -> dict[str, Any] | None:
         """One lead for people and APIs: its state, score, grade, stage, source, the last scores."""

@@ -9,7 +9,7 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
-from streams.consumer import Batch, OutputsNotAcknowledged, ScoringLoop
+from streams.consumer import Batch, OutputsNotAcknowledged, ScoringLoop, _SettleOnRevoke
 from streams.settings import Settings
 
 TP = TopicPartition("web", 0)
@@ -33,6 +33,7 @@ class FakePipeline:
     def __init__(self) -> None:
         self.acked: list[object] = []
         self.flushed = 0
+        self.forgotten = 0
         self.counts: dict[str, int] = {}
 
     def acknowledged(self, material: list[object]) -> None:
@@ -40,6 +41,9 @@ class FakePipeline:
 
     async def flush_acked(self) -> None:
         self.flushed += 1
+
+    def forget_written(self) -> None:
+        self.forgotten += 1
 
 
 def loop_with(pipeline: FakePipeline) -> tuple[ScoringLoop, FakeConsumer]:
@@ -171,3 +175,14 @@ async def test_refused_outputs_stop_the_loop_without_committing() -> None:
     with pytest.raises(OutputsNotAcknowledged):
         await loop._settle(keep=0)
     assert consumer.commits == [] and pipeline.acked == []  # redelivered after the restart, re-sent from Redis
+
+
+async def test_a_revoke_commits_what_was_acknowledged_and_forgets_the_leads_written() -> None:
+    pipeline = FakePipeline()
+    loop, consumer = loop_with(pipeline)
+    ack = asyncio.get_running_loop().create_future()
+    ack.set_result(None)
+    loop._in_flight.append(batch(ack, 10, "l1"))
+    await _SettleOnRevoke(loop).on_partitions_revoked({TP})
+    # The next owner writes these leads: a lead kept as last written here would be stale.
+    assert consumer.commits == [{TP: 10}] and pipeline.forgotten == 1 and pipeline.flushed == 1

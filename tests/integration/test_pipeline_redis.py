@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from types import SimpleNamespace
 
 import orjson
@@ -13,6 +14,7 @@ import pytest
 from models.offline.simulate import simulate
 from models.rules import DEFAULT_CONFIG, load_rules
 from models.scoring import Scorer
+from streams import pipeline as pipeline_module
 from streams.pipeline import EventPipeline, Message
 from streams.rescoring import Rescorer, partition_of
 from streams.settings import Settings
@@ -389,3 +391,63 @@ async def test_a_model_pass_reaches_every_open_lead_although_rescores_reorder_th
     mine = {lead for lead in leads if partition_of(lead, 8) in owned}
     assert sorted(reached) == sorted(mine)  # every one of this worker's leads once
     assert not [k async for k in redis_client.scan_iter(match="rescore:*")]  # the snapshot is gone
+
+
+async def dump_leads(client) -> dict[bytes, dict[bytes, bytes]]:
+    return {key: await client.hgetall(key) async for key in client.scan_iter(match="lead:{*}:*", count=1000)}
+
+
+async def test_the_leads_written_last_skip_their_load_and_end_as_if_loaded(redis_client, monkeypatch):
+    """A batch whose leads this worker wrote last skips the load round trip; records, lead hashes and
+    views are those of a worker that loads every batch (deletes, late events, duplicates, closes)."""
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.0)  # one scoring time: the two runs compare
+    rng = random.Random(5)
+    msgs = random_stream(rng)
+    chunks, i = [], 0
+    while i < len(msgs):
+        n = rng.randint(1, 30)
+        chunks.append(msgs[i:i + n])
+        i += n
+
+    async def run(keep: bool):
+        await redis_client.flushdb()
+        p = make_pipeline(redis_client)
+        outs = []
+        for chunk in chunks:
+            if not keep:
+                p.forget_written()
+            outs += await handle(p, *chunk)
+        await p.flush_acked()
+        return p.counts["loads_cached"], outs, await dump_leads(redis_client), await dump_views(redis_client)
+
+    kept, loaded = await run(keep=True), await run(keep=False)
+    assert kept[0] > len(chunks) / 4 and loaded[0] == 0
+    assert kept[1:] == loaded[1:] and len(kept[2]) > 10
+
+
+async def test_a_lead_another_writer_changed_is_loaded_again(pipeline, redis_client):
+    await handle(pipeline, msg(0, "e1", "click", 0))
+    await handle(make_pipeline(redis_client), msg(0, "e2", "click", 1, partition=1))  # the kept version is stale now
+    await handle(pipeline, msg(1, "e3", "click", 2))
+    assert pipeline.counts["loads_cached"] == 1 and pipeline.counts["cas_retry"] == 1
+    assert await counts(pipeline) == {"click": 3}
+
+
+async def test_a_rescored_or_old_lead_is_loaded_for_its_next_events(pipeline, monkeypatch):
+    await handle(pipeline, msg(0, "e1", "click", 0))
+    await pipeline.rescore_leads(["l1"], "decay", now_ms=30 * DAY)  # its write moved the version on
+    await handle(pipeline, msg(1, "e2", "click", 1))
+    assert pipeline.counts["loads_cached"] == 0 and pipeline.counts["cas_retry"] == 0
+    await handle(pipeline, msg(2, "e3", "click", 2))
+    assert pipeline.counts["loads_cached"] == 1 and pipeline.counts["cas_retry"] == 0  # kept as written
+    monkeypatch.setattr(pipeline_module, "RECORD_CACHE_S", -1.0)  # every kept lead too old
+    await handle(pipeline, msg(3, "e4", "click", 3))
+    assert pipeline.counts["loads_cached"] == 1 and await counts(pipeline) == {"click": 4}
+
+
+async def test_a_kept_lead_resends_every_unacknowledged_output_on_redelivery(pipeline):
+    first = await handle(pipeline, msg(0, "e1", "click", 0), ack=False)
+    second = await handle(pipeline, msg(1, "e2", "click", 1), ack=False)  # kept: its load skipped
+    assert pipeline.counts["loads_cached"] == 1
+    again = await handle(pipeline, msg(0, "e1", "click", 0), msg(1, "e2", "click", 1))  # Kafka redelivers both
+    assert again == first + second and await counts(pipeline) == {"click": 2}
