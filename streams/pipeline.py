@@ -215,11 +215,10 @@ class EventPipeline:
         outs: list[Out] = []
         todo = dict(by_lead)
         for attempt in range(MAX_CAS_RETRIES):
-            cached = self._cached(todo) if attempt == 0 and not state_only else None
             if attempt == 0 and loaded is not None:
                 records = await loaded
-            elif cached is not None:  # no load trip: the acknowledged re-send material waits for the next
-                records = cached
+            elif attempt == 0 and not state_only and (cached := self._cached(todo)) is not None:
+                records = cached  # no load trip: the acknowledged re-send material waits for the next
                 self.counts["loads_cached"] += 1
             else:
                 records = await self._load(todo, self._take_acked(), state_only)
