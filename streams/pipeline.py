@@ -296,8 +296,9 @@ class EventPipeline:
 
     def _fold_lead(self, record: LeadRecord, events: list[tuple[Message, Event]], now_ms: int,
                    failed: dict[int, str]) -> Computed:
-        state = record.fresh_state()  # folded in place: one parse per lead per batch, no copy
-        before = contributions(state, rescore_every_ms=self.rescore_every_ms)
+        state = record.fresh_state()  # folded in place: at most one parse per lead per batch, no copy
+        before = record.views_held if record.views_held is not None else \
+            contributions(state, rescore_every_ms=self.rescore_every_ms)
         ids, offsets = bytearray(record.ids), dict(record.offsets)
         snaps: list[dict[str, Any]] | None = None  # None: as stored, not decompressed unless needed
         deleted_ts = record.deleted_ts
@@ -345,11 +346,13 @@ class EventPipeline:
             # Kept until Kafka acknowledges them, as the JSON already encoded for the records.
             pending[origin] = {o.kind: orjson.Fragment(o.value) if o.value is not None else None for o in records}
             outs += records
-        self.counts.update(counts)
+        for name, n in counts.items():  # not Counter.update: its Mapping check costs more than these few adds
+            self.counts[name] += n
         if not applied:
             return Computed(None, outs, failed, resent)
-        views = diff(before, contributions(state, rescore_every_ms=self.rescore_every_ms))
-        write = LeadWrite(record, state, bytes(ids), offsets, snaps, pending, deleted_ts, views)
+        after = contributions(state, rescore_every_ms=self.rescore_every_ms)
+        write = LeadWrite(record, state, bytes(ids), offsets, snaps, pending, deleted_ts, diff(before, after),
+                          views_after=after)
         return Computed(write, outs, failed, resent + list(pending))
 
     @staticmethod

@@ -38,6 +38,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -45,7 +46,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from models.learner import MODEL_FORMAT, ServingModel, Trainer
-from models.readmodel import ViewChanges
+from models.readmodel import Contribution, ViewChanges
 from streams.clients import StreamedPipeline, hash_reply, pipelined
 
 SHARDS = 32  # fixed: changing it moves every key (a migration, not a setting)
@@ -115,13 +116,16 @@ def tag(shard: int) -> str:
     return _TAGS[shard]
 
 
+KEY_MEMO = 8192  # leads whose keys are kept: every write names both (a hash and a CRC: ~1 µs a lead)
 _TAGS = tuple(f"{{{shard:02d}}}" for shard in range(SHARDS))  # formatted once: every key of every write has one
 
 
+@lru_cache(maxsize=KEY_MEMO)
 def lead_key(lead_id: str) -> str:
     return f"lead:{tag(shard_of(lead_id))}:{lead_id}"
 
 
+@lru_cache(maxsize=KEY_MEMO)
 def tombstone_key(lead_id: str) -> str:
     return f"gone:{tag(shard_of(lead_id))}:{hashlib.blake2b(lead_id.encode(), digest_size=16).hexdigest()}"
 
@@ -171,7 +175,11 @@ class LeadRecord:
         return self._parsed
 
     def fresh_state(self) -> dict[str, Any] | None:
-        """A newly parsed copy of the state, to fold events into in place."""
+        """A state of its own to fold events into in place: the one the write that made this record
+        handed over (:meth:`LeadStore.written`; once: nobody else holds it), else newly parsed."""
+        handed, self.handed_state = self.handed_state, None
+        if handed is not None:
+            return handed
         return orjson.loads(self.state_raw) if self.state_raw is not None else None
 
     @property
@@ -180,6 +188,10 @@ class LeadRecord:
         return orjson.loads(zlib.decompress(self.snaps_raw)) if self.snaps_raw else []
 
     _parsed: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    # Kept leads only (see LeadStore.written): the state as written, not parsed again (handed out once),
+    # and what it contributes to the read models (a pure function of the state: not computed again).
+    handed_state: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    views_held: Contribution | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -198,6 +210,7 @@ class LeadWrite:
     # The state's JSON and the snapshots' blob as the write's call carries them (set by LeadStore.write_call).
     state_json: bytes | None = field(default=None, repr=False)
     snaps_blob: bytes | None = field(default=None, repr=False)
+    views_after: Contribution | None = field(default=None, repr=False)  # what ``state`` contributes to the views
 
 
 class LeadWrites:
@@ -324,6 +337,7 @@ class LeadStore:
     def written(w: LeadWrite) -> LeadRecord | None:
         """The lead as Redis holds it once the full write ``w`` (made by :meth:`write_call`) applied,
         as :meth:`load_many` would load it; None for a deletion or a rescore's write (not rebuilt).
+        ``w.state`` goes with it, handed to the next fold as is: the caller must not keep it.
 
         >>> before = LeadRecord("l1", "4", b"{}", b"", {"web/0": 3}, b"z", {"web/0/3": {"scores": None}})
         >>> w = LeadWrite(before, {"n": 1}, b"12345678", {"web/0": 4}, [], {"web/0/4": {"scores": None}}, None,
@@ -337,7 +351,8 @@ class LeadStore:
         r = w.record
         snaps_raw = w.snaps_blob if w.snaps else (None if w.snaps is not None else r.snaps_raw)
         return LeadRecord(r.lead_id, str(int(r.version) + 1), w.state_json, w.ids, w.offsets, snaps_raw,
-                          r.pending | w.pending, str(w.deleted_ts) if w.deleted_ts is not None else r.tombstone)
+                          r.pending | w.pending, str(w.deleted_ts) if w.deleted_ts is not None else r.tombstone,
+                          handed_state=w.state, views_held=w.views_after)
 
     async def get(self, lead_id: str) -> dict[str, Any] | None:
         """One lead for people and APIs: its state, score, grade, stage, source, the last scores."""

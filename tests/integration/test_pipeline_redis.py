@@ -451,3 +451,23 @@ async def test_a_kept_lead_resends_every_unacknowledged_output_on_redelivery(pip
     assert pipeline.counts["loads_cached"] == 1
     again = await handle(pipeline, msg(0, "e1", "click", 0), msg(1, "e2", "click", 1))  # Kafka redelivers both
     assert again == first + second and await counts(pipeline) == {"click": 2}
+
+
+async def test_a_kept_lead_whose_step_fails_is_folded_again_from_its_written_state(pipeline, monkeypatch):
+    """A kept lead's state is folded in place (not parsed again): a step that fails midway makes the
+    fold start over from the state as written, so the events before the failing one count once."""
+    await handle(pipeline, msg(0, "e1", "click", 0))  # kept as written, its state handed to the next fold
+    real = pipeline_module.step
+
+    def broken(state, event, *args, **kwargs):
+        if event.event_id == "bad":
+            raise OverflowError("math range error")
+        return real(state, event, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "step", broken)
+    outs = await handle(pipeline, msg(1, "e2", "click", 1), msg(2, "bad", "click", 2), msg(3, "e4", "visit", 3))
+    assert pipeline.counts["loads_cached"] == 1 and [o.kind for o in outs] == ["scores", "dead_letter", "scores"]
+    assert await counts(pipeline) == {"click": 2, "visit": 1}
+    monkeypatch.setattr(pipeline_module, "step", real)
+    await handle(pipeline, msg(4, "e5", "click", 4))  # kept again, from the retried fold's write
+    assert pipeline.counts["loads_cached"] == 2 and await counts(pipeline) == {"click": 3, "visit": 1}
