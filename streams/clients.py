@@ -182,7 +182,10 @@ async def pipelined(client: aioredis.Redis, commands: list[tuple[Any, ...]]) -> 
         packed = b"".join([pack_command(command) for command in commands])
 
         async def exchange() -> list[Any]:
-            await conn.send_packed_command(packed)  # connects if needed; socket errors as redis' errors
+            if not conn.is_connected:  # as redis-py's send connects (its errors, its retries)
+                await conn.connect_check_health(check_health=False)
+            conn._writer.write(packed)
+            await _drained(conn)
             return await _read_replies(conn, len(commands))
 
         replies = await conn.retry.call_with_retry(exchange, lambda error: conn.disconnect())
@@ -236,12 +239,7 @@ class StreamedPipeline:
         self._flush()
         if self._read:
             return []
-        try:
-            async with asyncio.timeout(self._conn.socket_timeout):
-                await self._conn._writer.drain()
-        except BaseException as exc:
-            await self._conn.disconnect(nowait=True)
-            raise _as_redis_error(exc, self._conn, "writing to") from None
+        await _drained(self._conn)
         replies = await _read_replies(self._conn, len(self.commands))
         self._read = True
         return _raise_first_error(replies, self.commands)
@@ -277,6 +275,19 @@ def _raise_first_error(replies: list[Any], commands: list[tuple[Any, ...]]) -> l
                           f"{reply.args[0] if reply.args else ''}", *reply.args[1:])
             raise reply
     return replies
+
+
+async def _drained(conn: Any) -> None:
+    """Wait until ``conn``'s transport took what was written, within the socket timeout; a failure
+    closes the connection and raises as redis-py does. Written straight to the transport, not through
+    redis-py's ``send_packed_command`` (its health check, type checks and, with a socket timeout, a
+    task of its own per send): a one-command round trip 79.6 -> 64.3 µs of CPU (uvloop, alternated)."""
+    try:
+        async with asyncio.timeout(conn.socket_timeout):
+            await conn._writer.drain()
+    except BaseException as exc:
+        await conn.disconnect(nowait=True)
+        raise _as_redis_error(exc, conn, "writing to") from None
 
 
 async def _read_replies(conn: Any, n: int) -> list[Any]:
