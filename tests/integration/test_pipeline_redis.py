@@ -139,17 +139,20 @@ async def test_bad_input_is_dead_lettered_with_raw_bytes(pipeline):
     assert doc["error"].startswith("invalid JSON") and doc["raw"] == "//4gbm90IGpzb24="
 
 
-async def test_an_event_the_code_cannot_handle_is_dead_lettered_and_the_rest_of_the_batch_applied(pipeline, monkeypatch):
-    import streams.pipeline as mod
-
-    real = mod.step
+def step_failing_on(event_id):
+    """The pipeline's step, except that it raises on ``event_id`` (a valid event the code cannot handle)."""
+    real = pipeline_module.step
 
     def broken(state, event, *args, **kwargs):
-        if event.event_id == "bad":
+        if event.event_id == event_id:
             raise OverflowError("math range error")
         return real(state, event, *args, **kwargs)
 
-    monkeypatch.setattr(mod, "step", broken)
+    return broken
+
+
+async def test_an_event_the_code_cannot_handle_is_dead_lettered_and_the_rest_of_the_batch_applied(pipeline, monkeypatch):
+    monkeypatch.setattr(pipeline_module, "step", step_failing_on("bad"))
     outs = await handle(pipeline, msg(5, "e1", "click", 0), msg(6, "bad", "click", 1), msg(7, "e3", "click", 2))
     assert [o.kind for o in outs] == ["scores", "dead_letter", "scores"]
     assert orjson.loads(outs[1].value)["error"] == "could not process the event: OverflowError('math range error')"
@@ -458,13 +461,7 @@ async def test_a_kept_lead_whose_step_fails_is_folded_again_from_its_written_sta
     fold start over from the state as written, so the events before the failing one count once."""
     await handle(pipeline, msg(0, "e1", "click", 0))  # kept as written, its state handed to the next fold
     real = pipeline_module.step
-
-    def broken(state, event, *args, **kwargs):
-        if event.event_id == "bad":
-            raise OverflowError("math range error")
-        return real(state, event, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline_module, "step", broken)
+    monkeypatch.setattr(pipeline_module, "step", step_failing_on("bad"))
     outs = await handle(pipeline, msg(1, "e2", "click", 1), msg(2, "bad", "click", 2), msg(3, "e4", "visit", 3))
     assert pipeline.counts["loads_cached"] == 1 and [o.kind for o in outs] == ["scores", "dead_letter", "scores"]
     assert await counts(pipeline) == {"click": 2, "visit": 1}
