@@ -36,6 +36,8 @@ def test_valid_event_is_parsed_with_ts_in_ms():
     (b"l1", raw(), "crm", "does not belong on the crm topic"),
     (b"l1", raw(type="stage_changed", props={"stage": "won"}), "crm", "schema violation at props/stage"),
     (b"l1", raw(props={"url": "/x" * 40000}), "web", "exceeds the limit of 65536"),
+    # Two visits of 1.7e308 s summed to inf, which JSON stores as null: every later event of the lead failed.
+    (b"l1", raw(type="visit", props={"duration_s": 1.7e308}), "web", "schema violation at props/duration_s"),
 ])
 def test_bad_messages_are_rejected_with_reason(key, value, topic_kind, reason):
     with pytest.raises(RejectedEvent) as exc:
