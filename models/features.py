@@ -34,6 +34,9 @@ TOUCH_TYPES = frozenset(WEB_TYPES) | {"email_replied"}
 # grow with its events): distinct pages and sessions as sets of 32-bit hashes, the latest activities.
 MAX_PAGES = 100
 MAX_ACTIVITIES = 50
+# An explicit number beyond this is taken as this (its sign kept): a field of 1e308 overflowed the
+# model's sums to inf (an OverflowError or a NaN score); no revenue or head count comes near it.
+MAX_FIELD_NUMBER = 1e15
 _DIGITS = [str(i) for i in range(13)]
 _STAGE_INDEX = {s: i for i, s in enumerate(STAGES)}
 
@@ -239,13 +242,20 @@ def _count_keys(event_type: str) -> tuple[str, str]:
 
 
 def _field_value(value: Any) -> float | str:
-    """An explicit field as a feature: strings trimmed and lower-cased, numbers as floats."""
+    """An explicit field as a feature: strings trimmed and lower-cased, numbers as floats within
+    :data:`MAX_FIELD_NUMBER`.
+
+    >>> _field_value(" DE "), _field_value(True), _field_value(3), _field_value(-1.7e308)
+    ('de', 'true', 3.0, -1000000000000000.0)
+    """
     if value.__class__ is str:
         return _normalised(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
-        return float(value)
+        if -MAX_FIELD_NUMBER <= value <= MAX_FIELD_NUMBER:
+            return float(value)
+        return MAX_FIELD_NUMBER if value > 0 else -MAX_FIELD_NUMBER
     return str(value).strip().lower()
 
 

@@ -70,6 +70,14 @@ class Scorer:
     model: ServingModel | None = None
 
     def score(self, f: Features) -> Scored:
+        """The lead's score; ValueError if it is not a probability (a NaN stored in the state would
+        fail every later read of the lead: the event is dead-lettered instead, the lead left as it was)."""
+        scored = self._score(f)
+        if not 0.0 <= scored.score <= 1.0:  # NaN too
+            raise ValueError(f"the {scored.source} score {scored.score!r} is not a probability")
+        return scored
+
+    def _score(self, f: Features) -> Scored:
         weight = self.model.model_weight() if self.model is not None else 0.0
         if weight == 1.0:  # the model alone: the rules are only computed where a snapshot needs them
             p, model_reasons = self.model.predict(f)

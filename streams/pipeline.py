@@ -200,7 +200,12 @@ class EventPipeline:
             return Computed(None, [], {})  # already scored by this model
         # A rescore changes only the score fields: the views move by their part alone.
         before = score_contributions(state, rescore_every_ms=self.rescore_every_ms)
-        r = rescore(state, self.scorer, now_ms=now_ms, trigger=trigger)
+        try:
+            r = rescore(state, self.scorer, now_ms=now_ms, trigger=trigger)
+        except Exception as exc:  # a lead the model cannot score: left as it is, not the whole pass stopped
+            log.warning("could not rescore %s (%s): %r", record.lead_id, trigger, exc)
+            self.counts["rescore_failed"] += 1
+            return Computed(None, [], {})
         after = score_contributions(state, rescore_every_ms=self.rescore_every_ms)
         write = LeadWrite(record, state, record.ids, record.offsets, None, {}, record.deleted_ts,
                           diff(before, after), state_only=True)

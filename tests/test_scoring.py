@@ -1,5 +1,10 @@
 """The pure step: one score per event, hot crossings, snapshots and leakage-free training examples."""
 
+import math
+from types import SimpleNamespace
+
+import pytest
+
 from models.events import Event
 from models.learner import Trainer
 from models.rules import DEFAULT_CONFIG, load_rules
@@ -106,3 +111,23 @@ def test_source_moves_from_rules_to_blend_to_model():
         sources.append(play([("download", 0, {})], scorer)[-1].score["source"])
     assert sources[0] == "rules" and "blend" in sources and sources[-1] == "model"
     assert sources.index("blend") < sources.index("model")
+
+
+def test_huge_explicit_numbers_give_a_finite_score_and_reasons():
+    """Numbers of 1e308 in a lead's fields used to overflow the model's sums: a NaN score (stored as
+    null, which failed every later read of the lead) or an OverflowError. Taken as 1e15 now."""
+    trainer = Trainer(min_outcomes=5)
+    for i in range(60):
+        f = {"f_age": 20.0 + i % 40, "n_visit": float(i % 5), "stage": "new"} | {f"f_n{j}": float((i + j) % 5) for j in range(60)}
+        trainer.learn([{"features": f, "rules_score": 0.5, "stage": "new"}], i % 3 == 0)
+    fields = {f"n{j}": 1.7e308 for j in range(60)} | {"age": -1.7e308}
+    r = step(None, Event("e1", "l1", "lead_created", 0, {"fields": fields}), Scorer(RULES, trainer.serving()),
+             scored_at_ms=0)
+    assert r.score["source"] == "model" and 0.0 <= r.score["score"] <= 1.0
+    assert all(math.isfinite(reason["contribution"]) for reason in r.score["reasons"])
+
+
+def test_a_score_that_is_not_a_probability_is_an_error_not_a_state():
+    model = SimpleNamespace(model_weight=lambda: 1.0, predict=lambda f: (float("nan"), []), version=3)
+    with pytest.raises(ValueError, match="the model score nan is not a probability"):
+        step(None, Event("e1", "l1", "visit", 0, {}), Scorer(RULES, model), scored_at_ms=0)

@@ -468,3 +468,20 @@ async def test_a_kept_lead_whose_step_fails_is_folded_again_from_its_written_sta
     monkeypatch.setattr(pipeline_module, "step", real)
     await handle(pipeline, msg(4, "e5", "click", 4))  # kept again, from the retried fold's write
     assert pipeline.counts["loads_cached"] == 2 and await counts(pipeline) == {"click": 3, "visit": 1}
+
+
+async def test_a_lead_the_model_cannot_rescore_is_left_as_it_is(pipeline, monkeypatch):
+    """Rescoring is done by a timer: an error there would stop the whole worker. The lead keeps its
+    score, the others of the chunk are rescored, and the failure is counted."""
+    await handle(pipeline, msg(0, "e1", "click", 0), msg(1, "e2", "click", 0, lead="l2"))
+    real = pipeline_module.rescore
+
+    def broken(state, *args, **kwargs):
+        if state["lead_id"] == "l1":
+            raise ValueError("the model score nan is not a probability")
+        return real(state, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "rescore", broken)
+    outs = await pipeline.rescore_leads(["l1", "l2"], "decay", now_ms=30 * DAY)
+    assert [o.key for o in outs] == [b"l2"] and pipeline.counts["rescore_failed"] == 1
+    assert (await pipeline.store.get("l1"))["state"]["history"][-1][3] == "event"
