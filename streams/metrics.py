@@ -55,6 +55,8 @@ DUPLICATES = Counter("leadstream_duplicates", "Events ignored because their even
                      registry=REGISTRY)
 REDELIVERED = Counter("leadstream_redelivered", "Kafka redeliveries of an applied message (outputs sent again).",
                       registry=REGISTRY)
+RESCORE_FAILED = Counter("leadstream_rescore_failed", "Leads the model could not rescore (decay or model pass): "
+                         "left with their last score; see the worker's log.", registry=REGISTRY)
 BATCH_SIZE = Histogram("leadstream_batch_size", "Events per processed batch.", buckets=BATCH_BUCKETS,
                        registry=REGISTRY)
 STEP_SECONDS = Histogram("leadstream_step_seconds", "Processing time per event (decode to write), seconds.",
@@ -133,11 +135,12 @@ def observe_batch(messages: Sequence[Any], outs: Iterable[Any], counts: Mapping[
 _seen_counts: dict[str, int] = {}  # the pipeline's counters at the last sync
 _COUNTED = {"scored": lambda n: SCORED.labels("event").inc(n), "rescored_decay": lambda n: SCORED.labels("decay").inc(n),
             "rescored_model": lambda n: SCORED.labels("model").inc(n), "duplicate": DUPLICATES.inc,
-            "redelivered": REDELIVERED.inc}
+            "redelivered": REDELIVERED.inc, "rescore_failed": RESCORE_FAILED.inc}
 
 
 def sync_counts(counts: Mapping[str, int]) -> None:
-    """Bring the counters kept by the pipeline (scored, rescored, duplicates, redeliveries) up to date.
+    """Bring the counters kept by the pipeline (scored, rescored, duplicates, redeliveries, failed
+    rescores) up to date.
 
     >>> before = SCORED.labels("decay")._value.get()
     >>> sync_counts({"rescored_decay": 3}); sync_counts({"rescored_decay": 5})

@@ -76,6 +76,16 @@ def test_metrics_text_parses() -> None:
     assert any(s.labels == {"reason": "schema"} and s.value >= 1 for s in families["leadstream_dead_lettered"].samples)
 
 
+
+def test_leads_the_model_could_not_rescore_are_exported() -> None:
+    before = metrics.RESCORE_FAILED._value.get()
+    seen = metrics._seen_counts.get("rescore_failed", 0)  # the pipeline's counter when last synced
+    metrics.sync_counts({"rescore_failed": seen + 2})
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render()[0].decode())}
+    assert metrics.RESCORE_FAILED._value.get() - before == 2
+    assert families["leadstream_rescore_failed"].samples[0].value == before + 2
+
+
 FUNNEL = {"leads": 3, "stall_days": 14.0, "open": 2, "closed": {"won": 1, "lost": 0}, "win_rate": 1.0,
           "median_days_to_close": 3.0, "email_reply_rate": None, "overdue_activities": 0, "bottleneck": None,
           "grade_mix": {"A": 1, "D": 1},
