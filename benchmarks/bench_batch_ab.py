@@ -18,32 +18,22 @@ where the absolute figures move with the machine's load.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import orjson
 import uvloop
+from trees import import_tree
 
 WARMUP_EVENTS = 4000
 
 
 def load(tree: str, redis_db: int) -> dict[str, Any]:
     """Import ``tree``'s modules afresh; its modules and a serving model trained with them."""
-    for name in [m for m in sys.modules if m in ("models", "streams") or m.startswith(("models.", "streams."))]:
-        del sys.modules[name]
-    root = str(Path(tree).resolve())
-    sys.path.insert(0, root)
-    try:
-        mods = {n: importlib.import_module(n) for n in (
-            "streams.bench", "streams.pipeline", "streams.state", "streams.clients", "streams.settings",
-            "models.rules", "models.scoring", "models.events")}
-    finally:
-        sys.path.remove(root)
-    assert mods["streams.pipeline"].__file__.startswith(root), mods["streams.pipeline"].__file__
+    mods: dict[str, Any] = import_tree(tree, ("streams.pipeline", "streams.bench", "streams.state", "streams.clients",
+                                              "streams.settings", "models.rules", "models.scoring", "models.events"))
     rules_text = mods["models.rules"].DEFAULT_CONFIG.read_text()
     # Trained (and pickled, as a scorer loads it) while this tree's classes are the imported ones.
     mods["model"] = mods["streams.bench"]._trained_model(rules_text)
@@ -53,7 +43,7 @@ def load(tree: str, redis_db: int) -> dict[str, Any]:
 
 
 def pipeline_of(tree: dict[str, Any]) -> Any:
-    settings = dataclasses.replace(tree["streams.settings"].Settings.from_env())
+    settings = tree["streams.settings"].Settings.from_env()
     url = settings.redis_url.rsplit("/", 1)[0] + f"/{tree['redis_db']}"
     client = tree["streams.clients"].redis_client(dataclasses.replace(settings, redis_url=url))
     return tree["streams.pipeline"].EventPipeline(

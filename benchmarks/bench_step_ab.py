@@ -18,33 +18,23 @@ from __future__ import annotations
 
 import copy
 import gc
-import importlib
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import orjson
+from trees import import_tree
 
 Runner = Callable[[Any, Any], list[float]]
 
 
 def load(tree: str) -> tuple[dict[str, Any], Runner, Any]:
     """Import ``tree``'s modules afresh; its step cases (name -> serving model) and a timed pass."""
-    for name in [m for m in sys.modules if m in ("models", "streams") or m.startswith(("models.", "streams."))]:
-        del sys.modules[name]
-    root = str(Path(tree).resolve())
-    sys.path.insert(0, root)
-    try:
-        mods = {n: importlib.import_module(f"models.{n}") for n in ("events", "features", "rules", "scoring")}
-        try:  # models/offline/ since the ninth round
-            mods["simulate"] = importlib.import_module("models.offline.simulate")
-        except ModuleNotFoundError:
-            mods["simulate"] = importlib.import_module("models.simulate")
-        bench = importlib.import_module("streams.bench")
-    finally:
-        sys.path.remove(root)
-    assert mods["events"].__file__.startswith(root), mods["events"].__file__
+    modules = import_tree(tree, ("models.events", "models.features", "models.rules", "models.scoring",
+                                 "models.offline.simulate", "streams.bench"),
+                          fallbacks={"models.offline.simulate": "models.simulate"})  # models/offline/ since the ninth round
+    mods = {n.rsplit(".", 1)[-1]: m for n, m in modules.items() if n.startswith("models.")}
+    bench = modules["streams.bench"]
     rules_text = mods["rules"].DEFAULT_CONFIG.read_text()
     events = mods["simulate"].simulate(300, seed=99)
     rules = mods["rules"].load_rules(rules_text)
