@@ -38,7 +38,7 @@ MAX_ACTIVITIES = 50
 # model's sums to inf (an OverflowError or a NaN score); no revenue or head count comes near it.
 MAX_FIELD_NUMBER = 1e15
 _DIGITS = [str(i) for i in range(13)]
-_STAGE_INDEX = {s: i for i, s in enumerate(STAGES)}
+STAGE_INDEX = {s: i for i, s in enumerate(STAGES)}
 
 
 def new_state(lead_id: str) -> State:
@@ -179,24 +179,24 @@ def features(state: State, now_ms: int, *, half_life_s: float, fields: FieldPoli
     f: Features = {}
     created = state["created_ts"] if state["created_ts"] is not None else state["first_ts"]
     if created is not None:
-        f["created_month"], f["created_weekday"] = _created_parts(created // 1000)
+        f["created_month"], f["created_weekday"] = created_parts(created // 1000)
         age = (now_ms - created) / 86_400_000
         f["age_days"] = age if age > 0.0 else 0.0  # max(0.0, age) without the call; NaN -> 0.0 as max gives
-    explicit, known = _explicit(state["fields"], fields)
+    explicit, known = explicit_features(state["fields"], fields)
     f.update(explicit)
     f["fields_known"] = known
-    kernels.IMPL.dynamic_features(f, state, now_ms, half_life_s, _count_keys, _STAGE_INDEX)
+    kernels.IMPL.dynamic_features(f, state, now_ms, half_life_s, count_keys, STAGE_INDEX)
     return f
 
 
-def _explicit(values: dict[str, Any], policy: FieldPolicy | None) -> tuple[dict[str, float | str], float]:
+def explicit_features(values: dict[str, Any], policy: FieldPolicy | None) -> tuple[dict[str, float | str], float]:
     """The explicit fields' features and how many of them have a value, flags aside (how much of the
     form the lead filled in). Memoised by the fields' JSON: they change only on a lead's CRM updates.
 
-    >>> _explicit({"Country": " DE ", "email": "a@b.c", "vip": True, "size": 3}, FieldPolicy())
+    >>> explicit_features({"Country": " DE ", "email": "a@b.c", "vip": True, "size": 3}, FieldPolicy())
     ({'f_Country': 'de', 'f_vip': 'true', 'f_size': 3.0}, 2.0)
     """
-    key = _explicit_key(values)
+    key = explicit_key(values)
     if key is not None:
         hit = _EXPLICIT.get((id(policy), key))
         if hit is not None and hit[0] is policy:  # the entry holds the policy: its id is not reused
@@ -215,7 +215,7 @@ def _explicit(values: dict[str, Any], policy: FieldPolicy | None) -> tuple[dict[
     return out, float(known)
 
 
-def _explicit_key(values: dict[str, Any]) -> bytes | None:
+def explicit_key(values: dict[str, Any]) -> bytes | None:
     """The fields as JSON (true, 1 and 1.0 apart), or None where JSON could confuse two values: a type
     other than str/int/float/bool (orjson writes a datetime as a string), or a NaN or infinity (null)."""
     if not values or not set(map(type, values.values())) <= _JSON_SCALARS:
@@ -237,7 +237,7 @@ def _field_key(name: str) -> str:
 
 
 @lru_cache(maxsize=64)  # event types: a closed set
-def _count_keys(event_type: str) -> tuple[str, str]:
+def count_keys(event_type: str) -> tuple[str, str]:
     return "n_" + event_type, "d_" + event_type
 
 
@@ -265,6 +265,6 @@ def _normalised(value: str) -> str:
 
 
 @lru_cache(maxsize=4096)
-def _created_parts(seconds: int) -> tuple[str, str]:
+def created_parts(seconds: int) -> tuple[str, str]:
     tm = time.gmtime(seconds)
     return _DIGITS[tm.tm_mon], _DIGITS[tm.tm_wday + 1]

@@ -234,7 +234,7 @@ class Encoder:
         memo = self.__dict__.setdefault("_memo", {})
         encoded = memo.get((k, v))
         if encoded is None:
-            if len(memo) >= _MEMO_SIZE:
+            if len(memo) >= MEMO_SIZE:
                 memo.clear()
             one: dict[str, Any] = {}
             label: dict[str, str] = {}
@@ -294,7 +294,7 @@ class Encoder:
         return state
 
 
-_MEMO_SIZE = 20_000  # distinct (field, string value) encodings an encoder remembers
+MEMO_SIZE = 20_000  # (field, string value) encodings and leads' explicit inputs an encoder remembers
 
 
 @lru_cache(maxsize=10_000)  # (stage, proposal) -> "stage=proposal": a handful of values

@@ -86,11 +86,29 @@ def fused_pass(table: dict, x: dict, per_unit: float, contrib: list, row: list |
     return total, gam
 
 
-@cython.locals(counts=dict, decayed=dict, statuses=dict, names=tuple)
+@cython.cfunc
+@cython.inline
+@cython.locals(vd=cython.double)
+def _put(out: dict, name: object, value: object, log: cython.bint, inputs: cython.bint) -> None:
+    """``out[name] = value`` as a feature, or as :func:`encode_inputs` makes it a model input."""
+    if not inputs:
+        out[name] = value
+    elif log:
+        vd = value
+        out[name] = cmath.log1p(vd) if vd > 0.0 else 0.0
+    else:
+        out[name] = value if value.__class__ is float else float(value)
+
+
+@cython.locals(counts=dict, decayed=dict, statuses=dict, names=tuple, inputs=cython.bint)
 def dynamic_features(f: dict, state: dict, now_ms: object, half_life_s: object, count_keys: Any,
-                     stage_index: dict) -> None:
+                     stage_index: dict, stage_keys: dict | None = None) -> None:
     """The dynamic features of :func:`models.features.features` (after the explicit ones), into ``f``:
     counts and decayed counts as of ``now_ms``, pages, sessions, recency, stage, activities.
+
+    With ``stage_keys`` (each stage's one-hot key), they go into ``f`` as the model's inputs instead,
+    as :func:`encode_inputs` would turn them (:func:`models.learner.model_inputs`): counts, durations
+    and times log-scaled, the stage one-hot; same keys, same order, same values.
 
     The arithmetic on Python objects, as the plain form does (timestamps are Python ints):
     compiled, the bytecode is gone, not a single operation changes.
@@ -101,41 +119,49 @@ def dynamic_features(f: dict, state: dict, now_ms: object, half_life_s: object, 
     >>> dynamic_features(f, s, 3_600_000, 3600.0, lambda t: ("n_" + t, "d_" + t), {})
     >>> f["d_visit"], f["sessions"], f["recency_s"]
     (0.75, 2.0, 3600.0)
+    >>> x = {}
+    >>> dynamic_features(x, s, 3_600_000, 3600.0, lambda t: ("n_" + t, "d_" + t), {}, {})
+    >>> x["d_visit"] == pymath.log1p(0.75), x["stages_visited"]
+    (True, 0.0)
     """
+    inputs = stage_keys is not None
     counts, decayed = state["counts"], state["decayed"]
-    f["events_total"] = float(sum(counts.values()))
+    _put(f, "events_total", float(sum(counts.values())), True, inputs)
     factor = 1.0
     ref = state["decay_ref_ts"]
     if ref is not None and now_ms > ref:
         factor = 0.5 ** ((now_ms - ref) / 1000 / half_life_s)
     for event_type, n in counts.items():
         names = count_keys(event_type)
-        f[names[0]] = float(n)
-        f[names[1]] = decayed.get(event_type, 0.0) * factor
-    f["distinct_pages"] = float(len(state["pages"]))
+        _put(f, names[0], float(n), True, inputs)
+        _put(f, names[1], decayed.get(event_type, 0.0) * factor, True, inputs)
+    _put(f, "distinct_pages", float(len(state["pages"])), True, inputs)
     visits = counts.get("visit", 0)
-    f["sessions"] = float(max(len(state["sessions"]), visits))
-    f["visit_duration_s"] = float(state["visit_duration_s"])
+    _put(f, "sessions", float(max(len(state["sessions"]), visits)), True, inputs)
+    _put(f, "visit_duration_s", float(state["visit_duration_s"]), True, inputs)
     if state.get("visit_pages"):
-        f["pages_per_visit"] = state["visit_pages"] / max(1, visits)
+        _put(f, "pages_per_visit", state["visit_pages"] / max(1, visits), False, inputs)
     opens, replies = counts.get("email_open", 0), counts.get("email_replied", 0)
     if opens or replies:
-        f["email_reply_rate"] = replies / max(opens, replies)
+        _put(f, "email_reply_rate", replies / max(opens, replies), False, inputs)
     if state["last_touch_ts"] is not None:
         recency = (now_ms - state["last_touch_ts"]) / 1000
-        f["recency_s"] = recency if recency > 0.0 else 0.0
+        _put(f, "recency_s", recency if recency > 0.0 else 0.0, True, inputs)
     if state["stage"] is not None:
-        f["stage"] = state["stage"]
-        f["stage_index"] = float(stage_index[state["stage"]])
+        if inputs:
+            f[stage_keys[state["stage"]]] = 1.0
+        else:
+            f["stage"] = state["stage"]
+        _put(f, "stage_index", float(stage_index[state["stage"]]), False, inputs)
         in_stage = (now_ms - state["stage_ts"]) / 1000
-        f["time_in_stage_s"] = in_stage if in_stage > 0.0 else 0.0
-    f["stages_visited"] = float(len(state["stages_visited"]))
+        _put(f, "time_in_stage_s", in_stage if in_stage > 0.0 else 0.0, True, inputs)
+    _put(f, "stages_visited", float(len(state["stages_visited"])), False, inputs)
     statuses = {"open": 0, "completed": 0, "overdue": 0}
     for activity in state["activities"].values():
         statuses[activity[0]] += 1
-    f["activities_open"] = float(statuses["open"])
-    f["activities_completed"] = float(statuses["completed"])
-    f["activities_overdue"] = float(statuses["overdue"])
+    _put(f, "activities_open", float(statuses["open"]), False, inputs)
+    _put(f, "activities_completed", float(statuses["completed"]), False, inputs)
+    _put(f, "activities_overdue", float(statuses["overdue"]), False, inputs)
 
 
 @cython.locals(vd=cython.double, encoded=tuple)

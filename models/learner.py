@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import heapq
+import math
 from operator import itemgetter
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,8 +37,9 @@ from river import base, compose, drift, forest, linear_model, naive_bayes, optim
 
 from models import glm, kernels
 from models.events import STAGES
-from models.features import Features
-from models.fields import Encoder
+from models.features import (STAGE_INDEX, Features, State, count_keys, created_parts, explicit_features,
+                             explicit_key)
+from models.fields import MEMO_SIZE, Encoder, FieldPolicy
 from models.fused import FusedMembers
 from models.metrics import Prequential
 from models.tournament import (LEARNER_NAMES, FastStack, Learner, Stack, StageModels, Tournament, fast_predictors,
@@ -87,11 +89,81 @@ def vectorize_labelled(f: Features, stage_rates: StageRates | None = None,
     return x, labels
 
 
+def model_inputs(state: State, now_ms: int, *, half_life_s: float, fields: FieldPolicy | None,
+                 stage_rates: StageRates | None = None,
+                 encoder: Encoder | None = None) -> tuple[dict[str, float], dict[str, str]]:
+    """``vectorize_labelled(features(state, now_ms, ...), stage_rates, encoder)``, without the features.
+
+    The model's inputs straight from the lead's state (the hot path of a lead the model alone
+    scores): the same keys in the same order, the same values to the bit, since the model sums them
+    in this order (``tests/test_learner.py`` compares the two on every state of simulated streams).
+    The explicit fields' inputs are remembered per lead (by the fields' JSON, as their features are).
+
+    >>> from models.features import features, new_state
+    >>> s = new_state("l1") | {"first_ts": 0, "fields": {"Country": "DE"}, "stage": "new", "stage_ts": 0}
+    >>> model_inputs(s, 3_600_000, half_life_s=60, fields=None) == vectorize_labelled(
+    ...     features(s, 3_600_000, half_life_s=60))
+    True
+    """
+    encoder = encoder or _DEFAULT_ENCODER
+    x: dict[str, float] = {}
+    labels: dict[str, str] = {}
+    created = state["created_ts"] if state["created_ts"] is not None else state["first_ts"]
+    if created is not None:
+        month, weekday = created_parts(created // 1000)
+        encoder.encode_category(x, labels, "created_month", month)
+        encoder.encode_category(x, labels, "created_weekday", weekday)
+        age = (now_ms - created) / 86_400_000
+        x["age_days"] = math.log1p(age) if age > 0.0 else 0.0  # the feature is max(0, age), log-scaled
+    block, block_labels, known = _explicit_inputs(state["fields"], fields, encoder)
+    x.update(block)
+    if block_labels:
+        labels.update(block_labels)
+    x["fields_known"] = known
+    kernels.IMPL.dynamic_features(x, state, now_ms, half_life_s, count_keys, STAGE_INDEX, _STAGE_KEYS)
+    counts = state["counts"]
+    for k, linear in _LINEAR_COPIES:
+        raw = _LINEAR_SOURCES[k](state, counts)
+        if raw is not None:
+            x[linear] = raw
+    if stage_rates is not None and state["stage"] is not None:
+        x["stage_win_rate"] = stage_rates.rate(state["stage"])
+    return x, labels
+
+
+def _explicit_inputs(values: dict[str, Any], policy: FieldPolicy | None,
+                     encoder: Encoder) -> tuple[dict[str, float], dict[str, str], float]:
+    """The explicit fields' model inputs, their labels and ``fields_known``; remembered in the
+    encoder's memo (so forgotten with it when its vocabularies change) by the fields' JSON."""
+    memo = encoder.__dict__.setdefault("_memo", {})
+    key = explicit_key(values)
+    if key is not None:
+        hit = memo.get((id(policy), key))
+        if hit is not None and hit[0] is policy:  # the entry holds the policy: its id is not reused
+            return hit[1], hit[2], hit[3]
+    out, known = explicit_features(values, policy)
+    block: dict[str, float] = {}
+    block_labels: dict[str, str] = {}
+    kernels.IMPL.encode_inputs(out, block, block_labels, _KINDS, _kind, memo, encoder, _FIELD, _LOG)
+    if key is not None:
+        if len(memo) >= MEMO_SIZE:
+            memo.clear()
+        memo[id(policy), key] = (policy, block, block_labels, known)
+    return block, block_labels, known
+
+
 _DEFAULT_ENCODER = Encoder()
 # Counts and durations also given to the model as they are (standardised, not log-scaled), as
 # ``<name>_linear``: X Education whole-history ROC AUC of logreg 0.856 -> 0.867 (AdaGrad), the served
 # model 0.8728 -> 0.8776 (docs/model-comparison.md, 2026-12-01).
 _LINEAR_COPIES = tuple((k, k + "_linear") for k in ("visit_duration_s", "n_visit", "events_total"))
+# Each linear copy's value as the features give it (model_inputs reads it off the state).
+_LINEAR_SOURCES = {
+    "visit_duration_s": lambda state, counts: float(state["visit_duration_s"]),
+    "n_visit": lambda state, counts: float(counts["visit"]) if "visit" in counts else None,
+    "events_total": lambda state, counts: float(sum(counts.values())),
+}
+_STAGE_KEYS = {stage: f"stage={stage}" for stage in STAGES}  # the stage's one-hot input (Encoder.encode_category)
 _FIELD, _LOG, _PLAIN = "field", "log", "plain"  # how vectorize treats a feature, by its name
 _KINDS: dict[str, str] = {}  # feature name -> its kind, decided once (the encoder bounds the names)
 
@@ -361,11 +433,21 @@ class ServingModel:
             _, preds, x, labels, _ = known
         else:
             (x, labels), preds = vectorize_labelled(f, self.stage_rates, self.encoder), None
-        if not self.learners:
-            return predict_explain(self.model, x, labels=labels)
-        if preds is not None:  # evaluate: every learner was asked already
+        if preds is not None and self.learners:  # evaluate: every learner was asked already
             explain = self.model is not None and known[4]
             return preds[self.champion], predict_explain(self.model, x, labels=labels)[1] if explain else []
+        return self.predict_inputs(x, labels)
+
+    def predict_state(self, state: State, now_ms: int, *, half_life_s: float,
+                      fields: FieldPolicy | None) -> tuple[float, list[dict[str, Any]]]:
+        """:meth:`predict` of ``features(state, now_ms, ...)``, from the state (:func:`model_inputs`)."""
+        return self.predict_inputs(*model_inputs(state, now_ms, half_life_s=half_life_s, fields=fields,
+                                                 stage_rates=self.stage_rates, encoder=self.encoder))
+
+    def predict_inputs(self, x: dict[str, float], labels: dict[str, str]) -> tuple[float, list[dict[str, Any]]]:
+        """The champion's P(won) and reasons for the model inputs ``x`` (:func:`vectorize_labelled`)."""
+        if not self.learners:
+            return predict_explain(self.model, x, labels=labels)
         return self._fast_predict(x, labels)
 
     def _fast_predict(self, x: dict[str, float], labels: dict[str, str]) -> tuple[float, list[dict[str, Any]]]:

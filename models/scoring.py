@@ -72,10 +72,17 @@ class Scorer:
     def score(self, f: Features) -> Scored:
         """The lead's score; ValueError if it is not a probability (a NaN stored in the state would
         fail every later read of the lead: the event is dead-lettered instead, the lead left as it was)."""
-        scored = self._score(f)
-        if not 0.0 <= scored.score <= 1.0:  # NaN too
-            raise ValueError(f"the {scored.source} score {scored.score!r} is not a probability")
-        return scored
+        return _probability(self._score(f))
+
+    def score_state(self, state: State, at_ms: int) -> tuple[Scored, Features | None]:
+        """:meth:`score` of the lead's features at ``at_ms``, and those features; None instead of them
+        where the model alone scores (it reads its inputs off the state: the features are not built)."""
+        model = self.model
+        if model is not None and model.model_weight() == 1.0:
+            p, reasons = model.predict_state(state, at_ms, half_life_s=self.rules.half_life_s, fields=self.rules.fields)
+            return _probability(Scored(p, self.rules.grades.grade(p), "model", model.version, reasons, None)), None
+        f = features(state, at_ms, half_life_s=self.rules.half_life_s, fields=self.rules.fields)
+        return self.score(f), f
 
     def _score(self, f: Features) -> Scored:
         weight = self.model.model_weight() if self.model is not None else 0.0
@@ -102,6 +109,12 @@ class Scorer:
     @property
     def version(self) -> int:
         return self.model.version if self.model is not None else 0
+
+
+def _probability(scored: Scored) -> Scored:
+    if not 0.0 <= scored.score <= 1.0:  # NaN too
+        raise ValueError(f"the {scored.source} score {scored.score!r} is not a probability")
+    return scored
 
 
 @dataclass
@@ -149,9 +162,9 @@ def step(state: State | None, event: Event, scorer: Scorer, *, scored_at_ms: int
     stage_before = state.get("stage") if state else None
     after = fold(state if state is not None else new_state(event.lead_id), event, half_life_s=half_life_s, copy=copy)
     # Private fields (see models/fields.py) never become features: not in snapshots, not learned.
-    # Unscored, the features and rules of most events are skipped: about half of a rules-only step.
-    f = features(after, after["last_ts"], half_life_s=half_life_s, fields=scorer.rules.fields) if score else None
-    scored = scorer.score(f) if f is not None else None
+    # Unscored, the features and rules of most events are skipped: about half of a rules-only step;
+    # scored by the model alone, the features are built only for a snapshot.
+    scored, f = scorer.score_state(after, after["last_ts"]) if score else (None, None)
     if scored is None:
         result = StepResult(after, None)
     else:
@@ -193,8 +206,7 @@ def rescore(state: State, scorer: Scorer, *, now_ms: int, trigger: str) -> StepR
     """
     was_hot = bool(state.get("hot"))
     at = max(now_ms, state["last_ts"] or now_ms)
-    f = features(state, at, half_life_s=scorer.rules.half_life_s, fields=scorer.rules.fields)
-    scored = scorer.score(f)
+    scored, _ = scorer.score_state(state, at)
     message = _score_message(state["lead_id"], None, None, at, state, scored, now_ms, trigger)
     result = StepResult(state, message)
     result.hot = _apply_score(state, scored, scorer.rules, was_hot, message, now_ms, trigger)

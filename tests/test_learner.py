@@ -99,3 +99,69 @@ def test_the_served_probability_is_the_models_own():
     for _ in range(20):
         x = {"n_click": rng.random() * 3, "stage=new": 1.0, "age_days": rng.random() * 10, "h=1f": 1.0}
         assert abs(predict_explain(model, x)[0] - model.predict_proba_one(x)[True]) < 1e-12
+
+
+def _lead_states(seed, leads=60):
+    """Every state of ``leads`` simulated leads, event by event, as the rules-only stream folds them."""
+    import orjson
+
+    from models.events import parse_event, topic_kind_of
+    from models.offline.simulate import simulate
+    from models.rules import DEFAULT_CONFIG, load_rules
+    from models.scoring import Scorer, step
+
+    rules = load_rules(DEFAULT_CONFIG.read_text())
+    states, scorer = {}, Scorer(rules)
+    for e in simulate(leads, seed=seed):
+        ev = parse_event(e["lead_id"].encode(), orjson.dumps(e), topic_kind=topic_kind_of(e["type"]))
+        r = step(states.get(ev.lead_id), ev, scorer, scored_at_ms=0, stage_snapshots=[])
+        states[ev.lead_id] = r.state
+        if r.training:
+            yield "training", r.training
+        if r.state is not None:
+            yield "state", r.state
+
+
+def _odd_variant(state, rng):
+    """``state`` with what simulated leads never have: odd fields (private, hashed numbers, lists,
+    -0.0, huge numbers), no creation time, no stage, no touch."""
+    import copy
+
+    odd = copy.deepcopy(state)
+    extra = {"email": "a@b.c", "Revenue": rng.choice([1e20, -0.0, 3, 2.5]), "tags": ["A", 1], "Notes": "  Mixed Case ",
+             "vip": rng.random() < 0.5, "job_title": rng.choice(["CEO", "intern", "Astronaut"]), "age": "41"}
+    odd["fields"].update(rng.sample(sorted(extra.items()), k=rng.randint(1, len(extra))))
+    for key in rng.sample(["created_ts", "first_ts", "last_touch_ts", "stage"], k=rng.randint(0, 4)):
+        odd[key] = None
+    return odd
+
+
+def _bits(x):
+    return [(k, float.hex(v)) for k, v in x.items()]
+
+
+def test_model_inputs_equal_the_vectorized_features_key_for_key_and_bit_for_bit():
+    """The model's sums run in the inputs' order: model_inputs must give vectorize's keys in its order."""
+    from models.features import features
+    from models.fields import Encoder
+    from models.learner import model_inputs, vectorize_labelled
+    from models.rules import DEFAULT_CONFIG, load_rules
+
+    rules = load_rules(DEFAULT_CONFIG.read_text())
+    rng = random.Random(4)
+    encoder, rates, checked = Encoder(rules.fields), StageRates(), 0
+    for kind, item in _lead_states(seed=11):
+        if kind == "training":  # the vocabularies and rates move as deals close (the memo must follow)
+            encoder.learn(item["snapshots"][-1]["features"])
+            rates.update([s["stage"] for s in item["snapshots"] if s["stage"]], item["won"])
+            continue
+        for state in (item, _odd_variant(item, rng)):
+            now = (state["last_ts"] or 0) + rng.choice([0, -5_000, 86_400_000 * rng.randint(1, 90)])
+            expected = vectorize_labelled(features(state, now, half_life_s=rules.half_life_s, fields=rules.fields),
+                                          rates, encoder)
+            for _ in range(2):  # computed, then remembered
+                got = model_inputs(state, now, half_life_s=rules.half_life_s, fields=rules.fields,
+                                   stage_rates=rates, encoder=encoder)
+                assert _bits(got[0]) == _bits(expected[0]) and got[1] == expected[1]
+                checked += 1
+    assert checked > 2000 and encoder.vocab, (checked, encoder.vocab)

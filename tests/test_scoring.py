@@ -128,6 +128,36 @@ def test_huge_explicit_numbers_give_a_finite_score_and_reasons():
 
 
 def test_a_score_that_is_not_a_probability_is_an_error_not_a_state():
-    model = SimpleNamespace(model_weight=lambda: 1.0, predict=lambda f: (float("nan"), []), version=3)
+    model = SimpleNamespace(model_weight=lambda: 1.0, predict_state=lambda *a, **kw: (float("nan"), []), version=3)
     with pytest.raises(ValueError, match="the model score nan is not a probability"):
         step(None, Event("e1", "l1", "visit", 0, {}), Scorer(RULES, model), scored_at_ms=0)
+
+
+def test_the_model_alone_scores_a_state_as_it_scores_the_states_features():
+    """Scored by the model alone, a lead's features are not built (its inputs come off the state):
+    the same score and reasons to the bit, for the tournament's champion (a stack with trees) and for
+    each of its learners forced as champion."""
+    import copy
+
+    from models.features import features
+    from tests.test_learner import _lead_states
+
+    trainer, states = Trainer(min_outcomes=5, batch_every=50), []
+    for kind, item in _lead_states(seed=12, leads=150):
+        if kind == "training":
+            trainer.learn(item["snapshots"], item["won"])
+        else:
+            states.append(copy.deepcopy(item))
+    serving = trainer.serving()
+    assert serving.model_weight() == 1.0 and serving.champion in serving.learners
+    for champion in [serving.champion] + [n for n in serving.learners if n != serving.champion]:
+        model = copy.copy(serving)
+        model.__dict__.pop("_fast", None)
+        model.champion = champion
+        scorer = Scorer(RULES, model)
+        for state in states[::7]:
+            at = state["last_ts"] + 3_600_000
+            expected = scorer.score(features(state, at, half_life_s=RULES.half_life_s, fields=RULES.fields))
+            got, f = scorer.score_state(state, at)
+            assert f is None and got.source == "model"
+            assert (float.hex(got.score), got.reasons) == (float.hex(expected.score), expected.reasons), champion
