@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from models import kernels
-from models.events import STAGES, WEB_TYPES, Event
+from models.events import EVENT_TYPES, STAGES, WEB_TYPES, Event
 from models.fields import FieldPolicy
 
 State = dict[str, Any]
@@ -185,7 +185,7 @@ def features(state: State, now_ms: int, *, half_life_s: float, fields: FieldPoli
     explicit, known = explicit_features(state["fields"], fields)
     f.update(explicit)
     f["fields_known"] = known
-    kernels.IMPL.dynamic_features(f, state, now_ms, half_life_s, count_keys, STAGE_INDEX)
+    kernels.IMPL.dynamic_features(f, state, now_ms, half_life_s, COUNT_KEYS, STAGE_INDEX)
     return f
 
 
@@ -236,9 +236,8 @@ def _field_key(name: str) -> str:
     return "f_" + name
 
 
-@lru_cache(maxsize=64)  # event types: a closed set
-def count_keys(event_type: str) -> tuple[str, str]:
-    return "n_" + event_type, "d_" + event_type
+# Each event type's count and decayed count features (a dict: the dynamic_features kernel reads it per type).
+COUNT_KEYS = {t: ("n_" + t, "d_" + t) for t in EVENT_TYPES}
 
 
 def _field_value(value: Any) -> float | str:

@@ -101,10 +101,11 @@ def _put(out: dict, name: object, value: object, log: cython.bint, inputs: cytho
 
 
 @cython.locals(counts=dict, decayed=dict, statuses=dict, names=tuple, inputs=cython.bint)
-def dynamic_features(f: dict, state: dict, now_ms: object, half_life_s: object, count_keys: Any,
+def dynamic_features(f: dict, state: dict, now_ms: object, half_life_s: object, count_keys: dict,
                      stage_index: dict, stage_keys: dict | None = None) -> None:
     """The dynamic features of :func:`models.features.features` (after the explicit ones), into ``f``:
-    counts and decayed counts as of ``now_ms``, pages, sessions, recency, stage, activities.
+    counts and decayed counts as of ``now_ms`` (``count_keys``: each event type's two feature names),
+    pages, sessions, recency, stage, activities.
 
     With ``stage_keys`` (each stage's one-hot key), they go into ``f`` as the model's inputs instead,
     as :func:`encode_inputs` would turn them (:func:`models.learner.model_inputs`): counts, durations
@@ -116,11 +117,11 @@ def dynamic_features(f: dict, state: dict, now_ms: object, half_life_s: object, 
     >>> s = {"counts": {"visit": 2}, "decayed": {"visit": 1.5}, "decay_ref_ts": 0, "pages": [1], "sessions": [],
     ...      "visit_duration_s": 30.0, "last_touch_ts": 0, "stage": None, "stages_visited": [], "activities": {}}
     >>> f = {}
-    >>> dynamic_features(f, s, 3_600_000, 3600.0, lambda t: ("n_" + t, "d_" + t), {})
+    >>> dynamic_features(f, s, 3_600_000, 3600.0, {}, {})
     >>> f["d_visit"], f["sessions"], f["recency_s"]
     (0.75, 2.0, 3600.0)
     >>> x = {}
-    >>> dynamic_features(x, s, 3_600_000, 3600.0, lambda t: ("n_" + t, "d_" + t), {}, {})
+    >>> dynamic_features(x, s, 3_600_000, 3600.0, {"visit": ("n_visit", "d_visit")}, {}, {})
     >>> x["d_visit"] == pymath.log1p(0.75), x["stages_visited"]
     (True, 0.0)
     """
@@ -132,7 +133,9 @@ def dynamic_features(f: dict, state: dict, now_ms: object, half_life_s: object, 
     if ref is not None and now_ms > ref:
         factor = 0.5 ** ((now_ms - ref) / 1000 / half_life_s)
     for event_type, n in counts.items():
-        names = count_keys(event_type)
+        names = count_keys.get(event_type)
+        if names is None:  # not a type of the contract (a state written by another version)
+            names = ("n_" + event_type, "d_" + event_type)
         _put(f, names[0], float(n), True, inputs)
         _put(f, names[1], decayed.get(event_type, 0.0) * factor, True, inputs)
     _put(f, "distinct_pages", float(len(state["pages"])), True, inputs)

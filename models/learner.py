@@ -37,7 +37,7 @@ from river import base, compose, drift, forest, linear_model, naive_bayes, optim
 
 from models import glm, kernels
 from models.events import STAGES
-from models.features import (STAGE_INDEX, Features, State, count_keys, created_parts, explicit_features,
+from models.features import (COUNT_KEYS, STAGE_INDEX, Features, State, created_parts, explicit_features,
                              explicit_key)
 from models.fields import MEMO_SIZE, Encoder, FieldPolicy
 from models.fused import FusedMembers
@@ -120,7 +120,7 @@ def model_inputs(state: State, now_ms: int, *, half_life_s: float, fields: Field
     if block_labels:
         labels.update(block_labels)
     x["fields_known"] = known
-    kernels.IMPL.dynamic_features(x, state, now_ms, half_life_s, count_keys, STAGE_INDEX, _STAGE_KEYS)
+    kernels.IMPL.dynamic_features(x, state, now_ms, half_life_s, COUNT_KEYS, STAGE_INDEX, _STAGE_KEYS)
     counts = state["counts"]
     for k, linear in _LINEAR_COPIES:
         raw = _LINEAR_SOURCES[k](state, counts)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from models import kernels
-from models.learner import _FIELD, _KINDS, _LOG, _kind, vectorize_labelled
+from models.learner import _FIELD, _KINDS, _LOG, _kind, model_inputs, vectorize_labelled
 from models.fields import Encoder
 from models.tournament import _bin
 
@@ -138,7 +138,8 @@ def test_encode_inputs_gives_vectorize_its_inputs(impl: ModuleType) -> None:
 @pytest.mark.skipif(NATIVE is None, reason="the compiled kernels are not built here")
 def test_features_and_model_inputs_are_the_same_compiled_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every simulated lead after each of its events, at the event's time and a month later: the
-    same features in the same order (the model adds them up in that order) and the same inputs."""
+    same features in the same order (the model adds them up in that order) and the same inputs,
+    whether vectorized from the features or read off the state (``model_inputs``)."""
     import orjson
 
     from models.events import parse_event, topic_kind_of
@@ -157,7 +158,9 @@ def test_features_and_model_inputs_are_the_same_compiled_or_not(monkeypatch: pyt
                 monkeypatch.setattr(kernels, "IMPL", impl)
                 f = features(state, now_ms, half_life_s=7 * 86_400)
                 x, labels = vectorize_labelled(f, encoder=encoder)
+                direct = model_inputs(state, now_ms, half_life_s=7 * 86_400, fields=None, encoder=encoder)
                 seen.append(([(k, v, type(v)) for k, v in f.items()], list(x.items()), labels))
+                assert [(k, v.hex()) for k, v in direct[0].items()] == [(k, v.hex()) for k, v in x.items()]
             assert seen[0] == seen[1]
 
 
