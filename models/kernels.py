@@ -248,6 +248,59 @@ def largest(contrib: list, top: int) -> list:
 
 
 @cython.ccall
+def sigmoid(z: cython.double) -> cython.double:
+    """``1 / (1 + exp(-z))``, ``z`` kept within [-700, 700] first (no overflow; a NaN stays NaN).
+
+    >>> sigmoid(0.0), sigmoid(-1e6) == 1 / (1 + pymath.exp(700.0))
+    (0.5, True)
+    """
+    if z < -700.0:
+        z = -700.0
+    if z > 700.0:
+        z = 700.0
+    return 1.0 / (1.0 + cmath.exp(-z))
+
+
+@cython.locals(kept=list, out=list)
+def reasons(contrib: list, labels: dict, top: int) -> list:
+    """The ``top`` largest contributions as the score message's reasons: each one's readable name
+    (``labels``, else its key) and its value rounded to 4 decimals, the largest first.
+
+    >>> reasons([("h=1f", -0.25), ("n_click", 1.123456), ("age_days", 0.5)], {"h=1f": "f_city=berlin"}, 2)
+    [{'feature': 'n_click', 'contribution': 1.1235}, {'feature': 'age_days', 'contribution': 0.5}]
+    """
+    kept = largest(contrib, top)
+    out = []
+    for kc in kept:
+        out.append({"feature": labels.get(kc[0], kc[0]), "contribution": round_digits(kc[1], 4)})
+    return out
+
+
+@cython.locals(total=cython.double, w=cython.double, p=cython.double, pair=tuple)
+def stack_total(weights: tuple, base_p: dict) -> float:
+    """The stack's weighted log-odds of its members: ``w * logit(p)`` for each ``(member, w)`` of
+    ``weights`` whose P(won) is in ``base_p``, added in that order from 0.0, ``p`` kept within
+    [1e-4, 1 - 1e-4] first (as :func:`models.tournament._logit`).
+
+    >>> logit = lambda p: pymath.log(p / (1 - p))
+    >>> stack_total((("a", 0.5), ("b", 2.0), ("c", 1.0)), {"a": 0.9, "b": 1.0}) == 0.5 * logit(0.9) + 2.0 * logit(1 - 1e-4)
+    True
+    """
+    total = 0.0
+    for pair in weights:
+        hit = base_p.get(pair[0])
+        if hit is not None:
+            w = pair[1]
+            p = hit
+            if p < 1e-4:  # max(p, 1e-4) then min(., 1 - 1e-4): a NaN stays NaN, as there
+                p = 1e-4
+            if p > 1 - 1e-4:
+                p = 1 - 1e-4
+            total += w * cmath.log(p / (1 - p))
+    return total
+
+
+@cython.ccall
 @cython.locals(ax=cython.double, scale=cython.double, y=cython.double, whole=cython.double, frac=cython.double)
 def round_digits(x: cython.double, digits: cython.int) -> cython.double:
     """``round(x, digits)`` (0 <= digits <= 15), the same double, without its decimal string.

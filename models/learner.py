@@ -321,9 +321,7 @@ class LinearScorer:
         """:meth:`explain` from the :meth:`contributions` of ``x`` (when a caller walked ``x`` already;
         ``total``: their sum, if the caller added them up in their order)."""
         p = self.link(self.intercept + (sum(map(_value, contrib)) if total is None else total))
-        labels = labels or {}
-        top_pairs, round_digits = kernels.IMPL.largest(contrib, top), kernels.IMPL.round_digits
-        return p, [{"feature": labels.get(k, k), "contribution": round_digits(c, 4)} for k, c in top_pairs]
+        return p, kernels.IMPL.reasons(contrib, labels or {}, top)
 
 
 _value = itemgetter(1)

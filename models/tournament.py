@@ -500,8 +500,7 @@ def serving_learners(learners: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sigmoid(z: float) -> float:
-    z = min(max(z, -700.0), 700.0)
-    return 1.0 / (1.0 + math.exp(-z))
+    return kernels.IMPL.sigmoid(z)  # z kept within [-700, 700]: no overflow
 
 
 class FlatTrees:
@@ -705,11 +704,7 @@ class FastStack:
         self.link = stack.model.loss.mean_func
 
     def predict_from(self, base_p: dict[str, float], x: X | None = None) -> float:
-        total = 0.0
-        for name, w in self.weights[form_segment(x or {})]:
-            p = base_p.get(name)
-            if p is not None:
-                total += w * _logit(p)
+        total = kernels.IMPL.stack_total(self.weights[form_segment(x or {})], base_p)
         return float(self.link(total + self.intercept))
 
 

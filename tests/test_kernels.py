@@ -234,3 +234,42 @@ def test_walk_trees_gives_the_generated_codes_log_odds_to_the_bit(impl: ModuleTy
     rows += [[float(rng.choice([np.nan, -1e300, 1e300, rng.normal(0, 50)])) for _ in rows[0]] for _ in range(500)]
     assert len({generated(row) for row in rows}) > 50  # many paths, not a few leaves
     assert [walk(row) for row in rows] == [generated(row) for row in rows]
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda m: m.__name__)
+def test_the_stacks_sigmoid_and_logits_are_the_plain_formulas_to_the_bit(impl: ModuleType) -> None:
+    """The stack's members' log-odds and the sigmoids, as models.tournament wrote them before."""
+    def logit(p: float) -> float:
+        p = min(max(p, 1e-4), 1 - 1e-4)
+        return math.log(p / (1 - p))
+
+    def sigmoid(z: float) -> float:
+        z = min(max(z, -700.0), 700.0)
+        return 1.0 / (1.0 + math.exp(-z))
+
+    rng = random.Random(9)
+    odd = [0, 1, 0.0, 1.0, 1e-5, 1 - 1e-5, 1e-4, 0.5, math.nan]
+    for _ in range(3000):
+        weights = tuple((f"m{i}", rng.gauss(0, 2)) for i in range(rng.randint(0, 5)))
+        base = {name: rng.choice(odd + [rng.random()]) for name, _ in weights if rng.random() < 0.8}
+        expected = 0.0
+        for name, w in weights:
+            if name in base:
+                expected += w * logit(base[name])
+        got = impl.stack_total(weights, base)
+        assert got.hex() == expected.hex() or (math.isnan(got) and math.isnan(expected))
+        z = rng.choice([rng.gauss(0, 5), rng.gauss(0, 1000), math.inf, -math.inf, 701.0, -700.5])
+        assert impl.sigmoid(z).hex() == sigmoid(z).hex()
+    assert math.isnan(impl.sigmoid(math.nan))
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda m: m.__name__)
+def test_reasons_are_the_largest_contributions_named_and_rounded(impl: ModuleType) -> None:
+    rng = random.Random(8)
+    for _ in range(2000):
+        contrib = [(f"k{i}", rng.choice([rng.gauss(0, 1), 0.5, -0.5, 1e-9])) for i in range(rng.randint(0, 40))]
+        labels = {k: f"f_{k}=x" for k, _ in contrib if rng.random() < 0.3}
+        top = rng.randint(0, 6)
+        expected = [{"feature": labels.get(k, k), "contribution": round(c, 4)}
+                    for k, c in sorted(contrib, key=lambda kc: (-abs(kc[1]), kc[0]))[:top]]
+        assert impl.reasons(contrib, labels, top) == expected
