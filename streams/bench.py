@@ -12,7 +12,8 @@ What it measures (a table on stdout, ``--json FILE`` for the figures):
 - ``workers``: the same burst with 2 workers in one group on the topics' partitions.
 - ``latency``: event -> score latency at steady offered rates, each for a bounded time, with and
   without a reader loading the dashboard every second.
-- ``step``: the pure per-event step (decode + validate + fold + features + score), rules / model.
+- ``step``: the pure per-event step (decode + validate + fold + features + score), rules / model: the
+  median of 3 passes over 300 simulated leads, the process's heap frozen first as the worker's.
 - ``memory``: Redis bytes per lead and per event (``MEMORY USAGE`` of every key, views included)
   after the pipeline's own write path wrote ``--memory-leads`` simulated leads.
 - ``reads`` and ``rescoring``: dashboard, funnel and leaderboard read times at that many leads,
