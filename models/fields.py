@@ -234,7 +234,7 @@ class Encoder:
         memo = self.__dict__.setdefault("_memo", {})
         encoded = memo.get((k, v))
         if encoded is None:
-            if len(memo) >= MEMO_SIZE:
+            if len(memo) >= _MEMO_SIZE:
                 memo.clear()
             one: dict[str, Any] = {}
             label: dict[str, str] = {}
@@ -286,15 +286,24 @@ class Encoder:
             # Membership can only change if the counted value is not in it yet, or a member left.
             if (value not in vocab and counter.counts[value] >= spec.min_count) or evicted in vocab:
                 self.vocab[name] = frozenset(counter.top(spec.top, spec.min_count))
-                self.__dict__.pop("_memo", None)  # encodings made with the old vocabulary
+                self.forget_encodings()
+
+    def forget_encodings(self) -> None:
+        """Drop what the encoder remembers of its encodings (made with vocabularies that changed)."""
+        for name in ENCODER_MEMOS:
+            self.__dict__.pop(name, None)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.pop("_memo", None)  # never in a checkpoint
+        for name in ENCODER_MEMOS:  # never in a checkpoint
+            state.pop(name, None)
         return state
 
 
-MEMO_SIZE = 20_000  # (field, string value) encodings and leads' explicit inputs an encoder remembers
+_MEMO_SIZE = 20_000  # distinct (field, string value) encodings an encoder remembers
+# An encoder's memos, in its __dict__: its (field, string value) encodings (``_memo``) and its leads'
+# explicit inputs (``_lead_inputs``, models.learner.model_inputs).
+ENCODER_MEMOS = ("_memo", "_lead_inputs")
 
 
 @lru_cache(maxsize=10_000)  # (stage, proposal) -> "stage=proposal": a handful of values

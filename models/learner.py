@@ -39,7 +39,7 @@ from models import glm, kernels
 from models.events import STAGES
 from models.features import (COUNT_KEYS, STAGE_INDEX, Features, State, created_parts, explicit_features,
                              explicit_key)
-from models.fields import MEMO_SIZE, Encoder, FieldPolicy
+from models.fields import Encoder, FieldPolicy
 from models.fused import FusedMembers
 from models.metrics import Prequential
 from models.tournament import (LEARNER_NAMES, FastStack, Learner, Stack, StageModels, Tournament, fast_predictors,
@@ -133,9 +133,9 @@ def model_inputs(state: State, now_ms: int, *, half_life_s: float, fields: Field
 
 def _explicit_inputs(values: dict[str, Any], policy: FieldPolicy | None,
                      encoder: Encoder) -> tuple[dict[str, float], dict[str, str], float]:
-    """The explicit fields' model inputs, their labels and ``fields_known``; remembered in the
-    encoder's memo (so forgotten with it when its vocabularies change) by the fields' JSON."""
-    memo = encoder.__dict__.setdefault("_memo", {})
+    """The explicit fields' model inputs, their labels and ``fields_known``; remembered by the fields'
+    JSON in the encoder (so forgotten when its vocabularies change: :meth:`Encoder.forget_encodings`)."""
+    memo = encoder.__dict__.setdefault("_lead_inputs", {})
     key = explicit_key(values)
     if key is not None:
         hit = memo.get((id(policy), key))
@@ -144,15 +144,17 @@ def _explicit_inputs(values: dict[str, Any], policy: FieldPolicy | None,
     out, known = explicit_features(values, policy)
     block: dict[str, float] = {}
     block_labels: dict[str, str] = {}
-    kernels.IMPL.encode_inputs(out, block, block_labels, _KINDS, _kind, memo, encoder, _FIELD, _LOG)
+    kernels.IMPL.encode_inputs(out, block, block_labels, _KINDS, _kind, encoder.__dict__.get("_memo"), encoder,
+                               _FIELD, _LOG)
     if key is not None:
-        if len(memo) >= MEMO_SIZE:
+        if len(memo) >= LEAD_INPUTS_MEMO:
             memo.clear()
         memo[id(policy), key] = (policy, block, block_labels, known)
     return block, block_labels, known
 
 
 _DEFAULT_ENCODER = Encoder()
+LEAD_INPUTS_MEMO = 8192  # leads whose explicit inputs an encoder remembers (as models.features' own memo)
 # Counts and durations also given to the model as they are (standardised, not log-scaled), as
 # ``<name>_linear``: X Education whole-history ROC AUC of logreg 0.856 -> 0.867 (AdaGrad), the served
 # model 0.8728 -> 0.8776 (docs/model-comparison.md, 2026-12-01).

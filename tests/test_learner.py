@@ -165,3 +165,17 @@ def test_model_inputs_equal_the_vectorized_features_key_for_key_and_bit_for_bit(
                 assert _bits(got[0]) == _bits(expected[0]) and got[1] == expected[1]
                 checked += 1
     assert checked > 2000 and encoder.vocab, (checked, encoder.vocab)
+
+
+def test_an_encoders_memos_stay_out_of_its_checkpoint():
+    from models.features import new_state
+    from models.fields import ENCODER_MEMOS, Encoder
+    from models.learner import model_inputs
+
+    encoder = Encoder()
+    state = new_state("l1") | {"first_ts": 0, "fields": {"city": "Berlin", "industry": "retail"}}
+    expected = model_inputs(state, 0, half_life_s=60, fields=None, encoder=encoder)
+    assert set(ENCODER_MEMOS) <= set(encoder.__dict__)  # both were filled
+    clone = pickle.loads(pickle.dumps(encoder))
+    assert not set(ENCODER_MEMOS) & set(clone.__dict__)
+    assert model_inputs(state, 0, half_life_s=60, fields=None, encoder=clone) == expected
