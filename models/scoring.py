@@ -77,18 +77,17 @@ class Scorer:
     def score_state(self, state: State, at_ms: int) -> tuple[Scored, Features | None]:
         """:meth:`score` of the lead's features at ``at_ms``, and those features; None instead of them
         where the model alone scores (it reads its inputs off the state: the features are not built)."""
-        model = self.model
-        if model is not None and model.model_weight() == 1.0:
-            p, reasons = model.predict_state(state, at_ms, half_life_s=self.rules.half_life_s, fields=self.rules.fields)
-            return _probability(Scored(p, self.rules.grades.grade(p), "model", model.version, reasons, None)), None
+        if self.model is not None and self.model.model_weight() == 1.0:
+            scored = self._model_alone(*self.model.predict_state(state, at_ms, half_life_s=self.rules.half_life_s,
+                                                                 fields=self.rules.fields))
+            return _probability(scored), None
         f = features(state, at_ms, half_life_s=self.rules.half_life_s, fields=self.rules.fields)
         return self.score(f), f
 
     def _score(self, f: Features) -> Scored:
         weight = self.model.model_weight() if self.model is not None else 0.0
         if weight == 1.0:  # the model alone: the rules are only computed where a snapshot needs them
-            p, model_reasons = self.model.predict(f)
-            return Scored(p, self.rules.grades.grade(p), "model", self.model.version, model_reasons, None)
+            return self._model_alone(*self.model.predict(f))
         ruled = self.rules.score(f)
         if weight == 0.0:
             return Scored(ruled.score, ruled.grade, "rules", self.model.version if self.model else 0,
@@ -101,6 +100,10 @@ class Scorer:
         ranked = kernels.IMPL.largest(list(merged.items()), 5)  # the largest first, ties by name
         reasons = [{"feature": k, "contribution": kernels.IMPL.round_digits(v, 4)} for k, v in ranked]
         return Scored(score, self.rules.grades.grade(score), "blend", self.model.version, reasons, ruled.score)
+
+    def _model_alone(self, p: float, reasons: list[dict[str, Any]]) -> Scored:
+        assert self.model is not None
+        return Scored(p, self.rules.grades.grade(p), "model", self.model.version, reasons, None)
 
     def rules_score(self, f: Features, scored: Scored) -> float:
         """The point rules' score of ``f`` (training snapshots keep it beside the model's, as a baseline)."""
