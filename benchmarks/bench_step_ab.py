@@ -6,7 +6,7 @@ e.g. ``git worktree add --detach /tmp/step-before main`` then ``... /tmp/step-be
 ``models`` and ``streams`` are imported apart (the first tree's modules stay alive in its closures),
 so both run in the same minutes and share the machine's load. The loop is the after tree's
 ``streams.bench.step_pass`` over 300 simulated leads (8,670 events in batches of 500), with the rules alone, with the model the
-simulated outcomes trained (its champion) and with each other champion forced (``logreg``,
+simulated outcomes trained (its champion) and with each other champion forced (``logreg``, ``gam``, ``batch_hgb``,
 ``naive_bayes``), as the previous rounds measured it. Every pass starts from the same empty store, so
 a batch does the same work in every pass: each figure is the sum of each batch's best CPU time
 (``time.process_time``) over ``passes``, per event (a burst of load spoils a batch of one pass, not
@@ -41,7 +41,7 @@ def load(tree: str) -> tuple[dict[str, Any], Runner, Any]:
     model = bench._trained_model(rules_text, events)
     raw = [(e["lead_id"].encode(), orjson.dumps(e), mods["events"].topic_kind_of(e["type"])) for e in events]
     cases: dict[str, Any] = {"rules": None, f"model ({model.champion})": model}
-    for champion in ("logreg", "naive_bayes", "gam", "stack"):  # naive_bayes before the fourth round, gam after
+    for champion in ("logreg", "naive_bayes", "gam", "batch_hgb", "stack"):  # naive_bayes before the fourth round, gam after
         if champion != model.champion and champion in model.learners:
             forced = copy.copy(model)
             forced.__dict__.pop("_fast", None)  # frozen forms are built for the champion asked

@@ -465,8 +465,13 @@ class ServingModel:
             fast = self.__dict__["_fast"] = (stamp, linear, predictors, FusedMembers.of(linear, self.learners), stacks)
         _, linear, predictors, fused, stacks = fast
         champion = self.learners[self.champion]
-        if isinstance(champion, Stack) and fused is not None:  # one pass for the fused members
+        stacked = isinstance(champion, Stack)
+        # One pass for the fused members; a member serving alone too, where that pass saves the
+        # linear learner's walk for the reasons plus its own (logreg alone needs only the one walk).
+        if fused is not None and (stacked or (self.champion != "logreg" and self.champion in fused.names)):
             base, reasons = fused.predict(x, labels)
+            if not stacked:
+                return base[self.champion], reasons
             for name in fused.rest:
                 base[name] = predictors[name](x)
             return stacks[self.champion].predict_from(base, x), reasons

@@ -342,12 +342,15 @@ def test_the_stacks_fused_members_give_each_members_own_figures_to_the_bit() -> 
         assert (preds["logreg"], reasons) == linear.explain(x, labels={"n_download": "downloads"})
         assert preds["gam"] == gam.predict_proba(x) == serving.learners["gam"].predict_proba(x)
         assert preds["batch_hgb"] == hgb.predict_proba(x)
-    # the served stack through the fused pass and through each member alone
-    serving.champion = "stack"
-    fused_served = [serving._fast_predict(x, {}) for x in xs]
-    stamp, linear_, predictors, _, stacks = serving.__dict__["_fast"]
-    serving.__dict__["_fast"] = (stamp, linear_, predictors, None, stacks)
-    assert [serving._fast_predict(x, {}) for x in xs] == fused_served
+    # the served stack (and a fused member serving alone) through the fused pass and through each
+    # member alone
+    for champion in ("stack", "gam", "batch_hgb", "logreg"):
+        serving.champion = champion
+        serving.__dict__.pop("_fast", None)
+        fused_served = [serving._fast_predict(x, {"n_download": "downloads"}) for x in xs]
+        stamp, linear_, predictors, _, stacks = serving.__dict__["_fast"]
+        serving.__dict__["_fast"] = (stamp, linear_, predictors, None, stacks)
+        assert [serving._fast_predict(x, {"n_download": "downloads"}) for x in xs] == fused_served, champion
 
 
 def test_the_frozen_stack_gives_the_stacks_own_figures_to_the_bit() -> None:
