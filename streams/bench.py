@@ -64,6 +64,9 @@ Figures = dict[str, Any]
 POPULATE_TEMPLATES = 1000  # simulated leads written through the pipeline, then copied
 POPULATE_OWNERS = tuple(f"Manager {i:02d}" for i in range(20))  # a sales team for a million leads
 READ_REPEATS = 20  # timings per read (p50, p95)
+# The simulated events of a latency run or a burst fall within this span before now (see _fresh_events):
+# live traffic, within the default decay cadence (LEADSTREAM_RESCORE_EVERY_SECONDS, a day).
+LIVE_SPAN_MS = 12 * 3_600_000
 SEND_TICK_S = 0.002  # the latency runs' load generator sends what is due every 2 ms (see _send_paced)
 
 
@@ -332,13 +335,24 @@ def _latency_figures(rate: float, latencies: list[float]) -> Figures:
             "p95_ms": round(q[94] * 1000, 1), "p99_ms": round(q[98] * 1000, 1)}
 
 
-def _fresh_events(leads: int, seed: int, prefix: str) -> list[dict[str, Any]]:
-    """Simulated events of new leads, shifted in time so the last one is now: live traffic, not an
-    import of old history (which the worker would also rescore for decay at once)."""
+def _fresh_events(leads: int, seed: int, prefix: str, span_ms: int = LIVE_SPAN_MS) -> list[dict[str, Any]]:
+    """Simulated events of new leads, their times moved into the ``span_ms`` before now (order kept,
+    gaps scaled): live traffic, not an import of old history, which the worker would also rescore
+    for decay at once. The simulation spreads leads over weeks: only shifted so that the last event
+    was now, most events were older than the decay cadence (a day by default) and their leads were
+    rescored for decay while the benchmark ran (~1 rescore per 20 events at 2,000 events/s).
+
+    >>> events = _fresh_events(20, 1, "x")
+    >>> now = int(time.time() * 1000)
+    >>> now - LIVE_SPAN_MS - 2000 <= min(e["ts"] for e in events) <= max(e["ts"] for e in events) <= now
+    True
+    """
     events = simulate(leads, seed=seed)
-    shift = int(time.time() * 1000) - 1000 - max(e["ts"] for e in events)
-    return [e | {"event_id": f"{prefix}-{e['event_id']}", "lead_id": f"{prefix}-{e['lead_id']}", "ts": e["ts"] + shift}
-            for e in events]
+    first, last = min(e["ts"] for e in events), max(e["ts"] for e in events)
+    end, span = int(time.time() * 1000) - 1000, max(1, last - first)
+    scale = min(1.0, span_ms / span)
+    return [e | {"event_id": f"{prefix}-{e['event_id']}", "lead_id": f"{prefix}-{e['lead_id']}",
+                 "ts": end - int((last - e["ts"]) * scale)} for e in events]
 
 
 async def bench_pipeline(settings: Settings, leads: int, rates: list[float], seconds: float,
