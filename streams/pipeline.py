@@ -1,8 +1,8 @@
 """Thin orchestration of a micro-batch of input messages: decode, load, compute, write, emit.
 
 For one batch: every message is decoded and validated (bad ones become dead letters), every lead
-of the batch is loaded in one pipelined Redis round trip (none when this worker wrote every one of
-them lately: it keeps them as written, see :data:`RECORD_CACHE_LEADS`), each lead's events are folded in
+of the batch is loaded in one pipelined Redis round trip (but those this worker wrote lately: it
+keeps them as written, see :data:`RECORD_CACHE_LEADS`; none when it wrote every one), each lead's events are folded in
 partition order in memory by the pure :func:`models.scoring.step`, and every changed lead is
 written in one more round trip, each lead by one atomic compare-and-set script that also updates
 the read models (each write leaves as soon as its lead is computed: Redis applies it while the next
@@ -38,7 +38,8 @@ from streams.state import APPLIED, DIGEST_BYTES, LeadRecord, LeadStore, LeadWrit
 log = logging.getLogger(__name__)
 MAX_CAS_RETRIES = 20
 # Leads as this worker last wrote them, so that a batch of leads written lately skips its load round
-# trip (~120-180 µs of the worker's CPU and a wait on Redis). Safe by the write's compare-and-set: a
+# trip (~120-180 µs of the worker's CPU and a wait on Redis), and a batch with a few others loads only
+# those (a parse of each kept lead's state spared). Safe by the write's compare-and-set: a
 # lead another writer changed since is a conflict, loaded and computed again. Bounded in size and age,
 # dropped on a rescore's write, a conflict, an error and a rebalance (docs/performance.md).
 RECORD_CACHE_LEADS = 5_000
@@ -222,9 +223,8 @@ class EventPipeline:
         for attempt in range(MAX_CAS_RETRIES):
             if attempt == 0 and loaded is not None:
                 records = await loaded
-            elif attempt == 0 and not state_only and (cached := self._cached(todo)) is not None:
-                records = cached  # no load trip: the acknowledged re-send material waits for the next
-                self.counts["loads_cached"] += 1
+            elif attempt == 0 and not state_only:
+                records = await self._kept_or_loaded(todo)
             else:
                 records = await self._load(todo, self._take_acked(), state_only)
             computed: dict[str, Computed] = {}
@@ -256,15 +256,23 @@ class EventPipeline:
             await asyncio.sleep(random.uniform(0, 0.001 * (attempt + 1)))  # let the other writer finish
         raise ContentionError(f"leads {sorted(todo)[:5]}: state kept changing under {MAX_CAS_RETRIES} retries")
 
-    def _cached(self, leads: dict[str, Any]) -> dict[str, LeadRecord] | None:
-        """Every lead of ``leads`` as this worker last wrote it, or None unless all are kept and young."""
-        now, records = time.monotonic(), {}
-        for lead in leads:
+    async def _kept_or_loaded(self, leads: dict[str, Any]) -> dict[str, LeadRecord]:
+        """Each lead of ``leads`` as this worker last wrote it where it is kept and young, the others
+        loaded in one round trip (none when all are kept: the acknowledged re-send material then
+        waits for the next). Loading only the others spares the kept ones a parse of their state's
+        JSON, and keeps the state the write handed over (tuples where the JSON has arrays)."""
+        now, records, missing = time.monotonic(), {}, {}
+        for lead, events in leads.items():
             kept = self._written.get(lead)
             if kept is None or now - kept[0] > RECORD_CACHE_S:
-                return None
-            records[lead] = kept[1]
-        return records
+                missing[lead] = events
+            else:
+                records[lead] = kept[1]
+        self.counts["leads_kept"] += len(records)
+        if not missing:
+            self.counts["loads_cached"] += 1
+            return records
+        return records | await self._load(missing, self._take_acked())
 
     def _remember(self, written: list[str], statuses: list[int], computed: dict[str, Computed]) -> None:
         """Keep each lead as its applied write left it; drop the others (a conflict, a deletion, a rescore)."""

@@ -421,11 +421,28 @@ async def test_the_leads_written_last_skip_their_load_and_end_as_if_loaded(redis
                 p.forget_written()
             outs += await handle(p, *chunk)
         await p.flush_acked()
-        return p.counts["loads_cached"], outs, await dump_leads(redis_client), await dump_views(redis_client)
+        return (p.counts["loads_cached"], p.counts["leads_kept"]), outs, await dump_leads(redis_client), \
+            await dump_views(redis_client)
 
     kept, loaded = await run(keep=True), await run(keep=False)
-    assert kept[0] > len(chunks) / 4 and loaded[0] == 0
+    assert kept[0][0] > len(chunks) / 4 and loaded[0] == (0, 0)
+    assert kept[0][1] > kept[0][0]  # kept leads in batches that loaded others too
     assert kept[1:] == loaded[1:] and len(kept[2]) > 10
+
+
+async def test_a_batch_loads_only_the_leads_not_kept(pipeline, monkeypatch):
+    await handle(pipeline, msg(0, "e1", "click", 0))  # l1 kept as written
+    asked = []
+    real = pipeline.store.load_many
+
+    async def load_many(leads, **kwargs):
+        asked.append(sorted(leads))
+        return await real(leads, **kwargs)
+
+    monkeypatch.setattr(pipeline.store, "load_many", load_many)
+    await handle(pipeline, msg(1, "e2", "click", 1), msg(2, "e3", "visit", 1, lead="l2"))
+    assert asked == [["l2"]] and pipeline.counts["leads_kept"] == 1
+    assert await counts(pipeline) == {"click": 2} and await counts(pipeline, "l2") == {"visit": 1}
 
 
 async def test_a_lead_another_writer_changed_is_loaded_again(pipeline, redis_client):
