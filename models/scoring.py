@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # the rules-only step needs no learner: importing River and S
     from models.learner import ServingModel
 
 MAX_STAGE_SNAPSHOTS = 12  # bounded per lead: one per stage entry, the oldest dropped first
-MAX_HISTORY = 10  # the last scores kept in the state, for the lead page: [ts_ms, score, grade, trigger]
+MAX_HISTORY = 10  # the last scores kept in the state, for the lead page: (ts_ms, score, grade, trigger)
 TRIGGERS = ("event", "decay", "model")
 CLOSING_TYPES = frozenset({"deal_won", "deal_lost"})
 
@@ -234,13 +234,14 @@ def _apply_score(state: State, scored: Scored, rules: Rules, was_hot: bool, mess
     state["score"], state["grade"], state["source"] = message["score"], scored.grade, scored.source
     # The rules' reasons also carry their points (the message shows them; the state has no room for
     # them); the model's and the blend's are new dicts of the two keys kept, shared with the message.
-    state["reasons"] = scored.reasons if scored.source != "rules" else [
-        {"feature": r["feature"], "contribution": r["contribution"]} for r in scored.reasons]
+    state["reasons"] = tuple(scored.reasons) if scored.source != "rules" else tuple(
+        {"feature": r["feature"], "contribution": r["contribution"]} for r in scored.reasons)
     state["model_version"] = scored.model_version
     state["scored_at"] = scored_at_ms
-    history = state.setdefault("history", [])
-    history.append([scored_at_ms, kernels.IMPL.round_digits(message["score"], 4), scored.grade, trigger])
-    del history[:-MAX_HISTORY]
+    # Tuples, as every array of the state (models.features.load_state says why).
+    history = state.get("history", ())
+    state["history"] = (*map(tuple, history[max(0, len(history) + 1 - MAX_HISTORY):]),
+                        (scored_at_ms, kernels.IMPL.round_digits(message["score"], 4), scored.grade, trigger))
     return {**message, "threshold": rules.hot_threshold} if hot_now and not was_hot else None
 
 

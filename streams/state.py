@@ -45,6 +45,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from models.features import load_state
 from models.learner import MODEL_FORMAT, ServingModel, Trainer
 from models.readmodel import Contribution, ViewChanges
 from streams.clients import StreamedPipeline, hash_reply, pipelined
@@ -171,7 +172,7 @@ class LeadRecord:
         if self.state_raw is None:
             return None
         if self._parsed is None:
-            self._parsed = orjson.loads(self.state_raw)
+            self._parsed = load_state(self.state_raw)
         return self._parsed
 
     def fresh_state(self) -> dict[str, Any] | None:
@@ -180,7 +181,7 @@ class LeadRecord:
         handed, self.handed_state = self.handed_state, None
         if handed is not None:
             return handed
-        return orjson.loads(self.state_raw) if self.state_raw is not None else None
+        return load_state(self.state_raw) if self.state_raw is not None else None
 
     @property
     def snaps(self) -> list[dict[str, Any]]:

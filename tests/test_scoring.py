@@ -161,3 +161,49 @@ def test_the_model_alone_scores_a_state_as_it_scores_the_states_features():
             got, f = scorer.score_state(state, at)
             assert f is None and got.source == "model"
             assert (float.hex(got.score), got.reasons) == (float.hex(expected.score), expected.reasons), champion
+
+
+def test_the_score_history_keeps_the_last_scores_as_tuples_whatever_the_stored_form():
+    """The last MAX_HISTORY scores, newest last, each a tuple (a worker keeps thousands of states in
+    memory: a tuple of numbers and strings leaves the garbage collector's care, a list never does),
+    also after a state loaded from JSON (arrays: lists); the same JSON as lists would give."""
+    import orjson
+
+    from models.scoring import MAX_HISTORY
+
+    first = play([("lead_created", 0, {"fields": {"age": 30}})])[-1].state
+    loaded = orjson.loads(orjson.dumps(first | {"history": [[i, 0.5, "C", "event"] for i in range(12)]}))
+    state = step(loaded, Event("e9", "l1", "click", DAY, {}), Scorer(RULES), scored_at_ms=99).state
+    history = state["history"]
+    assert len(history) == MAX_HISTORY and all(type(h) is tuple for h in history)
+    assert [h[0] for h in history] == list(range(12 - MAX_HISTORY + 1, 12)) + [99]
+    assert orjson.loads(orjson.dumps(history))[:-1] == [[i, 0.5, "C", "event"] for i in range(3, 12)]
+    fresh = play([("lead_created", 0, {"fields": {}})])[-1]
+    assert fresh.state["history"] == ((0, round(fresh.score["score"], 4), fresh.score["grade"], "event"),)
+
+
+def test_a_scored_state_and_a_loaded_one_leave_the_garbage_collectors_care():
+    """A worker keeps thousands of states in memory: every array of a state is a tuple, so that once
+    collected young, a state's parts leave the collector's care (CPython untracks a tuple or a dict
+    of numbers and strings; a list stays tracked). What stays: the state dict and its reasons (dicts,
+    as the score message has them)."""
+    import gc
+
+    import orjson
+
+    from models.features import load_state
+
+    events = ([("lead_created", 0, {"fields": {"age": 30, "country": "DE"}}), ("visit", 1, {"session_id": "s1"}),
+               ("page_view", 2, {"url": "/pricing"}), ("stage_changed", 3, {"stage": "contacted"}),
+               ("activity_created", 4, {"activity_id": "a1", "kind": "call"})] + [("click", 5, {})] * 12)
+    state = None
+    for i, (kind, ts, props) in enumerate(events):  # folded in place, as the worker does
+        state = step(state, Event(f"e{i}", "l1", kind, ts, props), Scorer(RULES), scored_at_ms=ts, copy=False).state
+    loaded = load_state(orjson.dumps(state))
+    assert orjson.dumps(loaded) == orjson.dumps(state)
+    for _ in range(3):  # a collection untracks a tuple once its members are: nested ones take a few
+        gc.collect()
+    assert [k for k, v in state.items() if gc.is_tracked(v)] == ["reasons"]
+    assert [k for k, v in loaded.items() if gc.is_tracked(v)] == ["reasons"]
+    parsed = orjson.loads(orjson.dumps(state))  # as lists: each walked by every collection
+    assert {"pages", "history", "activities"} <= {k for k, v in parsed.items() if gc.is_tracked(v)}
