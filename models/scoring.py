@@ -234,8 +234,8 @@ def _apply_score(state: State, scored: Scored, rules: Rules, was_hot: bool, mess
     state["score"], state["grade"], state["source"] = message["score"], scored.grade, scored.source
     # The rules' reasons also carry their points (the message shows them; the state has no room for
     # them); the model's and the blend's are new dicts of the two keys kept, shared with the message.
-    state["reasons"] = tuple(scored.reasons) if scored.source != "rules" else tuple(
-        {"feature": r["feature"], "contribution": r["contribution"]} for r in scored.reasons)
+    state["reasons"] = tuple(scored.reasons) if scored.source != "rules" else tuple([
+        {"feature": r["feature"], "contribution": r["contribution"]} for r in scored.reasons])
     state["model_version"] = scored.model_version
     state["scored_at"] = scored_at_ms
     # Tuples, as every array of the state (models.features.load_state says why).

@@ -149,7 +149,7 @@ def has_digest(ids: bytes, digest: bytes) -> bool:
     return False
 
 
-@dataclass
+@dataclass(slots=True)  # no __dict__: a worker keeps thousands (one container less for the collector to walk)
 class LeadRecord:
     """A lead as loaded for a batch: everything the pure step needs, plus the guards."""
 
