@@ -173,10 +173,11 @@ class EventPipeline:
                                  state_only=True, loaded=loaded)
 
     async def rescore_chunks(self, chunks: list[list[str]], trigger: str, now_ms: int,
-                             emit: Callable[[list[Out]], Awaitable[None]]) -> None:
+                             emit: Callable[[list[Out]], Awaitable[None]], gap_s: float = 0.0) -> None:
         """:meth:`rescore_leads` chunk by chunk, each chunk's states loading while the one before
         computes (Redis reads them on its own core meanwhile); ``emit`` hands a chunk's outputs on,
-        under :attr:`send_order` as its write. A prefetched state that changes before its write is a
+        under :attr:`send_order` as its write; ``gap_s``: a pause between two chunks, out of the lock
+        (event batches go on meanwhile). A prefetched state that changes before its write is a
         conflict, loaded and computed again, as any."""
         loading = self._prefetch(chunks[0]) if chunks else None
         try:
@@ -186,6 +187,8 @@ class EventPipeline:
                     if loading is not None:
                         await asyncio.sleep(0)  # the next load leaves now, not after this chunk's compute
                     await emit(await self.rescore_leads(lead_ids, trigger, now_ms, loaded=current))
+                if gap_s > 0 and k + 1 < len(chunks):
+                    await asyncio.sleep(gap_s)
         finally:
             if loading is not None:
                 _discard(loading)

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from streams.pipeline import EventPipeline, Out
-from streams.rescoring import RESCORE_CHUNK, Rescorer
+from streams.rescoring import RESCORE_CHUNK, RESCORE_CHUNK_BUSY, Rescorer
 from streams.settings import Settings
 
 
@@ -106,6 +106,7 @@ class Backlog(Rescorer):
         self.rounds: list[tuple[float, int, int]] = []  # (clock, leads done before, leads asked)
         self.clock = lambda: self.now
         self.done = 0
+        self.gaps: list[tuple[int, float]] = []  # (chunk, pause between chunks) of each _rescore
 
         async def sleep(seconds: float) -> None:
             self.now += seconds
@@ -120,9 +121,11 @@ class Backlog(Rescorer):
         due, self.backlog = self.backlog[:limit], self.backlog[limit:]
         return due
 
-    async def _rescore(self, leads: list[str], trigger: str, now_ms: int, chunk: int = RESCORE_CHUNK) -> None:
-        self.now += self.work_s
+    async def _rescore(self, leads: list[str], trigger: str, now_ms: int, chunk: int = RESCORE_CHUNK,
+                       gap_s: float = 0.0) -> None:
+        self.now += self.work_s + gap_s * ((len(leads) - 1) // chunk)
         self.done += len(leads)
+        self.gaps.append((chunk, gap_s))
 
 
 class Idle:
@@ -149,7 +152,8 @@ async def test_a_tick_goes_on_through_a_backlog_at_the_rate_while_no_event_arriv
 async def test_a_tick_ends_once_events_arrive_and_leaves_the_rest_due():
     rescorer = Backlog([f"l{i}" for i in range(35)], rate=100, work_s=0.05)
 
-    async def rescore(leads: list[str], trigger: str, now_ms: int, chunk: int = RESCORE_CHUNK) -> None:
+    async def rescore(leads: list[str], trigger: str, now_ms: int, chunk: int = RESCORE_CHUNK,
+                      gap_s: float = 0.0) -> None:
         rescorer.done += len(leads)
         rescorer.pipeline.events = True  # events arrive during the first round
 
@@ -183,3 +187,33 @@ async def test_without_events_a_round_is_a_fifth_of_a_second_of_leads_while_even
     rescorer.pipeline.events = True
     await rescorer.tick()  # while events arrive: a tenth of the rate per 1 s tick, one round
     assert [limit for _, _, limit in rescorer.rounds[3:]] == [10] and len(rescorer.backlog) == 40
+
+
+async def test_while_events_arrive_a_rounds_chunks_are_spread_over_half_the_tick():
+    """Back to back, a busy round's chunks held every event batch of its first ~100 ms behind one:
+    now a pause between two chunks spreads a full budget over half the tick's interval."""
+    rescorer = Backlog([f"l{i}" for i in range(50)], rate=400, work_s=0.0, poll_s=1.0)
+    await rescorer.tick()
+    assert rescorer.gaps[-1] == (RESCORE_CHUNK, 0.0)  # no event: no pause
+    rescorer.backlog = [f"m{i}" for i in range(50)]
+    rescorer.pipeline.events = True
+    await rescorer.tick()  # 40 leads (a tenth of 400 per 1 s tick) in chunks of 20: 2 chunks in 0.5 s
+    assert rescorer.gaps[-1] == (RESCORE_CHUNK_BUSY, 0.5 * RESCORE_CHUNK_BUSY / 40)
+
+
+async def test_the_pause_between_chunks_leaves_the_lock_to_event_batches(monkeypatch):
+    pipeline = Pipeline()
+    sender = Sender(pipeline)
+    slept: list[tuple[float, bool]] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:
+        slept.append((seconds, pipeline.send_order.locked()))
+        await real_sleep(0)
+
+    chunks = [["a", "b"], ["c", "d"], ["e"]]
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    await pipeline.rescore_chunks(chunks, "model", 0, sender.enqueue, gap_s=0.02)
+    monkeypatch.undo()
+    assert [s for s in slept if s[0] > 0] == [(0.02, False), (0.02, False)]  # between chunks, out of the lock
+    assert pipeline.chunks == chunks
