@@ -265,7 +265,7 @@ SETTINGS: dict[str, Setting] = {
                                "An open lead with no event is rescored (time decay) this long after its last score."),
     "rescore_rate": Setting("LEADSTREAM_RESCORE_RATE", "1000", _int(1),
                             "Most leads per second one worker rescores without events (decay, new model); "
-                            "a tenth of it while events are arriving."),
+                            "at most a tenth of it while events are arriving (spread between the event batches)."),
     "rescore_model_every_s": Setting("LEADSTREAM_RESCORE_MODEL_EVERY_SECONDS", "600", _int(0),
                                      "After a new model version, open leads are rescored in a background pass; a "
                                      "new pass starts at most this often (versions come with every checkpoint)."),
