@@ -1,0 +1,98 @@
+"""The worker at a steady rate, block by block: latency, each process's CPU, rescores, full collections.
+
+    .venv/bin/python benchmarks/bench_blocks.py [--rate 2000] [--seconds 10] [--blocks 6] [--gc]
+
+Against the running stack (``leadstream up``), from the tree it is run in: a scoring worker and a
+trainer of their own (as ``leadstream bench`` starts them), then ``--blocks`` latency runs of
+``--seconds`` each at ``--rate`` (``streams.bench.bench_latency``: new simulated leads per block, each
+latency from the event's scheduled time). Per block: p50 / p95 / p99, how late the generator sent,
+the CPU per event of the scorer, the trainer, Kafka, Redis and this process (``/proc``), and the
+scores the scorer made per trigger in the block (its ``/metrics``). ``--gc``: the workers log their
+full garbage collections (``benchmarks/gc_pauses``), printed at the end for the scorer. The p99 of
+one block moves with the machine's minute: compare trees block by block in the same minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, os.getcwd())  # the tree it is run from
+
+from streams import bench  # noqa: E402
+from streams.settings import Settings  # noqa: E402
+from streams.topics import ensure_topics  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of ``pid`` so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, TypeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def pid_of(pattern: str) -> int | None:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    return int(found[0]) if found else None
+
+
+def scored(port: int) -> dict[str, float]:
+    """The scorer's scores so far per trigger (event, decay, model), from its /metrics."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return {}
+    return {m[1]: float(m[2]) for m in re.finditer(r'^leadstream_scored_total\{trigger="(\w+)"\} (\S+)', text, re.M)}
+
+
+async def main(args: argparse.Namespace) -> None:
+    settings = bench.bench_settings(Settings.from_env(), 1, uuid.uuid4().hex[:8])
+    await ensure_topics(settings)
+    gc_dir = tempfile.mkdtemp(prefix="leadstream-gc-") if args.gc else None
+    if gc_dir:  # the workers inherit this process's environment
+        os.environ["PYTHONPATH"] = str(Path(__file__).parent / "gc_pauses")
+        os.environ["LEADSTREAM_GC_LOG_DIR"] = gc_dir
+    trainer, scorer = bench._start_trainer(settings), bench._start_scorer(settings, 0)
+    procs = {"scorer": scorer.pid, "trainer": trainer.pid, "kafka": pid_of("kafka.Kafka"),
+             "redis": pid_of("redis-server"), "generator": os.getpid()}
+    try:
+        for block in range(args.blocks):
+            events = bench._fresh_events(max(50, int(args.rate * args.seconds / 25)), 100 + block, f"k{block}")
+            before, cpu0 = scored(settings.web_port), {name: cpu_s(pid) for name, pid in procs.items()}
+            f = await bench.bench_latency(settings, events, args.rate, args.seconds)
+            after, cpu1 = scored(settings.web_port), {name: cpu_s(pid) for name, pid in procs.items()}
+            per_event = " ".join(f"{name} {(cpu1[name] - cpu0[name]) / f['events'] * 1e6:.0f}" for name in procs)
+            triggers = " ".join(f"{k} {after[k] - before.get(k, 0):.0f}" for k in after)
+            print(f"block {block}: p50 {f['p50_ms']} p95 {f['p95_ms']} p99 {f['p99_ms']} ms, sends late p99 "
+                  f"{f['send_late_p99_ms']} ms | CPU µs/event: {per_event} | scored: {triggers}", flush=True)
+    finally:
+        for worker in (scorer, trainer):
+            bench.stop_worker(worker)
+        await bench._cleanup(settings)
+    if gc_dir:
+        log = Path(gc_dir) / f"gc-{scorer.pid}.txt"
+        lines = log.read_text().splitlines()[1:] if log.exists() else []
+        print(f"scorer's full collections ({log}): epoch s, pause ms, tracked objects, frozen")
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rate", type=float, default=2000.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--blocks", type=int, default=6)
+    parser.add_argument("--gc", action="store_true", help="log the workers' full garbage collections")
+    asyncio.run(main(parser.parse_args()))
