@@ -104,7 +104,7 @@ class EventPipeline:
         self._unacked: list[tuple[str, list[str]]] = []  # (lead, origins) written by the last batch
         self._acked: list[tuple[str, list[str]]] = []  # their outputs are acknowledged: drop their re-send material
         self._last_batch_at = float("-inf")  # monotonic time of the last event batch
-        self._written: OrderedDict[str, tuple[float, LeadRecord]] = OrderedDict()  # see RECORD_CACHE_LEADS
+        self._written: OrderedDict[str, LeadRecord] = OrderedDict()  # see RECORD_CACHE_LEADS (kept_at: when)
         # Held from a write until its records are handed to the producer, by event batches and
         # rescoring alike: records reach a topic in the order of the writes.
         self.send_order = asyncio.Lock()
@@ -149,7 +149,7 @@ class EventPipeline:
             cached = self._written.get(lead)
             if cached is not None:
                 for origin in origins:
-                    cached[1].pending.pop(origin, None)
+                    cached.pending.pop(origin, None)
         self._acked += material
 
     def forget_written(self) -> None:
@@ -267,10 +267,10 @@ class EventPipeline:
         now, records, missing = time.monotonic(), {}, {}
         for lead, events in leads.items():
             kept = self._written.get(lead)
-            if kept is None or now - kept[0] > RECORD_CACHE_S:
+            if kept is None or now - kept.kept_at > RECORD_CACHE_S:
                 missing[lead] = events
             else:
-                records[lead] = kept[1]
+                records[lead] = kept
         self.counts["leads_kept"] += len(records)
         if not missing:
             self.counts["loads_cached"] += 1
@@ -284,7 +284,8 @@ class EventPipeline:
             after = LeadStore.written(computed[lead].write) if status == APPLIED else None  # type: ignore[arg-type]
             self._written.pop(lead, None)
             if after is not None:
-                self._written[lead] = (now, after)  # the newest last: the oldest go first
+                after.kept_at = now
+                self._written[lead] = after  # the newest last: the oldest go first
         while len(self._written) > RECORD_CACHE_LEADS:
             self._written.popitem(last=False)
 

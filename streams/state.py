@@ -193,6 +193,9 @@ class LeadRecord:
     # and what it contributes to the read models (a pure function of the state: not computed again).
     handed_state: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     views_held: Contribution | None = field(default=None, repr=False, compare=False)
+    # When the pipeline kept it (monotonic s): the record itself is the cache's entry, no (time, record)
+    # tuple beside it for the garbage collector to walk.
+    kept_at: float = field(default=0.0, repr=False, compare=False)
 
 
 @dataclass
