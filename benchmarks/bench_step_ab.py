@@ -47,9 +47,7 @@ def load(tree: str) -> tuple[dict[str, Any], Runner, Any]:
             forced.__dict__.pop("_fast", None)  # frozen forms are built for the champion asked
             forced.champion = champion
             cases[f"{champion} forced"] = forced
-    parse_event = mods["events"].parse_event
-    # a lead's state as the tree's worker loads it (load_state since the seventeenth round), else a JSON copy
-    copy_state = getattr(bench, "stored_copy", None) or mods["features"].copy_state
+    parse_event, copy_state = mods["events"].parse_event, mods["features"].copy_state
     scorer_of, step = mods["scoring"].Scorer, mods["scoring"].step
 
     def run(step_pass: Any, serving: Any) -> list[float]:

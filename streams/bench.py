@@ -44,7 +44,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from models.events import parse_event, topic_kind_of
-from models.features import load_state
+from models.features import copy_state
 from models.learner import Trainer
 from models.offline.simulate import simulate
 from models.readmodel import contributions
@@ -117,13 +117,12 @@ def bench_step(events: list[dict[str, Any]], rules_text: str, batch: int = 500, 
 
 
 def step_pass(raw: list[tuple[bytes, bytes, str]], scorer: Any, batch: int = 500, *,
-              parse: Callable[..., Any] = parse_event, copy: Callable[..., Any] | None = None,
+              parse: Callable[..., Any] = parse_event, copy: Callable[..., Any] = copy_state,
               step_fn: Callable[..., Any] = step) -> list[float]:
     """CPU µs per event (of all ``raw``) spent on each batch: the worker's loop, one state copy per
-    lead per batch (by default as the worker reads a lead it loads: the state's JSON, read back by
-    :func:`~models.features.load_state`). ``parse``, ``copy`` and ``step_fn`` let
-    benchmarks/bench_step_ab.py time another source tree's functions with this same loop."""
-    copy = copy or stored_copy
+    lead per batch (:func:`~models.features.copy_state`: the state's JSON, read back as the worker
+    loads a lead). ``parse``, ``copy`` and ``step_fn`` let benchmarks/bench_step_ab.py time another
+    source tree's functions with this same loop."""
     stored: dict[str, Any] = {}
     spent: list[float] = []
     for start in range(0, len(raw), batch):
@@ -139,11 +138,6 @@ def step_pass(raw: list[tuple[bytes, bytes, str]], scorer: Any, batch: int = 500
         stored.update(working)
         spent.append((time.process_time() - t0) / len(raw) * 1e6)
     return spent
-
-
-def stored_copy(state: dict[str, Any]) -> dict[str, Any]:
-    """``state`` written as the worker stores it and read back as it loads it (a copy of its own)."""
-    return load_state(orjson.dumps(state))
 
 
 # ---- Kafka: publish, collect ---------------------------------------------------------------------
