@@ -6,8 +6,8 @@ Against the running stack (``leadstream up``), from the tree it is run in: a sco
 trainer of their own (as ``leadstream bench`` starts them), then ``--blocks`` latency runs of
 ``--seconds`` each at ``--rate`` (``streams.bench.bench_latency``: new simulated leads per block, each
 latency from the event's scheduled time). Per block: p50 / p95 / p99, how late the generator sent,
-the CPU per event of the scorer, the trainer, Kafka, Redis and this process (``/proc``), and the
-scores the scorer made per trigger in the block (its ``/metrics``). ``--gc``: the workers log their
+the CPU per event of the scorer, the trainer, Kafka, Redis (0 unless ``leadstream up`` started them)
+and this process (``/proc``), and the scores the scorer made per trigger in the block (its ``/metrics``). ``--gc``: the workers log their
 full garbage collections (``benchmarks/gc_pauses``), printed at the end for the scorer. The p99 of
 one block moves with the machine's minute: compare trees block by block in the same minutes.
 """
@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, os.getcwd())  # the tree it is run from
 
 from streams import bench  # noqa: E402
 from streams.settings import Settings  # noqa: E402
+from streams.stack import running_pid  # noqa: E402
 from streams.topics import ensure_topics  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -42,11 +42,6 @@ def cpu_s(pid: int | None) -> float:
     except (FileNotFoundError, TypeError):
         return 0.0
     return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def pid_of(pattern: str) -> int | None:
-    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-    return int(found[0]) if found else None
 
 
 def scored(port: int) -> dict[str, float]:
@@ -66,8 +61,8 @@ async def main(args: argparse.Namespace) -> None:
         os.environ["PYTHONPATH"] = str(Path(__file__).parent / "gc_pauses")
         os.environ["LEADSTREAM_GC_LOG_DIR"] = gc_dir
     trainer, scorer = bench._start_trainer(settings), bench._start_scorer(settings, 0)
-    procs = {"scorer": scorer.pid, "trainer": trainer.pid, "kafka": pid_of("kafka.Kafka"),
-             "redis": pid_of("redis-server"), "generator": os.getpid()}
+    procs = {"scorer": scorer.pid, "trainer": trainer.pid, "kafka": running_pid(settings, "kafka"),
+             "redis": running_pid(settings, "redis"), "generator": os.getpid()}
     try:
         for block in range(args.blocks):
             events = bench._fresh_events(max(50, int(args.rate * args.seconds / 25)), 100 + block, f"k{block}")

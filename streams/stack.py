@@ -98,12 +98,18 @@ def up(settings: Settings, environ: Mapping[str, str] | None = None,
     return result
 
 
+def running_pid(settings: Settings, service: str) -> int | None:
+    """The pid of ``service`` (kafka, redis) if ``up`` started it and it still runs, else None."""
+    paths = Paths(settings.home)
+    return _live_pid(paths.pid(service), _mark(service, paths))
+
+
 def down(settings: Settings, services: Sequence[str] = SERVICES) -> None:
     """Stop what ``up`` started, by its pid files (SIGTERM, then SIGKILL after a timeout)."""
     paths = Paths(settings.home)
     for service in services:
         pid_file = paths.pid(service)
-        pid = _live_pid(pid_file, _mark(service, paths))
+        pid = running_pid(settings, service)
         if pid is None:
             stale = pid_file.exists()
             pid_file.unlink(missing_ok=True)
