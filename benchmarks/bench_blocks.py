@@ -1,6 +1,6 @@
 """The worker at a steady rate, block by block: latency, each process's CPU, rescores, full collections.
 
-    .venv/bin/python benchmarks/bench_blocks.py [--rate 2000] [--seconds 10] [--blocks 6] [--gc]
+    .venv/bin/python benchmarks/bench_blocks.py [--rate 2000] [--seconds 10] [--blocks 6] [--gc] [--timeline]
 
 Against the running stack (``leadstream up``), from the tree it is run in: a scoring worker and a
 trainer of their own (as ``leadstream bench`` starts them), then ``--blocks`` latency runs of
@@ -10,6 +10,8 @@ the CPU per event of the scorer, the trainer, Kafka, Redis (0 unless ``leadstrea
 and this process (``/proc``), and the scores the scorer made per trigger in the block (its ``/metrics``). ``--gc``: the workers log their
 full garbage collections (``benchmarks/gc_pauses``), printed at the end for the scorer. The p99 of
 one block moves with the machine's minute: compare trees block by block in the same minutes.
+``--timeline``: each block's latency p99 and max per second of its sending (when in the block the
+late events were sent).
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ def scored(port: int) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(r'^leadstream_scored_total\{trigger="(\w+)"\} (\S+)', text, re.M)}
 
 
+def per_second(timeline: list[tuple[float, float]]) -> str:
+    """p99 / max latency (ms) of the events sent in each second of a run."""
+    start, seconds = min(t for t, _ in timeline), {}
+    for sent, latency in timeline:
+        seconds.setdefault(int(sent - start), []).append(latency * 1000)
+    return "  ".join(f"{s}: {sorted(v)[int(len(v) * 0.99)]:.0f}/{max(v):.0f}" for s, v in sorted(seconds.items()))
+
+
 async def main(args: argparse.Namespace) -> None:
     settings = bench.bench_settings(Settings.from_env(), 1, uuid.uuid4().hex[:8])
     await ensure_topics(settings)
@@ -67,12 +77,15 @@ async def main(args: argparse.Namespace) -> None:
         for block in range(args.blocks):
             events = bench._fresh_events(max(50, int(args.rate * args.seconds / 25)), 100 + block, f"k{block}")
             before, cpu0 = scored(settings.web_port), {name: cpu_s(pid) for name, pid in procs.items()}
-            f = await bench.bench_latency(settings, events, args.rate, args.seconds)
+            timeline: list[tuple[float, float]] = []
+            f = await bench.bench_latency(settings, events, args.rate, args.seconds, timeline=timeline)
             after, cpu1 = scored(settings.web_port), {name: cpu_s(pid) for name, pid in procs.items()}
             per_event = " ".join(f"{name} {(cpu1[name] - cpu0[name]) / f['events'] * 1e6:.0f}" for name in procs)
             triggers = " ".join(f"{k} {after[k] - before.get(k, 0):.0f}" for k in after)
             print(f"block {block}: p50 {f['p50_ms']} p95 {f['p95_ms']} p99 {f['p99_ms']} ms, sends late p99 "
                   f"{f['send_late_p99_ms']} ms | CPU µs/event: {per_event} | scored: {triggers}", flush=True)
+            if args.timeline:
+                print("  per second, p99 / max ms: " + per_second(timeline), flush=True)
     finally:
         for worker in (scorer, trainer):
             bench.stop_worker(worker)
@@ -90,4 +103,5 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--gc", action="store_true", help="log the workers' full garbage collections")
+    parser.add_argument("--timeline", action="store_true", help="each block's p99 / max per second")
     asyncio.run(main(parser.parse_args()))

@@ -121,11 +121,11 @@ def model_inputs(state: State, now_ms: int, *, half_life_s: float, fields: Field
         labels.update(block_labels)
     x["fields_known"] = known
     kernels.IMPL.dynamic_features(x, state, now_ms, half_life_s, COUNT_KEYS, STAGE_INDEX, _STAGE_KEYS)
-    counts = state["counts"]
-    for k, linear in _LINEAR_COPIES:
-        raw = _LINEAR_SOURCES[k](state, counts)
-        if raw is not None:
-            x[linear] = raw
+    counts = state["counts"]  # the linear copies (_LINEAR_COPIES, in their order) as the features give them
+    x["visit_duration_s_linear"] = float(state["visit_duration_s"])
+    if "visit" in counts:
+        x["n_visit_linear"] = float(counts["visit"])
+    x["events_total_linear"] = float(sum(counts.values()))
     if stage_rates is not None and state["stage"] is not None:
         x["stage_win_rate"] = stage_rates.rate(state["stage"])
     return x, labels
@@ -159,12 +159,6 @@ LEAD_INPUTS_MEMO = 8192  # leads whose explicit inputs an encoder remembers (as 
 # ``<name>_linear``: X Education whole-history ROC AUC of logreg 0.856 -> 0.867 (AdaGrad), the served
 # model 0.8728 -> 0.8776 (docs/model-comparison.md, 2026-12-01).
 _LINEAR_COPIES = tuple((k, k + "_linear") for k in ("visit_duration_s", "n_visit", "events_total"))
-# Each linear copy's value as the features give it (model_inputs reads it off the state).
-_LINEAR_SOURCES = {
-    "visit_duration_s": lambda state, counts: float(state["visit_duration_s"]),
-    "n_visit": lambda state, counts: float(counts["visit"]) if "visit" in counts else None,
-    "events_total": lambda state, counts: float(sum(counts.values())),
-}
 _STAGE_KEYS = {stage: f"stage={stage}" for stage in STAGES}  # the stage's one-hot input (Encoder.encode_category)
 _FIELD, _LOG, _PLAIN = "field", "log", "plain"  # how vectorize treats a feature, by its name
 _KINDS: dict[str, str] = {}  # feature name -> its kind, decided once (the encoder bounds the names)

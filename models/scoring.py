@@ -239,9 +239,11 @@ def _apply_score(state: State, scored: Scored, rules: Rules, was_hot: bool, mess
     state["model_version"] = scored.model_version
     state["scored_at"] = scored_at_ms
     # Tuples, as every array of the state (models.features.load_state says why).
-    history = state.get("history", ())
-    state["history"] = (*map(tuple, history[max(0, len(history) + 1 - MAX_HISTORY):]),
-                        (scored_at_ms, kernels.IMPL.round_digits(message["score"], 4), scored.grade, trigger))
+    kept = state.get("history", ())
+    kept = kept[max(0, len(kept) + 1 - MAX_HISTORY):]
+    if kept and kept[-1].__class__ is not tuple:  # a state built of JSON lists (by hand, in tests)
+        kept = tuple(map(tuple, kept))
+    state["history"] = (*kept, (scored_at_ms, kernels.IMPL.round_digits(message["score"], 4), scored.grade, trigger))
     return {**message, "threshold": rules.hot_threshold} if hot_now and not was_hot else None
 
 

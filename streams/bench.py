@@ -264,9 +264,11 @@ async def bench_burst(settings: Settings, events: list[dict[str, Any]]) -> Figur
 
 async def bench_latency(settings: Settings, events: list[dict[str, Any]], rate: float, seconds: float,
                         reader: Callable[[], Awaitable[None]] | None = None,
-                        samples: list[float] | None = None) -> Figures:
+                        samples: list[float] | None = None,
+                        timeline: list[tuple[float, float]] | None = None) -> Figures:
     """Event -> score latency at a steady offered ``rate`` for ``seconds`` (optionally with a reader;
-    ``samples`` gets every latency in seconds, to pool several runs)."""
+    ``samples`` gets every latency in seconds, to pool several runs; ``timeline`` each event's
+    scheduled send time (``time.perf_counter``) and latency, to see when within the run it was late)."""
     n = min(len(events), int(rate * seconds))
     events = events[:n]
     producer = AIOKafkaProducer(**kafka_kwargs(settings), acks=1, linger_ms=0)
@@ -279,6 +281,8 @@ async def bench_latency(settings: Settings, events: list[dict[str, Any]], rate: 
             event_id = orjson.loads(r.value)["event_id"]
             if event_id in sent_at:
                 latencies.append(now - sent_at[event_id])
+                if timeline is not None:
+                    timeline.append((sent_at[event_id], now - sent_at[event_id]))
 
     prefix = events[0]["lead_id"].split("-", 1)[0].encode() + b"-"
     listening = asyncio.Event()
