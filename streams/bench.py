@@ -13,7 +13,8 @@ What it measures (a table on stdout, ``--json FILE`` for the figures):
 - ``latency``: event -> score latency at steady offered rates, each for a bounded time, with and
   without a reader loading the dashboard every second.
 - ``step``: the pure per-event step (decode + validate + fold + features + score), rules / model: the
-  median of 3 passes over 300 simulated leads, the process's heap frozen first as the worker's.
+  median of 3 passes over 300 simulated leads, the process's heap frozen first as the worker's;
+  beside it, a reference loop of plain Python timed in the same minutes (:func:`reference_us`).
 - ``memory``: Redis bytes per lead and per event (``MEMORY USAGE`` of every key, views included)
   after the pipeline's own write path wrote ``--memory-leads`` simulated leads.
 - ``reads`` and ``rescoring``: dashboard, funnel and leaderboard read times at that many leads,
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import math
 import os
 import pickle
 import statistics
@@ -109,11 +111,33 @@ def bench_step(events: list[dict[str, Any]], rules_text: str, batch: int = 500, 
     raw = [(e["lead_id"].encode(), orjson.dumps(e), topic_kind_of(e["type"])) for e in events]
     quiet_collector()
     model = _trained_model(rules_text, events)  # trained on the stream's own outcomes first
-    figures = {name: round(statistics.median(sum(step_pass(raw, Scorer(rules, serving), batch=batch))
-                                             for _ in range(passes)), 1)
-               for name, serving in (("rules", None), ("model", model))}
+    figures: dict[str, float] = {}
+    reference: list[float] = []
+    for name, serving in (("rules", None), ("model", model)):
+        sums = []
+        for _ in range(passes):
+            reference.append(reference_us())  # before each pass: the same minutes
+            sums.append(sum(step_pass(raw, Scorer(rules, serving), batch=batch)))
+        figures[name] = round(statistics.median(sums), 1)
     return {"us_per_event_rules": figures["rules"], "us_per_event_model": figures["model"],
-            "model_source": Scorer(rules, model).score({}).source}
+            "model_source": Scorer(rules, model).score({}).source,
+            "reference_us": round(statistics.median(reference), 2)}
+
+
+def reference_us(units: int = 2000) -> float:
+    """CPU µs per unit of a fixed workload of plain Python and orjson, no leadstream code (a dict of
+    40 floats built, walked with ``log1p``, dumped and loaded): how fast this machine runs such code
+    in these minutes. The step's figure moves with it on a shared machine (the same code read 37.5
+    and 51.3 µs per event two minutes apart, 2026-12-03), so the two are read together."""
+    keys = [f"k{i}" for i in range(40)]
+    t0 = time.process_time()
+    for unit in range(units):
+        values = {k: float(i + unit) for i, k in enumerate(keys)}
+        total = 0.0
+        for v in values.values():
+            total += math.log1p(v)
+        orjson.loads(orjson.dumps(values))
+    return (time.process_time() - t0) / units * 1e6
 
 
 def step_pass(raw: list[tuple[bytes, bytes, str]], scorer: Any, batch: int = 500, *,
@@ -1009,7 +1033,8 @@ def _kernels() -> str:
 
 def _print_step(f: Figures) -> None:
     print(f"pure step (decode + validate + fold + features + score): rules {f['us_per_event_rules']} us/event, "
-          f"model {f['us_per_event_model']} us/event ({f['model_source']})")
+          f"model {f['us_per_event_model']} us/event ({f['model_source']}); reference loop {f['reference_us']} "
+          f"us (the machine's speed in these minutes: streams.bench.reference_us)")
 
 
 def _print_pipeline(f: Figures) -> None:
