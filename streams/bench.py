@@ -796,12 +796,11 @@ async def bench_reader_effect(settings: Settings, rate: float, seconds: float) -
             "block_s": block_s, "dashboard_page_ms": page_ms}
 
 
-PROMOTION_RESCORE_RATE = 5000  # the promotion worker's LEADSTREAM_RESCORE_RATE by default: issue 9's target
 PROMOTION_BLOCKS = ("without", "during", "during", "without")  # ABBA, as READER_BLOCKS
 
 
 async def bench_promotion(settings: Settings, rules_text: str, rate: float, seconds: float,
-                          rescore_rate: int = PROMOTION_RESCORE_RATE) -> Figures:
+                          rescore_rate: int) -> Figures:
     """A model promotion in a running scoring worker (``LEADSTREAM_RESCORE_RATE`` ``rescore_rate``),
     over the open leads Redis holds (e.g. from :func:`populate_leads`).
 
@@ -939,9 +938,9 @@ async def _delete_topics(settings: Settings) -> None:
 
 
 def run_bench(base: Settings, *, leads: int, rates: list[float], seconds: float, memory_leads: int,
-              redis_db: int, json_path: Path | None, parts: set[str], read_leads: int = 1_000_000,
-              reader_rate: float = 1000.0, pairs: int = 1, promotion_rate: float = 2000.0,
-              rescore_rate: int = PROMOTION_RESCORE_RATE) -> int:
+              redis_db: int, json_path: Path | None, parts: set[str], read_leads: int,
+              reader_rate: float, pairs: int, promotion_rate: float, rescore_rate: int) -> int:
+    """Every part of ``parts``; the defaults of each argument are the command line's (streams/cli.py)."""
     tag = uuid.uuid4().hex[:8]
     settings = bench_settings(base, redis_db, tag)
     rules_text = settings.scoring_config.read_text()

@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--promotion-rate", type=float, default=2000.0,
                    help="part 'promotion': offered events/s without and during a worker's model rescoring pass")
     b.add_argument("--rescore-rate", type=int, default=5000,
-                   help="part 'promotion': the worker's LEADSTREAM_RESCORE_RATE (a high one shows its capacity)")
+                   help="part 'promotion': the worker's LEADSTREAM_RESCORE_RATE (a high one shows its capacity; "
+                        "5,000 leads/s is issue 9's target)")
     b.add_argument("--read-leads", type=int, default=1_000_000,
                    help="leads put in Redis for the read benchmark (part 'reads'; a million take about 3.5 GB: "
                         "point LEADSTREAM_REDIS at a scratch Redis)")
