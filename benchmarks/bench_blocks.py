@@ -56,11 +56,18 @@ def scored(port: int) -> dict[str, float]:
 
 
 def per_second(timeline: list[tuple[float, float]]) -> str:
-    """p99 / max latency (ms) of the events sent in each second of a run."""
+    """p99 / max latency (ms) of the events sent in each second of a run, after the run's start
+    (UTC, to read beside the workers' logs and the collections' times)."""
     start, seconds = min(t for t, _ in timeline), {}
     for sent, latency in timeline:
         seconds.setdefault(int(sent - start), []).append(latency * 1000)
-    return "  ".join(f"{s}: {sorted(v)[int(len(v) * 0.99)]:.0f}/{max(v):.0f}" for s, v in sorted(seconds.items()))
+    wall = time.time() - time.perf_counter() + start  # perf_counter -> epoch
+    return f"from {clock(wall)}: " + "  ".join(
+        f"{s}: {sorted(v)[int(len(v) * 0.99)]:.0f}/{max(v):.0f}" for s, v in sorted(seconds.items()))
+
+
+def clock(epoch: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}"
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -93,8 +100,10 @@ async def main(args: argparse.Namespace) -> None:
     if gc_dir:
         log = Path(gc_dir) / f"gc-{scorer.pid}.txt"
         lines = log.read_text().splitlines()[1:] if log.exists() else []
-        print(f"scorer's full collections ({log}): epoch s, pause ms, tracked objects, frozen")
-        print("\n".join(lines))
+        print(f"scorer's full collections ({log}): UTC, pause ms, tracked objects, frozen")
+        for line in lines:
+            epoch, rest = line.split(" ", 1)
+            print(clock(float(epoch)), rest)
 
 
 if __name__ == "__main__":

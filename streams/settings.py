@@ -195,6 +195,17 @@ def _choice(*allowed: str) -> Callable[[str, str], str]:
 WORKER_ROLES = ("scoring", "training")
 
 
+def _nice(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 19:
+        raise SettingsError(f"{name}={raw!r}: expected a Unix nice value, a whole number from 0 (as the scorer) "
+                            "to 19 (only the CPU the rest leaves)")
+    return value
+
+
 def _roles(name: str, raw: str) -> str:
     roles = [r.strip() for r in raw.split(",") if r.strip()]
     wrong = [r for r in roles if r not in WORKER_ROLES]
@@ -288,6 +299,14 @@ SETTINGS: dict[str, Setting] = {
                             "trainer and its checkpoints), or both. Run the trainer as its own worker "
                             "(LEADSTREAM_WORKER_ROLES=training) when latency matters: a deal's learning and a "
                             "checkpoint then never take turns from the scoring loop."),
+    "trainer_nice": Setting("LEADSTREAM_TRAINER_NICE", "19", _nice,
+                            "The trainer's CPU priority, a Unix nice value (0: the scorer's; 19: only the CPU the "
+                            "rest leaves). Learning a deal takes milliseconds, a batch refit 0.1-0.5 s of a core; "
+                            "at low priority they wait for a free core instead of taking one from scoring: the "
+                            "event -> score tail stays low on a machine short of cores, and the trainer learns "
+                            "every deal, later. A worker with only the training role lowers itself whole (and, "
+                            "when it leads its own session, the session's autogroup: Linux shares the CPU between "
+                            "sessions first); a worker with both roles lowers the trainer's thread."),
     "session_timeout_s": Setting("LEADSTREAM_SESSION_TIMEOUT_SECONDS", "30", _int(6),
                                  "Kafka consumer session timeout: how soon a crashed worker's partitions move."),
     "api_port": Setting("LEADSTREAM_API_PORT", "6067", _int(1),
@@ -378,6 +397,7 @@ class Settings:
     checkpoint_every_deals: int
     checkpoint_every_s: float
     worker_roles: str
+    trainer_nice: int
     session_timeout_s: int
     api_port: int
     api_bind: str

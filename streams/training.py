@@ -6,6 +6,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -14,11 +16,13 @@ from models.fields import Encoder, FieldPolicy
 from models.learner import Trainer
 from streams.clients import kafka_kwargs
 from streams.pipeline import Message
+from streams.priority import lower_this_thread
 from streams.retry import with_retry
 from streams.settings import Settings
 from streams.state import ModelStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class TrainingLoop:
@@ -39,6 +43,13 @@ class TrainingLoop:
         self.unsaved = 0
         self.unsaved_since = 0.0
         self.lock = asyncio.Lock()  # the agent and the timer never learn or save at the same time
+        # Learning and refits in a thread of their own at the trainer's priority (LEADSTREAM_TRAINER_NICE):
+        # in a worker that also scores, a refit then waits for a free core instead of taking the scorer's.
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="trainer", initializer=lower_this_thread,
+                                           initargs=(settings.trainer_nice,))
+
+    async def in_trainer_thread(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
     async def tick(self, owns_partition: bool) -> None:
         """Every second: on owning the training partition, resume from the checkpoint up to the
@@ -98,10 +109,10 @@ class TrainingLoop:
             drifts = trainer.drifts
             # In a thread: a deal's test-then-train over every learner takes milliseconds, which
             # the scoring loop in the same process would otherwise wait for.
-            if await asyncio.to_thread(trainer.learn, example["snapshots"], example["won"]):
+            if await self.in_trainer_thread(lambda: trainer.learn(example["snapshots"], example["won"])):
                 log.info("trainer: champion is now %s (model version %d)", trainer.tournament.champion, trainer.version)
             if trainer.refits_due():  # the batch learner's refit (0.1-3 s) in a thread: the event loop goes on
-                log.info("trainer: batch learner refitted in %.2f s", await asyncio.to_thread(trainer.refit))
+                log.info("trainer: batch learner refitted in %.2f s", await self.in_trainer_thread(trainer.refit))
             if trainer.drifts > drifts:
                 log.warning("trainer: drift in the serving model's error (drift #%d); the champion is chosen again",
                             trainer.drifts)

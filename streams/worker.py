@@ -11,6 +11,7 @@ from streams.agents import register_agents
 from streams.app import create_app
 from streams.clients import check_connections
 from streams.logs import handler
+from streams.priority import lower_this_process
 from streams.settings import Settings
 from streams.topics import ensure_topics
 
@@ -22,6 +23,8 @@ def build_app(settings: Settings) -> faust.App:
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> int:
+    if settings.worker_roles == "training":  # first: every thread started from here on inherits it
+        lower_this_process(settings.trainer_nice)
     (settings.home / "worker-data").mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
     if settings.event_loop == "uvloop":  # every loop of this process, Faust's included
         import uvloop

@@ -23,6 +23,8 @@ def test_defaults_work_without_any_variable():
     ("LEADSTREAM_MODEL_POLL_SECONDS", "-1", "expected a number > 0"),
     ("LEADSTREAM_MAX_EVENT_BYTES", "10", "expected a whole number >= 256"),
     ("LEADSTREAM_EVENT_LOOP", "tokio", "expected one of uvloop, asyncio"),
+    ("LEADSTREAM_TRAINER_NICE", "20", "expected a Unix nice value, a whole number from 0"),
+    ("LEADSTREAM_TRAINER_NICE", "-5", "expected a Unix nice value, a whole number from 0"),
 ])
 def test_a_bad_value_names_the_variable_and_the_expected_form(env, value, expected):
     with pytest.raises(SettingsError) as exc:
