@@ -210,40 +210,44 @@ def encode_inputs(f: dict, x: dict, labels: dict, kinds: dict, kind_of: Any, mem
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
-@cython.locals(top=cython.Py_ssize_t, size=cython.double, worst=cython.double, n=cython.Py_ssize_t,
-               j=cython.Py_ssize_t, c=cython.double, kept=list, sizes=list)
+@cython.locals(top=cython.Py_ssize_t, size=cython.double, n=cython.Py_ssize_t, j=cython.Py_ssize_t,
+               i=cython.Py_ssize_t, c=cython.double, kept=list, kc=tuple)
 def largest(contrib: list, top: int) -> list:
     """``sorted(contrib, key=lambda kc: (-abs(kc[1]), kc[0]))[:top]`` in one pass: the ``top``
-    pairs with the largest values in size, ties by key (keys are unique: ``x``'s).
+    pairs (tuples) with the largest values in size, ties by key (keys are unique: ``x``'s).
+
+    The kept pairs' sizes are in a C array (compiled): most pairs are refused by one comparison of
+    doubles, and a kept one moves the few sizes below it (at most 16 kept; more: the sort).
 
     >>> pairs = [(f"k{i}", (-1) ** i * (i % 7) / 3) for i in range(40)]
     >>> largest(pairs, 5) == sorted(pairs, key=lambda kc: (-abs(kc[1]), kc[0]))[:5]
     True
     """
-    if top <= 0:
+    if top <= 0 or top > 16:
         return sorted(contrib, key=_by_size)[:top]
+    sizes = cython.declare(cython.double[16])  # sizes[i]: the size of kept[i]
     kept = []  # the best so far, best first
-    sizes = []
     n = 0
     for kc in contrib:
         c = kc[1]
         if c != c:  # NaN: no order to keep; the sort's answer
             return sorted(contrib, key=_by_size)[:top]
         size = cmath.fabs(c)
-        if n == top:
-            worst = sizes[n - 1]
-            if size < worst or (size == worst and kc[0] > kept[n - 1][0]):
-                continue
+        if n == top and (size < sizes[n - 1] or (size == sizes[n - 1] and kc[0] > kept[n - 1][0])):
+            continue
         j = n - 1 if n == top else n  # where it goes, moved up past every smaller one
         while j > 0 and (size > sizes[j - 1] or (size == sizes[j - 1] and kc[0] < kept[j - 1][0])):
             j -= 1
         if n == top:
             kept.pop()
-            sizes.pop()
         else:
             n += 1
+        i = n - 1
+        while i > j:  # the sizes below j move down one place
+            sizes[i] = sizes[i - 1]
+            i -= 1
+        sizes[j] = size
         kept.insert(j, kc)
-        sizes.insert(j, size)
     return kept
 
 
