@@ -16,6 +16,7 @@ from models import kernels
 from models.tournament import (SEGMENTS, BatchHGB, BinnedLogistic, FastBinned, FrozenHGB, Stack, X, _fast_hgb, _sigmoid,
                                form_segment)
 
+REASONS = 5  # the reasons a score carries (LinearScorer.explain's top)
 # One entry per key: which members know it (models.kernels' flags), the linear learner's (a, b) (its
 # contribution is a * value + b), gam's weight for a one-hot key or its table of bins for a number, the
 # batch learner's column and category code (None: the value itself).
@@ -93,8 +94,10 @@ class FusedMembers:
         """Each fused member's P(won), and the linear learner's reasons for ``x``."""
         contrib: list[tuple[str, float]] = []
         row = self.trees.base.copy() if self.trees is not None else None
-        linear_total, gam_total = kernels.IMPL.fused_pass(self.tables[form_segment(x)], x, self.per_unit, contrib, row)
-        p_linear, reasons = self.linear.explain_contributions(contrib, labels, total=linear_total)
+        # Only the reasons' top contributions are kept (the sum is of them all): the same reasons.
+        linear_total, gam_total = kernels.IMPL.fused_pass(self.tables[form_segment(x)], x, self.per_unit, contrib, row,
+                                                          REASONS)
+        p_linear, reasons = self.linear.explain_contributions(contrib, labels, REASONS, total=linear_total)
         preds = {"logreg": p_linear}
         if self.gam is not None:
             preds["gam"] = _sigmoid(self.gam.intercept + gam_total)

@@ -31,23 +31,36 @@ LINEAR, WEIGHT, BINS, COLUMN = 1, 2, 4, 8
 @cython.wraparound(False)
 @cython.locals(total=cython.double, gam=cython.double, vd=cython.double, c=cython.double, t=cython.double,
                a=cython.double, b=cython.double, w=cython.double, pu=cython.double, flags=cython.int,
-               column=cython.Py_ssize_t, bin_=cython.long, e=tuple, bins=dict)
-def fused_pass(table: dict, x: dict, per_unit: float, contrib: list, row: list | None) -> tuple:
+               column=cython.Py_ssize_t, bin_=cython.long, e=tuple, bins=dict, top_=cython.Py_ssize_t,
+               n=cython.Py_ssize_t, nan=cython.bint, kept=list)
+def fused_pass(table: dict, x: dict, per_unit: float, contrib: list, row: list | None, top: int = 0) -> tuple:
     """Walk ``x`` once through a fused table (key -> ``(flags, a, b, weight, bins, column, code)``).
 
     Appends each nonzero linear contribution ``(key, a * value + b)`` to ``contrib`` and fills the
     trees' ``row`` (the value, or the category's code); returns the sum of the contributions and
     gam's sum of weights, each added in the order of ``x`` (as ``sum`` and ``+=`` would).
 
+    With ``top`` (1 to 16), ``contrib`` gets only what :func:`largest` would keep of them, in its
+    order (the reasons need no more: ~40 pairs not made per event), unless one is NaN: then all of
+    them, as without ``top`` (:func:`largest` answers with the sort then).
+
     >>> table = {"src=ad": (LINEAR | WEIGHT, 0.5, 0.0, 0.25, None, -1, None),
     ...          "n": (LINEAR | BINS | COLUMN, 2.0, -1.0, 0.0, {2: 0.125, 1001: 0.5}, 0, None)}
     >>> contrib, row = [], [0.0]
     >>> fused_pass(table, {"src=ad": 1.0, "n": 1.0, "new": 3.0}, 2.0, contrib, row), contrib, row
     ((1.5, 0.375), [('src=ad', 0.5), ('n', 1.0)], [1.0])
+    >>> contrib = []
+    >>> fused_pass(table, {"src=ad": 1.0, "n": 1.0}, 2.0, contrib, [0.0], top=1), contrib
+    ((1.5, 0.375), [('n', 1.0)])
     """
     total = 0.0
     gam = 0.0
     pu = per_unit
+    top_ = top if 0 < top <= 16 else 0
+    sizes = cython.declare(cython.double[16])  # with top: the kept contributions' sizes (see largest)
+    kept = []
+    n = 0
+    nan = False
     for k, v in x.items():
         e = table.get(k)
         if e is None:
@@ -59,7 +72,12 @@ def fused_pass(table: dict, x: dict, per_unit: float, contrib: list, row: list |
             b = e[2]
             c = a * vd + b
             if c != 0.0:  # NaN counts, as a truthy float does
-                contrib.append((k, c))
+                if top_ == 0:
+                    contrib.append((k, c))
+                elif c != c:
+                    nan = True
+                elif not nan:
+                    n = _keep(kept, sizes, n, top_, k, c, None)
                 total += c
         if flags & 2:  # WEIGHT
             w = e[3]
@@ -83,6 +101,18 @@ def fused_pass(table: dict, x: dict, per_unit: float, contrib: list, row: list |
             column = e[5]
             code = e[6]
             row[column] = v if code is None else code  # type: ignore[index]
+    if nan:  # every contribution, as without top: the reasons are the sort's then
+        for k, v in x.items():
+            e = table.get(k)
+            if e is not None and e[0] & 1:
+                vd = v
+                a = e[1]
+                b = e[2]
+                c = a * vd + b
+                if c != 0.0:
+                    contrib.append((k, c))
+    else:
+        contrib.extend(kept)
     return total, gam
 
 
@@ -210,8 +240,7 @@ def encode_inputs(f: dict, x: dict, labels: dict, kinds: dict, kind_of: Any, mem
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
-@cython.locals(top=cython.Py_ssize_t, size=cython.double, n=cython.Py_ssize_t, j=cython.Py_ssize_t,
-               i=cython.Py_ssize_t, c=cython.double, kept=list, kc=tuple)
+@cython.locals(top=cython.Py_ssize_t, n=cython.Py_ssize_t, c=cython.double, kept=list, kc=tuple)
 def largest(contrib: list, top: int) -> list:
     """``sorted(contrib, key=lambda kc: (-abs(kc[1]), kc[0]))[:top]`` in one pass: the ``top``
     pairs (tuples) with the largest values in size, ties by key (keys are unique: ``x``'s).
@@ -232,23 +261,36 @@ def largest(contrib: list, top: int) -> list:
         c = kc[1]
         if c != c:  # NaN: no order to keep; the sort's answer
             return sorted(contrib, key=_by_size)[:top]
-        size = cmath.fabs(c)
-        if n == top and (size < sizes[n - 1] or (size == sizes[n - 1] and kc[0] > kept[n - 1][0])):
-            continue
-        j = n - 1 if n == top else n  # where it goes, moved up past every smaller one
-        while j > 0 and (size > sizes[j - 1] or (size == sizes[j - 1] and kc[0] < kept[j - 1][0])):
-            j -= 1
-        if n == top:
-            kept.pop()
-        else:
-            n += 1
-        i = n - 1
-        while i > j:  # the sizes below j move down one place
-            sizes[i] = sizes[i - 1]
-            i -= 1
-        sizes[j] = size
-        kept.insert(j, kc)
+        n = _keep(kept, sizes, n, top, kc[0], c, kc)
     return kept
+
+
+@cython.cfunc
+@cython.inline
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.locals(size=cython.double, j=cython.Py_ssize_t, i=cython.Py_ssize_t)
+def _keep(kept: list, sizes: cython.p_double, n: cython.Py_ssize_t, top: cython.Py_ssize_t, key: object,
+          c: cython.double, pair: object) -> cython.Py_ssize_t:
+    """The pair ``(key, c)`` (``pair``, else a new one) put in its place among the ``n`` kept (the
+    largest in size first, ties by key; ``sizes`` theirs), if it is among the ``top``; the new n."""
+    size = cmath.fabs(c)
+    if n == top and (size < sizes[n - 1] or (size == sizes[n - 1] and key > kept[n - 1][0])):
+        return n
+    j = n - 1 if n == top else n  # where it goes, moved up past every smaller one
+    while j > 0 and (size > sizes[j - 1] or (size == sizes[j - 1] and key < kept[j - 1][0])):
+        j -= 1
+    if n == top:
+        kept.pop()
+    else:
+        n += 1
+    i = n - 1
+    while i > j:  # the sizes below j move down one place
+        sizes[i] = sizes[i - 1]
+        i -= 1
+    sizes[j] = size
+    kept.insert(j, pair if pair is not None else (key, c))
+    return n
 
 
 @cython.ccall

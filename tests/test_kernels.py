@@ -92,6 +92,34 @@ def test_fused_pass_adds_up_as_each_member_does(impl: ModuleType) -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda m: m.__name__)
+def test_fused_pass_with_top_keeps_what_largest_would_and_the_same_sums(impl: ModuleType) -> None:
+    rng = random.Random(6)
+    nans = 0
+    for _ in range(3000):
+        table, x, per_unit, columns = _fused_case(rng)
+        if rng.random() < 0.2:  # a NaN contribution (inf - inf), somewhere in x's order
+            table = table | {"nan": (kernels.LINEAR, 1.0, -math.inf, 0.0, None, -1, None)}
+            items = list(x.items())
+            items.insert(rng.randint(0, len(items)), ("nan", math.inf))
+            x = dict(items)
+        top = rng.choice([1, 2, 5, 16])
+        every: list[tuple[str, float]] = []
+        sums = impl.fused_pass(table, x, per_unit, every, [0.5] * columns)
+        kept: list[tuple[str, float]] = []
+        row: list[Any] = [0.5] * columns
+        # repr: a NaN is equal to nothing, its repr to another NaN's
+        assert repr(impl.fused_pass(table, x, per_unit, kept, row, top)) == repr(sums)
+        assert row == _fused_reference(table, x, per_unit, [0.5] * columns)[2]
+        if any(c != c for _, c in every):  # a NaN: all of them, the reasons are the sort's
+            nans += 1
+            assert repr(kept) == repr(every)
+        else:
+            assert kept == impl.largest(every, top)
+        assert repr(impl.reasons(kept, {}, top)) == repr(impl.reasons(every, {}, top))
+    assert nans
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda m: m.__name__)
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_fused_pass_refuses_a_number_it_cannot_bin_as_the_learner_does(impl: ModuleType, bad: float) -> None:
     table = {"n": (kernels.BINS, 0.0, 0.0, 0.0, {1: 0.5}, -1, None)}
