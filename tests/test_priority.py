@@ -73,9 +73,18 @@ stop.set()
     assert done.stdout.strip() == f"[{max(9, own_nice())}]"
 
 
+AUTOGROUP_NICE = "from pathlib import Path\nprint((Path('/proc/self/autogroup').read_text().split() or ['none'])[-1])"
+
+
+def autogroup_nice() -> str:
+    """This process's autogroup nice value; "none" in the kernel's default autogroup (init's session,
+    where a CI runner may start us), whose file reads empty and which no process can lower."""
+    return (AUTOGROUP.read_text().split() or ["none"])[-1]
+
+
 def autogroup_nice_of(code: str, *, new_session: bool) -> list[str]:
     """What a child process that runs ``code`` prints, then the nice value of its autogroup afterwards."""
-    script = f"{code}\nfrom pathlib import Path\nprint(Path('/proc/self/autogroup').read_text().split()[-1])"
+    script = f"{code}\n{AUTOGROUP_NICE}"
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True,
                           start_new_session=new_session)
     return done.stdout.split()
@@ -85,6 +94,6 @@ def test_a_session_leader_lowers_its_autogroup_and_another_process_leaves_its_se
     assert AUTOGROUP.exists(), "this test needs a Linux kernel with autogroups (CONFIG_SCHED_AUTOGROUP)"
     lower = "from streams.priority import lower_this_process\nprint(lower_this_process(11))"
     assert autogroup_nice_of(lower, new_session=True) == ["True", "11"]
-    shared = AUTOGROUP.read_text().split()[-1]  # the test run's own session: a child of it must not lower it
+    shared = autogroup_nice()  # the test run's own session: a child of it must not lower it
     assert autogroup_nice_of(lower, new_session=False) == ["False", shared]
-    assert AUTOGROUP.read_text().split()[-1] == shared
+    assert autogroup_nice() == shared
