@@ -37,10 +37,20 @@ def lower_this_process(nice: int) -> bool:
                 os.setpriority(os.PRIO_PROCESS, tid, nice)
         except OSError:  # ended meanwhile
             continue
-    if os.getsid(0) != os.getpid() or not AUTOGROUP.exists():
+    if os.getsid(0) != os.getpid() or autogroup_nice() is None:
         return False
     try:
         AUTOGROUP.write_text(str(nice))
     except OSError:  # a kernel without autogroups, or a read-only /proc: the thread's value is what counts
         return False
     return True
+
+
+def autogroup_nice() -> int | None:
+    """The nice value of this process's autogroup; None without one: a kernel without autogroups, or
+    the kernel's default group (init's session, whose file reads empty and cannot be lowered)."""
+    try:
+        words = AUTOGROUP.read_text().split()  # "/autogroup-<id> nice <n>"
+    except OSError:
+        return None
+    return int(words[-1]) if words else None

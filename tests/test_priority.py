@@ -7,7 +7,7 @@ import sys
 import threading
 from pathlib import Path
 
-from streams.priority import AUTOGROUP, lower_this_thread
+from streams.priority import AUTOGROUP, autogroup_nice, lower_this_thread
 from streams.settings import Settings
 from streams.training import TrainingLoop
 
@@ -73,18 +73,10 @@ stop.set()
     assert done.stdout.strip() == f"[{max(9, own_nice())}]"
 
 
-AUTOGROUP_NICE = "from pathlib import Path\nprint((Path('/proc/self/autogroup').read_text().split() or ['none'])[-1])"
-
-
-def autogroup_nice() -> str:
-    """This process's autogroup nice value; "none" in the kernel's default autogroup (init's session,
-    where a CI runner may start us), whose file reads empty and which no process can lower."""
-    return (AUTOGROUP.read_text().split() or ["none"])[-1]
-
-
 def autogroup_nice_of(code: str, *, new_session: bool) -> list[str]:
-    """What a child process that runs ``code`` prints, then the nice value of its autogroup afterwards."""
-    script = f"{code}\n{AUTOGROUP_NICE}"
+    """What a child process that runs ``code`` prints, then the nice value of its autogroup afterwards
+    ("None" in the kernel's default autogroup: init's session, where a CI runner may start us)."""
+    script = f"{code}\nfrom streams.priority import autogroup_nice\nprint(autogroup_nice())"
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True,
                           start_new_session=new_session)
     return done.stdout.split()
@@ -94,6 +86,6 @@ def test_a_session_leader_lowers_its_autogroup_and_another_process_leaves_its_se
     assert AUTOGROUP.exists(), "this test needs a Linux kernel with autogroups (CONFIG_SCHED_AUTOGROUP)"
     lower = "from streams.priority import lower_this_process\nprint(lower_this_process(11))"
     assert autogroup_nice_of(lower, new_session=True) == ["True", "11"]
-    shared = autogroup_nice()  # the test run's own session: a child of it must not lower it
+    shared = str(autogroup_nice())  # the test run's own session: a child of it must not lower it
     assert autogroup_nice_of(lower, new_session=False) == ["False", shared]
-    assert autogroup_nice() == shared
+    assert str(autogroup_nice()) == shared
